@@ -1,0 +1,27 @@
+"""lowrank-optim: memory-efficient low-rank optimizers as drop-in ``torch.optim`` replacements.
+
+>>> import lowrank_optim as lro
+>>> opt = lro.GaLoreAdamW(lro.param_groups(model, rank=128, update_proj_gap=200, scale=0.25), lr=1e-2)
+"""
+
+from . import projectors
+from ._version import __version__
+from .groups import param_groups
+from .optim import GaLoreAdamW, LowRankAdamW, RankFallbackWarning
+from .projectors import NonFiniteGradientError
+
+PRESETS = {
+    "galore": GaLoreAdamW,
+    "lowrank": LowRankAdamW,
+}
+
+__all__ = [
+    "PRESETS",
+    "GaLoreAdamW",
+    "LowRankAdamW",
+    "NonFiniteGradientError",
+    "RankFallbackWarning",
+    "__version__",
+    "param_groups",
+    "projectors",
+]

@@ -1,0 +1,494 @@
+"""LowRankAdamW: the core optimizer every preset configures.
+
+For a parameter W (m×n) in a group with ``rank`` r < min(m, n), step t does::
+
+    if (t − 1) % update_proj_gap == 0:  P ← projector.update(G)     # refresh, before the increment
+    R = project(G)                                                  # r×n or m×r
+    N = Adam(R)  =  M̂ / (√V̂ + ε)                                     # moments of R's shape, fp32
+    W ← (1 − lr·wd)·W − lr·scale·project_back(N)                    # one fused addmm_
+
+Every other parameter (no ``rank`` in its group, not 2-D, or a short side ≤ rank) is updated by
+torch's own AdamW, so it gets the same numbers as ``torch.optim.AdamW``.
+
+Weight decay is decoupled and taken from the weights before the update, as in Loshchilov & Hutter
+and ``torch.optim.AdamW``; galore-torch decays the already-updated weights instead (a difference of
+order lr²·wd per step).
+
+Dtypes: moments are float32 whatever the parameter's dtype; the SVD runs in float32; the basis is
+kept and the projections run in the parameter's dtype; plain half-precision parameters are stepped
+through a float32 copy and rounded once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from copy import deepcopy
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import projectors as _projectors
+from ..projectors import PROJ_TYPES, NonFiniteGradientError, Projector
+from ..rules import adam_direction, adamw_plain
+
+# Low-rank tensors are stepped in chunks of about this many bytes: foreach kernels amortise launch
+# cost across small layers, while a 7B model never holds every layer's R and N at once.
+CHUNK_BYTES = 64 * 2**20
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class RankFallbackWarning(UserWarning):
+    """A parameter in a rank group is too small to project and is updated as plain AdamW."""
+
+
+@dataclass
+class _LowRankItem:
+    param: Tensor
+    projector: Projector
+    refreshed: bool
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_hyperparameters(group: dict[str, Any], where: str) -> None:
+    """Validate one parameter group's options; every message names the option and the fix."""
+
+    def fail(key: str, why: str) -> None:
+        raise ValueError(f"{where}: invalid {key}={group[key]!r}: {why}")
+
+    lr = group["lr"]
+    if not _is_number(lr) or not float(lr) >= 0.0 or not math.isfinite(float(lr)):
+        fail("lr", "the learning rate must be a finite number >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        fail("betas", "pass a pair (beta1, beta2), each in [0, 1)")
+    for i, b in enumerate(betas):
+        if not _is_number(b) or not 0.0 <= float(b) < 1.0:
+            fail("betas", f"beta{i + 1} must be in [0, 1), got {b!r}")
+    if not _is_number(group["eps"]) or not 0.0 <= float(group["eps"]) < math.inf:
+        fail("eps", "eps must be a finite number >= 0")
+    if not _is_number(group["weight_decay"]) or not 0.0 <= float(group["weight_decay"]) < math.inf:
+        fail("weight_decay", "weight_decay must be a finite number >= 0")
+    rank = group.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        fail("rank", "rank must be an integer >= 1 (or None for plain AdamW)")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        fail("update_proj_gap", "the refresh interval must be an integer >= 1 (steps between refreshes)")
+    scale = group["scale"]
+    if not _is_number(scale) or not 0.0 < float(scale) < math.inf:
+        fail("scale", "scale must be a finite number > 0 (GaLore uses 0.25)")
+    if group["proj_type"] not in PROJ_TYPES:
+        fail("proj_type", f"choose one of {', '.join(PROJ_TYPES)}")
+    if group["projector"] not in _projectors.REGISTRY:
+        fail("projector", f"choose one of {', '.join(_projectors.available())}")
+    if group["foreach"] not in (None, True, False):
+        fail("foreach", "foreach must be None, True or False")
+
+
+class LowRankAdamW(Optimizer):
+    """AdamW whose 2-D weights are stepped in a low-rank subspace (the shared core of every preset).
+
+    Args:
+        params: parameters or parameter groups, as for ``torch.optim.AdamW``; a group with an integer
+            ``rank`` projects its 2-D weights (``lro.param_groups`` builds such groups), a group
+            without one is plain AdamW. ``(name, tensor)`` pairs give warnings and errors names.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (same defaults).
+        rank: default rank for groups that do not set one (None: only groups that set it project).
+        update_proj_gap: steps between subspace refreshes (refresh when ``step % gap == 0``).
+        scale: the low-rank update is multiplied by this (GaLore's α).
+        proj_type: ``std``, ``reverse_std``, ``left`` or ``right`` (see ``lro.projectors``).
+        projector: a name from ``lro.projectors.available()``.
+        foreach: passed to torch's AdamW for the plain parameters (None: torch's default).
+
+    Per-group keys override these defaults. ``state_dict()`` holds tensors and plain values only.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        projector: str = "svd",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projector=projector,
+            foreach=foreach,
+        )
+        check_hyperparameters(defaults, f"{type(self).__name__}()")
+        self._projectors: dict[Tensor, Projector] = {}
+        super().__init__(params, defaults)
+        if not any(g["rank"] is not None for g in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: no parameter group sets 'rank', so every parameter is "
+                "updated as plain AdamW. Build the groups with lro.param_groups(model, rank=...) "
+                "or pass rank= to the optimizer.",
+                RankFallbackWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("parameters must be given in an ordered collection (a list), not a set")
+        elif params is None:
+            raise ValueError("a parameter group needs a 'params' entry")
+        param_group["params"] = params = list(params)
+        if "betas" in param_group and isinstance(param_group["betas"], list):
+            param_group["betas"] = tuple(param_group["betas"])
+
+        index = len(self.param_groups)
+        for key in param_group:
+            if key in self.defaults or key in ("params", "param_names"):
+                continue
+            # Other keys pass through as metadata (frameworks attach names, lr multipliers...), but a
+            # near-miss of one of ours is a typo that would silently change nothing.
+            close = difflib.get_close_matches(str(key), list(self.defaults), n=1, cutoff=0.75)
+            if close:
+                raise ValueError(
+                    f"{type(self).__name__} param group {index}: unknown option {key!r}; did you mean {close[0]!r}?"
+                )
+        merged = {**self.defaults, **param_group}
+        check_hyperparameters(merged, f"{type(self).__name__} param group {index}")
+        for item in params:
+            tensor = item[1] if isinstance(item, tuple) else item
+            if isinstance(tensor, Tensor) and tensor.is_complex():
+                name = f"'{item[0]}'" if isinstance(item, tuple) else f"#{params.index(item)}"
+                raise ValueError(
+                    f"{type(self).__name__} param group {index}: parameter {name} is complex; "
+                    "only real floating-point parameters are supported"
+                )
+        super().add_param_group(param_group)
+
+        group = self.param_groups[-1]
+        if group["rank"] is None:
+            return
+        for i, p in enumerate(group["params"]):
+            if p.dim() == 2 and min(p.shape) <= group["rank"]:
+                warnings.warn(
+                    f"{type(self).__name__}: parameter {self._label(group, i)} has shape "
+                    f"{tuple(p.shape)}; its short side {min(p.shape)} is not larger than rank "
+                    f"{group['rank']}, so it is updated as plain AdamW. Use a rank below "
+                    f"{min(p.shape)} to project it.",
+                    RankFallbackWarning,
+                    stacklevel=3,
+                )
+
+    def _label(self, group: dict[str, Any], i: int) -> str:
+        """The parameter's name where the groups carry names, else its position."""
+        names = group.get("param_names")
+        if names is not None:
+            return f"'{names[i]}'"
+        gi = next((k for k, g in enumerate(self.param_groups) if g is group), None)
+        return f"#{i}" if gi is None else f"#{i} of param group {gi}"
+
+    @staticmethod
+    def is_low_rank(p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` is stepped in a subspace under ``group``'s options."""
+        rank = group["rank"]
+        return rank is not None and p.dim() == 2 and min(p.shape) > rank
+
+    # ------------------------------------------------------------------ projectors
+    def _new_projector(self, group: dict[str, Any]) -> Projector:
+        return _projectors.make(group["projector"], group["rank"], proj_type=group["proj_type"])
+
+    def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
+        proj = self._projectors.get(p)
+        if proj is None:
+            proj = self._new_projector(group)
+            saved = self.state.get(p, {}).get("projector")
+            if saved is not None:
+                proj.load_state_dict(saved)
+            self._projectors[p] = proj
+        return proj
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step; ``closure`` (re-evaluating the loss) runs with grad enabled.
+
+        Every check (sparse gradients, non-finite gradients at a refresh, the refresh itself) runs
+        for all parameters before any weight or state is written, so a step that raises leaves the
+        model and the optimizer exactly as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan(group) for group in self.param_groups]
+        for group, (plain, low) in zip(self.param_groups, plans):
+            self._step_plain(group, plain)
+            self._step_low_rank(group, low)
+        return loss
+
+    def _plan(self, group: dict[str, Any]) -> tuple[list[Tensor], list[_LowRankItem]]:
+        """Sort the group's parameters and refresh projectors, writing nothing."""
+        plain: list[Tensor] = []
+        low: list[_LowRankItem] = []
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__}: parameter {self._label(group, i)} has a sparse gradient, "
+                    "which is not supported; use torch.optim.SparseAdam for it or build the "
+                    "embedding with sparse=False"
+                )
+            if not self.is_low_rank(p, group):
+                plain.append(p)
+                continue
+            state = self.state.get(p, {})
+            step = int(state["step"]) if "step" in state else 0
+            proj = self._projector(p, group)
+            refresh = step % group["update_proj_gap"] == 0 or not proj.initialized
+            if refresh:
+                try:
+                    proj = proj.refreshed(grad)
+                except NonFiniteGradientError as err:
+                    raise NonFiniteGradientError(
+                        f"{type(self).__name__}: parameter {self._label(group, i)} has a non-finite "
+                        f"gradient at a subspace refresh (step {step}): {err}. Weights and optimizer "
+                        "state are unchanged; skip this step (torch.amp.GradScaler does) or lower "
+                        "the learning rate."
+                    ) from None
+            low.append(_LowRankItem(p, proj, refresh))
+        return plain, low
+
+    def _step_plain(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            foreach=group["foreach"],
+        )
+        full: list[Tensor] = []
+        half: list[Tensor] = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                moment_dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            (half if p.dtype in _LOW_PRECISION else full).append(p)
+
+        def moments(ps: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+            states = [self.state[p] for p in ps]
+            return (
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+            )
+
+        if full:
+            adamw_plain(full, [p.grad for p in full], *moments(full), **hyper)
+        for chunk in _chunks(half, lambda p: 4 * p.numel()):
+            masters = [p.detach().float() for p in chunk]
+            adamw_plain(masters, [p.grad.float() for p in chunk], *moments(chunk), **hyper)
+            torch._foreach_copy_([p.detach() for p in chunk], masters)
+
+    def _step_low_rank(self, group: dict[str, Any], items: list[_LowRankItem]) -> None:
+        if not items:
+            return
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        alpha = -lr * float(group["scale"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        for chunk in _chunks(items, lambda it: 8 * math.prod(it.projector.low_rank_shape(it.param.shape))):
+            lows, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+            for it in chunk:
+                p, proj = it.param, it.projector
+                state = self.state[p]
+                if it.refreshed:
+                    self._projectors[p] = proj
+                    state["projector"] = proj.state_dict()
+                low = proj.project(p.grad).float()
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(low)
+                    state["exp_avg_sq"] = torch.zeros_like(low)
+                state["step"] += 1
+                lows.append(low)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(int(state["step"]))
+            directions = adam_direction(lows, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
+            del lows
+            for it, direction in zip(chunk, directions):
+                it.projector.apply_back(it.param.detach(), direction, alpha=alpha, beta=decay)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; the whole checkpoint is validated before anything changes.
+
+        Unlike ``torch.optim.Optimizer.load_state_dict``, tensors keep the dtype they were saved in
+        (float32 moments of a bf16 weight stay float32, integer indices stay integers) and only move
+        to their parameter's device.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("an optimizer state_dict needs the keys 'state' and 'param_groups'")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}"
+            )
+        for k, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"param group {k}: loaded state dict has {len(sg['params'])} parameters, "
+                    f"this optimizer has {len(g['params'])}"
+                )
+        new_groups = []
+        for k, (g, sg) in enumerate(zip(groups, saved_groups)):
+            ng = {**self.defaults, **sg, "params": g["params"]}
+            if "param_names" in g and "param_names" not in sg:
+                ng["param_names"] = g["param_names"]
+            check_hyperparameters(ng, f"{type(self).__name__} loaded param group {k}")
+            new_groups.append(ng)
+
+        id_map = dict(
+            zip(
+                chain.from_iterable(sg["params"] for sg in saved_groups),
+                chain.from_iterable(g["params"] for g in groups),
+            )
+        )
+        group_of = {p: ng for ng in new_groups for p in ng["params"]}
+        new_state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key in id_map:
+                p = id_map[key]
+                value = _to_device(value, p.device)
+                self._check_loaded_state(p, group_of[p], value)
+                new_state[p] = value
+            else:
+                new_state[key] = value
+
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._projectors.clear()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_loaded_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        i = next(k for k, q in enumerate(group["params"]) if q is p)
+        where = f"{type(self).__name__}.load_state_dict: parameter {self._label(group, i)}"
+        if not state:
+            return
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if not isinstance(state.get(key), Tensor):
+                raise ValueError(f"{where}: state has no tensor {key!r}")
+        if self.is_low_rank(p, group):
+            if "projector" not in state:
+                raise ValueError(
+                    f"{where}: the group projects this parameter, but its saved state has no projector "
+                    "(was it saved by a plain AdamW, or with another rank?)"
+                )
+            proj = self._new_projector(group)
+            try:
+                proj.load_state_dict(state["projector"])
+                proj.check_fits(p.shape)
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"{where}: {err}") from None
+            want = proj.low_rank_shape(p.shape)
+        else:
+            if "projector" in state:
+                raise ValueError(
+                    f"{where}: saved state is low-rank, but this group updates the parameter as plain "
+                    "AdamW (check rank and the parameter's shape)"
+                )
+            want = tuple(p.shape)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if tuple(state[key].shape) != tuple(want):
+                raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {tuple(want)}")
+
+    # ------------------------------------------------------------------ introspection
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes of optimizer state kept between steps: moments, projectors, other."""
+        out = {"moments": 0, "projectors": 0, "other": 0}
+        for p, state in self.state.items():
+            for key, value in state.items():
+                if key == "projector":
+                    proj = self._projectors.get(p)
+                    out["projectors"] += proj.nbytes() if proj is not None else _tensor_bytes(value)
+                elif key in ("exp_avg", "exp_avg_sq"):
+                    out["moments"] += _tensor_bytes(value)
+                else:
+                    out["other"] += _tensor_bytes(value)
+        return out
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Move tensors (nested in dicts) to ``device`` keeping their dtype; ``step`` counters stay put."""
+    if isinstance(value, Tensor):
+        return value.to(device=device)
+    if isinstance(value, dict):
+        return {k: (v if k == "step" else _to_device(v, device)) for k, v in value.items()}
+    return value
+
+
+def _chunks(items: list[Any], nbytes: Callable[[Any], int], budget: int = CHUNK_BYTES) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    total = 0
+    for it in items:
+        size = nbytes(it)
+        if chunk and total + size > budget:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(it)
+        total += size
+    if chunk:
+        yield chunk

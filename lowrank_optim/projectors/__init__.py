@@ -1,0 +1,56 @@
+"""Projectors by name: ``make(name, rank, **kw)`` and a registry that new projectors join.
+
+>>> import lowrank_optim as lro
+>>> proj = lro.projectors.make("svd", rank=4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import PROJ_TYPES, NonFiniteGradientError, Projector, choose_side
+from .svd import SVDProjector
+
+REGISTRY: dict[str, type[Projector]] = {}
+
+
+def register(cls: type[Projector]) -> type[Projector]:
+    """Add a Projector subclass to the registry under ``cls.name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Projector)):
+        raise TypeError(f"register expects a Projector subclass, got {cls!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a projector named {cls.name!r} is already registered ({REGISTRY[cls.name].__name__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def make(name: str, rank: int, **kw: Any) -> Projector:
+    """Build the projector registered as ``name`` with the given rank and options."""
+    try:
+        cls = REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown projector {name!r}; available: {', '.join(available())}"
+        ) from None
+    return cls(rank, **kw)
+
+
+register(SVDProjector)
+
+__all__ = [
+    "PROJ_TYPES",
+    "REGISTRY",
+    "NonFiniteGradientError",
+    "Projector",
+    "SVDProjector",
+    "available",
+    "choose_side",
+    "make",
+    "register",
+]

@@ -1,0 +1,174 @@
+"""The projector interface every low-rank method shares.
+
+A projector maps an m×n gradient G into a low-rank tensor and back:
+
+* ``left``  side: R = Pᵀ G   (P is m×r, R is r×n)
+* ``right`` side: R = G Qᵀ   (Q is r×n, R is m×r)
+
+``proj_type`` picks the side from the shape, with galore-torch's names:
+
+=============  ===================  ==================
+proj_type      m >= n               m < n
+=============  ===================  ==================
+``std``        right (Q is r×n)     left (P is m×r)
+``reverse_std`` left (P is m×r)     right (Q is r×n)
+``left``       left                 left
+``right``      right                right
+=============  ===================  ==================
+
+So ``std`` keeps the projection matrix on the *short* side (r × min(m, n) floats) and moments of
+max(m, n) × r; ``reverse_std`` keeps the smallest moments (r × min(m, n)) and a larger basis.
+
+The side is fixed when the projector first sees a gradient and is stored in its state, so
+``project_back`` never guesses it from the low-rank tensor's shape (galore-torch does, which
+breaks when the rank equals the short side).
+
+*When* to call :meth:`Projector.update` is the optimizer's policy, not the projector's.
+Implementations must *rebind* their state tensors in ``update`` rather than write into them, so that
+:meth:`Projector.refreshed` can build the refreshed projector from a shallow copy while the old one
+stays valid until the optimizer commits the step.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+SIDES = ("left", "right")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient that a projector must be refreshed from holds inf or NaN."""
+
+
+def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> str:
+    """Which side to project for an m×n matrix under ``proj_type`` (see the module docstring)."""
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+def check_rank(rank: Any, owner: str = "rank") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{owner} must be an integer >= 1, got {rank!r}")
+    return rank
+
+
+class Projector(abc.ABC):
+    """Base class: a low-rank subspace of an m×n matrix, refreshed from gradients.
+
+    Subclasses set ``name`` and implement :meth:`_refresh`, :meth:`project`,
+    :meth:`project_back` (and may override :meth:`apply_back` with a fused kernel).
+    All persistent state lives in ``self._state`` as tensors and plain values.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, rank: int, proj_type: str = "std") -> None:
+        self.rank = check_rank(rank)
+        if proj_type not in PROJ_TYPES:
+            raise ValueError(
+                f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}"
+            )
+        self.proj_type = proj_type
+        self._state: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- state
+    @property
+    def side(self) -> str | None:
+        """``"left"`` or ``"right"`` once the projector has seen a gradient, else ``None``."""
+        return self._state.get("side")
+
+    @property
+    def initialized(self) -> bool:
+        return "side" in self._state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only: loadable with ``torch.load(weights_only=True)``."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"{type(self).__name__}.load_state_dict expects a dict, got {type(state).__name__}")
+        if state:
+            side = state.get("side")
+            if side not in SIDES:
+                raise ValueError(
+                    f"{type(self).__name__} state has side={side!r}; expected one of {SIDES}"
+                )
+            self._check_state(state)
+        self._state = dict(state)
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError when a loaded state does not fit this projector's configuration."""
+
+    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
+        """Raise ValueError when the (loaded) state cannot project an m×n matrix of ``shape``."""
+
+    def nbytes(self) -> int:
+        """Bytes this projector keeps between steps."""
+        return sum(v.numel() * v.element_size() for v in self._state.values() if isinstance(v, Tensor))
+
+    # ----------------------------------------------------------------- refresh
+    def update(self, grad: Tensor) -> None:
+        """Refresh the subspace from ``grad`` (an m×n matrix with finite values)."""
+        if grad.dim() != 2:
+            raise ValueError(f"{type(self).__name__} projects 2-D matrices, got shape {tuple(grad.shape)}")
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteGradientError(
+                "non-finite values (inf or NaN) in the gradient the subspace would be refreshed from"
+            )
+        side = self.side or choose_side(grad.shape, self.proj_type)
+        self._refresh(grad, side)
+        self._state["side"] = side
+
+    def refreshed(self, grad: Tensor) -> "Projector":
+        """A new projector refreshed from ``grad``; ``self`` is left untouched."""
+        new = copy.copy(self)
+        new._state = dict(self._state)
+        new.update(grad)
+        return new
+
+    @abc.abstractmethod
+    def _refresh(self, grad: Tensor, side: str) -> None:
+        """Recompute the subspace from ``grad`` for the given side (rebind, never write in place)."""
+
+    # ----------------------------------------------------------------- maps
+    @abc.abstractmethod
+    def project(self, grad: Tensor) -> Tensor:
+        """m×n → r×n (left) or m×r (right), in the gradient's dtype."""
+
+    @abc.abstractmethod
+    def project_back(self, low: Tensor) -> Tensor:
+        """The inverse map of :meth:`project`, times nothing else."""
+
+    def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
+        """In place: ``weight ← beta·weight + alpha·project_back(low)``.
+
+        The default builds the full m×n update; projectors with a matrix basis override it with one
+        fused ``addmm_`` so no m×n temporary exists.
+        """
+        full = self.project_back(low.to(weight.dtype))
+        if beta != 1.0:
+            weight.mul_(beta)
+        weight.add_(full, alpha=alpha)
+
+    def low_rank_shape(self, shape: tuple[int, int] | torch.Size) -> tuple[int, int]:
+        """Shape of :meth:`project`'s output for an m×n input."""
+        m, n = shape
+        side = self.side or choose_side(shape, self.proj_type)
+        return (self.rank, n) if side == "left" else (m, self.rank)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, proj_type={self.proj_type!r}, side={self.side!r})"
+

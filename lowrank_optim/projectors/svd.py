@@ -1,0 +1,71 @@
+"""GaLore's projector: the top-r singular vectors of the gradient (Zhao et al. 2024, arXiv:2403.03507).
+
+Refresh: ``U, S, Vh = svd(G)`` in float32 (``full_matrices=False``, as galore-torch does, so both
+packages get the same basis from the same gradient). Left side keeps ``P = U[:, :r]`` (m×r), right
+side keeps ``Q = Vh[:r]`` (r×n). The basis is stored in the gradient's dtype: float32 for float32
+parameters, bf16/fp16 for half-precision ones (half the bytes; its columns stay orthonormal to that
+dtype's precision). Projections run in the gradient's dtype; the weight update is one fused
+``addmm_`` (rounded once into the weight's dtype, no m×n temporary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Projector
+
+
+class SVDProjector(Projector):
+    name = "svd"
+
+    def _refresh(self, grad: Tensor, side: str) -> None:
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        # clone: keep r vectors, not the whole factorization they are views of
+        basis = u[:, : self.rank] if side == "left" else vh[: self.rank]
+        self._state["P"] = basis.to(grad.dtype, copy=True).contiguous()
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        basis = state.get("P")
+        if not isinstance(basis, Tensor) or basis.dim() != 2:
+            raise ValueError("svd projector state needs a 2-D tensor 'P'")
+        r = basis.shape[1] if state["side"] == "left" else basis.shape[0]
+        if r != self.rank:
+            raise ValueError(
+                f"svd projector state holds a rank-{r} basis but this projector has rank {self.rank}"
+            )
+
+    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
+        m, n = shape
+        want = (m, self.rank) if self.side == "left" else (self.rank, n)
+        if tuple(self.basis.shape) != want:
+            raise ValueError(
+                f"svd projector basis has shape {tuple(self.basis.shape)}, but a {self.side}-side "
+                f"projection of a {m}x{n} matrix needs {want}"
+            )
+
+    @property
+    def basis(self) -> Tensor:
+        return self._state["P"]
+
+    def project(self, grad: Tensor) -> Tensor:
+        basis = self.basis.to(grad.dtype)
+        if self.side == "left":
+            return basis.t() @ grad
+        return grad @ basis.t()
+
+    def project_back(self, low: Tensor) -> Tensor:
+        basis = self.basis.to(low.dtype)
+        if self.side == "left":
+            return basis @ low
+        return low @ basis
+
+    def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
+        basis = self.basis.to(weight.dtype)
+        low = low.to(weight.dtype)
+        if self.side == "left":
+            weight.addmm_(basis, low, beta=beta, alpha=alpha)
+        else:
+            weight.addmm_(low, basis, beta=beta, alpha=alpha)
