@@ -46,6 +46,11 @@ CHUNK_BYTES = 64 * 2**20
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Moments are kept in float32 at least: float64 weights keep float64, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class RankFallbackWarning(UserWarning):
     """A parameter in a rank group is too small to project and is updated as plain AdamW."""
 
@@ -307,7 +312,7 @@ class LowRankAdamW(Optimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                moment_dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+                moment_dtype = state_dtype(p.dtype)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -343,7 +348,7 @@ class LowRankAdamW(Optimizer):
                 if it.refreshed:
                     self._projectors[p] = proj
                     state["projector"] = proj.state_dict()
-                low = proj.project(p.grad).float()
+                low = proj.project(p.grad).to(state_dtype(p.dtype))
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(low)

@@ -1,6 +1,6 @@
 """GaLore's projector: the top-r singular vectors of the gradient (Zhao et al. 2024, arXiv:2403.03507).
 
-Refresh: ``U, S, Vh = svd(G)`` in float32 (``full_matrices=False``, as galore-torch does, so both
+Refresh: ``U, S, Vh = svd(G)`` in float32, float64 for float64 gradients (``full_matrices=False``, as galore-torch does, so both
 packages get the same basis from the same gradient). Left side keeps ``P = U[:, :r]`` (m×r), right
 side keeps ``Q = Vh[:r]`` (r×n). The basis is stored in the gradient's dtype: float32 for float32
 parameters, bf16/fp16 for half-precision ones (half the bytes; its columns stay orthonormal to that
@@ -22,7 +22,8 @@ class SVDProjector(Projector):
     name = "svd"
 
     def _refresh(self, grad: Tensor, side: str) -> None:
-        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        work = grad if grad.dtype == torch.float64 else grad.float()
+        u, _, vh = torch.linalg.svd(work, full_matrices=False)
         # clone: keep r vectors, not the whole factorization they are views of
         basis = u[:, : self.rank] if side == "left" else vh[: self.rank]
         self._state["P"] = basis.to(grad.dtype, copy=True).contiguous()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
 
 
 def adam_direction(
@@ -69,7 +70,7 @@ def adamw_plain(
     """
     if not params:
         return
-    torch.optim.adam.adam(
+    _torch_adam(
         params,
         grads,
         exp_avgs,

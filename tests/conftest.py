@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny LLaMA-shaped model, deterministic gradients, and a training helper."""
+
+from __future__ import annotations
+
+import io
+import torch
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    """Embedding, two blocks of (norm, attention-like and MLP linears), a final norm and a head."""
+
+    def __init__(self, vocab: int = 40, dim: int = 32, hidden: int = 48, blocks: int = 2, bias: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList()
+        for _ in range(blocks):
+            block = nn.Module()
+            block.norm = nn.LayerNorm(dim)
+            block.q_proj = nn.Linear(dim, dim, bias=False)
+            block.up_proj = nn.Linear(dim, hidden, bias=bias)
+            block.down_proj = nn.Linear(hidden, dim, bias=False)
+            self.layers.append(block)
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        for b in self.layers:
+            h = b.norm(x)
+            x = x + torch.tanh(b.q_proj(h)) + b.down_proj(torch.nn.functional.gelu(b.up_proj(h)))
+        return self.lm_head(self.norm(x))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(**kw).to(dtype)
+
+
+def batches(n: int, seed: int = 1, vocab: int = 40, batch: int = 4, seq: int = 12) -> list[torch.Tensor]:
+    """Learnable sequences: each token follows from the last by a fixed rule, with 10% noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.empty(batch, seq + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+        for i in range(seq):
+            nxt = (7 * tokens[:, i] + 3) % vocab
+            noise = torch.rand(batch, generator=g) < 0.1
+            tokens[:, i + 1] = torch.where(noise, torch.randint(0, vocab, (batch,), generator=g), nxt)
+        out.append(tokens)
+    return out
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor], sched=None) -> list[float]:
+    losses = []
+    for tokens in data:
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def roundtrip(obj) -> object:
+    """torch.save then torch.load(weights_only=True), as a checkpoint on disk would go."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=torch.float64) -> torch.Tensor:
+    """A random m×n matrix whose singular values fall geometrically (distinct, well separated)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype)
+
