@@ -1,0 +1,49 @@
+"""The lowrank-optim command."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import lowrank_optim as lro
+from lowrank_optim.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lowrank-optim {lro.__version__}"
+
+
+def test_help_without_a_command(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: lowrank-optim" in out and "list" in out
+
+
+def test_list_names_every_preset_and_projector(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for key, cls in lro.PRESETS.items():
+        assert key in out and cls.__name__ in out
+    for name in lro.projectors.available():
+        assert f"  {name} " in out
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-everything"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("lowrank-optim") is None, reason="console script not installed (pip install -e .)")
+def test_console_script_is_installed():
+    out = subprocess.run(["lowrank-optim", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"lowrank-optim {lro.__version__}"
+    out = subprocess.run([sys.executable, "-m", "lowrank_optim.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: lowrank-optim" in out.stdout

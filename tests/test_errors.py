@@ -1,0 +1,180 @@
+"""Bad input: a clear error naming the parameter or option and the fix, raised before any change."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lowrank_optim as lro
+from conftest import batches, lm_loss, make_model, train
+
+
+def groups(model, **kw):
+    return lro.param_groups(model, rank=8, update_proj_gap=3, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(lr=-1e-3), r"invalid lr=-0.001: the learning rate must be a finite number >= 0"),
+        (dict(lr=float("nan")), r"invalid lr"),
+        (dict(betas=(1.0, 0.999)), r"invalid betas.*beta1 must be in \[0, 1\)"),
+        (dict(betas=(0.9, -0.1)), r"invalid betas.*beta2 must be in \[0, 1\)"),
+        (dict(betas=(0.9,)), r"invalid betas.*pair"),
+        (dict(eps=-1.0), r"invalid eps"),
+        (dict(weight_decay=-0.1), r"invalid weight_decay"),
+        (dict(rank=0), r"invalid rank=0: rank must be an integer >= 1"),
+        (dict(rank=2.5), r"invalid rank=2.5"),
+        (dict(rank=True), r"invalid rank=True"),
+        (dict(update_proj_gap=0), r"invalid update_proj_gap=0"),
+        (dict(scale=0.0), r"invalid scale=0.0: scale must be a finite number > 0"),
+        (dict(proj_type="diagonal"), r"invalid proj_type='diagonal': choose one of std, reverse_std, left, right"),
+        (dict(projector="qr"), r"invalid projector='qr': choose one of svd"),
+        (dict(foreach="yes"), r"invalid foreach"),
+    ],
+)
+def test_constructor_arguments_are_validated(kw, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        lro.GaLoreAdamW(groups(model), **kw)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("rank", 0, r"param group 0: invalid rank=0"),
+        ("rank", -3, r"param group 0: invalid rank=-3"),
+        ("proj_type", "sideways", r"param group 0: invalid proj_type='sideways'"),
+        ("projector", "nope", r"param group 0: invalid projector='nope'"),
+        ("lr", -1, r"param group 0: invalid lr=-1"),
+        ("projecter", "svd", r"unknown option 'projecter'; did you mean 'projector'\?"),
+        ("update_proj_gaps", 10, r"did you mean 'update_proj_gap'\?"),
+    ],
+)
+def test_group_keys_are_validated(key, value, match):
+    model = make_model()
+    g = groups(model)
+    g[0][key] = value
+    with pytest.raises(ValueError, match=match):
+        lro.GaLoreAdamW(g)
+
+
+def test_unrelated_group_metadata_passes_through():
+    model = make_model()
+    g = groups(model)
+    g[0]["name"] = "attention and mlp"  # frameworks attach such keys; they are not typos of ours
+    opt = lro.GaLoreAdamW(g)
+    assert opt.param_groups[0]["name"] == "attention and mlp"
+
+
+def test_rejected_add_param_group_changes_nothing():
+    model = make_model()
+    opt = lro.GaLoreAdamW(groups(model))
+    extra = torch.nn.Linear(16, 16)
+    with pytest.raises(ValueError, match="invalid rank"):
+        opt.add_param_group({"params": [extra.weight], "rank": 0})
+    assert len(opt.param_groups) == 2
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))]})
+    assert len(opt.param_groups) == 2
+
+
+def test_rank_not_below_short_side_falls_back_with_one_warning_naming_it():
+    model = make_model()  # q_proj is 32×32, up 48×32, down 32×48: short side 32 everywhere
+    opt_groups = lro.param_groups(model, rank=32)
+    with pytest.warns(lro.RankFallbackWarning) as record:
+        opt = lro.GaLoreAdamW(opt_groups, lr=1e-2)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 6  # one per projected weight, no more
+    assert any("'layers.0.q_proj.weight' has shape (32, 32)" in m for m in messages)
+    assert all("updated as plain AdamW" in m and "rank below 32" in m for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stepping warns no more
+        train(model, opt, batches(2))
+    assert all("projector" not in s for s in opt.state.values())
+
+
+def test_no_rank_anywhere_warns_that_nothing_is_projected():
+    model = make_model()
+    with pytest.warns(lro.RankFallbackWarning, match="no parameter group sets 'rank'"):
+        lro.GaLoreAdamW(model.parameters())
+
+
+def snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(model, opt, snap):
+    weights, state = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    now = opt.state_dict()
+    assert now["state"].keys() == state["state"].keys()
+    for k, s in state["state"].items():
+        for key, v in s.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(now["state"][k][key], v), (k, key)
+            elif isinstance(v, dict):
+                assert torch.equal(now["state"][k][key]["P"], v["P"])
+
+
+def test_sparse_gradient_is_refused_before_anything_changes():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 12, bias=False)
+    opt = lro.GaLoreAdamW([{"params": [("lin.weight", lin.weight)], "rank": 2},
+                           {"params": [("emb.weight", emb.weight)]}], lr=0.1)
+    before = (lin.weight.detach().clone(), emb.weight.detach().clone())
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    with pytest.raises(RuntimeError, match="parameter 'emb.weight' has a sparse gradient.*SparseAdam"):
+        opt.step()
+    assert torch.equal(lin.weight, before[0]) and torch.equal(emb.weight, before[1])
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_at_refresh_names_the_parameter_and_changes_nothing(bad):
+    model = make_model()
+    opt = lro.GaLoreAdamW(groups(model), lr=1e-2)
+    data = batches(4)
+    train(model, opt, data[:3])  # steps 0..2; the next step (3) refreshes
+    snap = snapshot(model, opt)
+    opt.zero_grad()
+    lm_loss(model, data[3]).backward()
+    model.layers[1].up_proj.weight.grad[3, 5] = bad
+    with pytest.raises(lro.NonFiniteGradientError, match=r"parameter 'layers.1.up_proj.weight' has a non-finite gradient"):
+        opt.step()
+    assert_unchanged(model, opt, snap)
+    # the same optimizer goes on normally once the gradient is finite again
+    model.layers[1].up_proj.weight.grad[3, 5] = 0.0
+    opt.step()
+    assert int(opt.state[model.layers[1].up_proj.weight]["step"]) == 4
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda sd: sd["param_groups"].pop(), "1 parameter groups, this optimizer has 2"),
+        (lambda sd: sd["param_groups"][0]["params"].pop(), "param group 0: loaded state dict has"),
+        (lambda sd: sd["state"][0]["projector"].__setitem__("P", torch.zeros(3, 3)),
+         r"parameter 'layers.0.q_proj.weight'.*rank-3 basis"),
+        (lambda sd: sd["state"][0].__setitem__("exp_avg", torch.zeros(5, 5)),
+         r"parameter 'layers.0.q_proj.weight': exp_avg has shape \(5, 5\)"),
+        (lambda sd: sd["state"][0].pop("projector"), "has no projector"),
+        (lambda sd: sd["param_groups"][0].__setitem__("rank", 0), "loaded param group 0: invalid rank=0"),
+    ],
+)
+def test_mismatched_checkpoint_is_refused_and_state_is_kept(mutate, match):
+    model = make_model()
+    opt = lro.GaLoreAdamW(groups(model), lr=1e-2)
+    train(model, opt, batches(2))
+    bad = copy.deepcopy(opt.state_dict())
+    mutate(bad)
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    assert_unchanged(model, opt, snap)
+    assert opt.param_groups[0]["rank"] == 8
