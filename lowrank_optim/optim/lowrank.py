@@ -117,7 +117,8 @@ class LowRankAdamW(Optimizer):
         scale: the low-rank update is multiplied by this (GaLore's α).
         proj_type: ``std``, ``reverse_std``, ``left`` or ``right`` (see ``lro.projectors``).
         projector: a name from ``lro.projectors.available()``.
-        foreach: passed to torch's AdamW for the plain parameters (None: torch's default).
+        foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
+            at a time; both give the same numbers on CPU).
 
     Per-group keys override these defaults. ``state_dict()`` holds tensors and plain values only.
     """

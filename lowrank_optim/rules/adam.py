@@ -66,10 +66,14 @@ def adamw_plain(
     """Full-rank AdamW through torch's own functional Adam: the same numbers as ``torch.optim.AdamW``.
 
     ``params`` must share dtype with their moments; callers hand half-precision parameters in as
-    float32 master copies and round the result back once.
+    float32 master copies and round the result back once. ``foreach=None`` takes torch's
+    multi-tensor path on every device: on CPU it gives bit-identical results to the single-tensor
+    path that ``torch.optim.AdamW`` defaults to there, and is faster (bench/).
     """
     if not params:
         return
+    if foreach is None:
+        foreach = True
     _torch_adam(
         params,
         grads,
