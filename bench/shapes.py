@@ -1,37 +1,42 @@
-"""Parameter shapes of the LLaMA models in the GaLore paper (Hugging Face LlamaForCausalLM names)."""
+"""Parameter shapes of the LLaMA models in configs/ (Hugging Face LlamaForCausalLM names),
+without building a model."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-LLAMA = {
-    # name: (hidden, intermediate, layers, vocab)
-    "llama_60m": (512, 1376, 8, 32000),
-    "llama_130m": (768, 2048, 12, 32000),
-    "llama_350m": (1024, 2736, 24, 32000),
-    "llama_1b": (2048, 5461, 24, 32000),
-}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def llama_shapes(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    hidden, inter, layers, vocab = LLAMA[name]
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = hidden * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
+    for i in range(cfg["num_hidden_layers"]):
         pre = f"model.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes.append((f"{pre}.self_attn.{proj}.weight", (hidden, hidden)))
-        shapes.append((f"{pre}.mlp.gate_proj.weight", (inter, hidden)))
-        shapes.append((f"{pre}.mlp.up_proj.weight", (inter, hidden)))
-        shapes.append((f"{pre}.mlp.down_proj.weight", (hidden, inter)))
-        shapes.append((f"{pre}.input_layernorm.weight", (hidden,)))
-        shapes.append((f"{pre}.post_attention_layernorm.weight", (hidden,)))
+        shapes += [
+            (f"{pre}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{pre}.self_attn.k_proj.weight", (kv, hidden)),
+            (f"{pre}.self_attn.v_proj.weight", (kv, hidden)),
+            (f"{pre}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{pre}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{pre}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{pre}.mlp.down_proj.weight", (hidden, inter)),
+            (f"{pre}.input_layernorm.weight", (hidden,)),
+            (f"{pre}.post_attention_layernorm.weight", (hidden,)),
+        ]
     shapes.append(("model.norm.weight", (hidden,)))
-    shapes.append(("lm_head.weight", (vocab, hidden)))
+    if not cfg.get("tie_word_embeddings", False):
+        shapes.append(("lm_head.weight", (vocab, hidden)))
     return shapes
 
 
 def make_params(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(name, parameter) pairs with random weights and gradients, and the names that GaLore projects."""
+    """(name, parameter) pairs with random weights and gradients, and the names GaLore projects."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     params = []
     for pname, shape in llama_shapes(name):
