@@ -31,10 +31,7 @@ def _list() -> int:
 
     print("optimizers (lowrank_optim.<Class>):")
     for key, cls in PRESETS.items():
-        sig = inspect.signature(cls.__init__)
-        keys = ", ".join(
-            f"{n}={p.default!r}" for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY
-        )
+        keys = ", ".join(f"{k}={v!r}" for k, v in cls.method_defaults().items())
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"  {key:<10} {cls.__name__:<14} {summary}")
         print(f"  {'':<10} {'':<14} defaults: {keys}")

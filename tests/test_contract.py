@@ -233,3 +233,17 @@ def test_state_bytes_are_low_rank():
         expected_moments += 2 * n * 4
     assert nbytes["moments"] == expected_moments < full
     assert nbytes["projectors"] == sum(RANK * min(p.shape) * 4 for p in low_rank_params)
+
+
+def test_preset_defaults_and_explicit_arguments():
+    model = make_model()
+    g = lro.param_groups(model, rank=RANK)
+    for group in g:  # let the optimizer's defaults decide
+        for key in ("scale", "update_proj_gap", "proj_type"):
+            group.pop(key, None)
+    assert lro.GaLoreAdamW(g).param_groups[0]["scale"] == 0.25
+    assert lro.LowRankAdamW(g).param_groups[0]["scale"] == 1.0
+    opt = lro.GaLoreAdamW(g, scale=0.5, update_proj_gap=7, proj_type="reverse_std")
+    assert (opt.param_groups[0]["scale"], opt.param_groups[0]["update_proj_gap"]) == (0.5, 7)
+    assert opt.param_groups[0]["proj_type"] == "reverse_std"
+    assert lro.GaLoreAdamW.method_defaults() == dict(update_proj_gap=200, scale=0.25, proj_type="std", projector="svd")

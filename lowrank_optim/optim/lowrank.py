@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -117,11 +117,19 @@ class LowRankAdamW(Optimizer):
         scale: the low-rank update is multiplied by this (GaLore's α).
         proj_type: ``std``, ``reverse_std``, ``left`` or ``right`` (see ``lro.projectors``).
         projector: a name from ``lro.projectors.available()``.
+        (For these four, ``None`` takes the class's default: ``method_defaults()``, which a preset
+        sets through its ``preset`` dict; LowRankAdamW's are 200, 1.0, ``std``, ``svd``.)
         foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
             at a time; both give the same numbers on CPU).
 
     Per-group keys override these defaults. ``state_dict()`` holds tensors and plain values only.
     """
+
+    #: Defaults of the method's own keys; a preset overrides some of them, an argument all.
+    preset: ClassVar[dict[str, Any]] = {}
+    base_defaults: ClassVar[dict[str, Any]] = dict(
+        update_proj_gap=200, scale=1.0, proj_type="std", projector="svd"
+    )
 
     def __init__(
         self,
@@ -132,23 +140,22 @@ class LowRankAdamW(Optimizer):
         weight_decay: float = 1e-2,
         *,
         rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        projector: str = "svd",
+        update_proj_gap: int | None = None,
+        scale: float | None = None,
+        proj_type: str | None = None,
+        projector: str | None = None,
         foreach: bool | None = None,
     ) -> None:
+        given = dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector)
+        method = {**self.method_defaults(), **{k: v for k, v in given.items() if v is not None}}
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps,
             weight_decay=weight_decay,
             rank=rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            projector=projector,
             foreach=foreach,
+            **method,
         )
         check_hyperparameters(defaults, f"{type(self).__name__}()")
         self._projectors: dict[Tensor, Projector] = {}
@@ -161,6 +168,11 @@ class LowRankAdamW(Optimizer):
                 RankFallbackWarning,
                 stacklevel=2,
             )
+
+    @classmethod
+    def method_defaults(cls) -> dict[str, Any]:
+        """This class's defaults for the method keys (``update_proj_gap``, ``scale``, ...)."""
+        return {**cls.base_defaults, **cls.preset}
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 from .lowrank import LowRankAdamW
 
 
@@ -27,31 +24,4 @@ class GaLoreAdamW(LowRankAdamW):
     moments stay float32 for bf16/fp16 weights.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        projector: str = "svd",
-        foreach: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            rank=rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            projector=projector,
-            foreach=foreach,
-        )
+    preset = {"projector": "svd", "scale": 0.25, "update_proj_gap": 200}
