@@ -242,13 +242,18 @@ class LowRankAdamW(Optimizer):
         return rank is not None and p.dim() == 2 and min(p.shape) > rank
 
     # ------------------------------------------------------------------ projectors
-    def _new_projector(self, group: dict[str, Any]) -> Projector:
-        return _projectors.make(group["projector"], group["rank"], proj_type=group["proj_type"])
+    def _new_projector(self, group: dict[str, Any], p: Tensor) -> Projector:
+        # Each parameter's random projections start from its position in the optimizer, which is the
+        # same on every rank and across a checkpoint.
+        position = next(
+            (k for k, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p), 0
+        )
+        return _projectors.make(group["projector"], group["rank"], proj_type=group["proj_type"], seed=position)
 
     def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
         proj = self._projectors.get(p)
         if proj is None:
-            proj = self._new_projector(group)
+            proj = self._new_projector(group, p)
             saved = self.state.get(p, {}).get("projector")
             if saved is not None:
                 proj.load_state_dict(saved)
@@ -447,7 +452,7 @@ class LowRankAdamW(Optimizer):
                     f"{where}: the group projects this parameter, but its saved state has no projector "
                     "(was it saved by a plain AdamW, or with another rank?)"
                 )
-            proj = self._new_projector(group)
+            proj = self._new_projector(group, p)
             try:
                 proj.load_state_dict(state["projector"])
                 proj.check_fits(p.shape)

@@ -73,9 +73,17 @@ class Projector(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: True for projectors that move their subspace a little every step (online PCA): the optimizer
+    #: then calls :meth:`update` at every step, and ``update_proj_gap`` is theirs to interpret.
+    refresh_every_step: ClassVar[bool] = False
 
-    def __init__(self, rank: int, proj_type: str = "std") -> None:
+    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
+        """``seed`` is where projectors that draw random matrices start (``random``, ``rsvd``): the
+        optimizer gives each parameter its own, the same on every rank. Others ignore it."""
         self.rank = check_rank(rank)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.seed = seed
         if proj_type not in PROJ_TYPES:
             raise ValueError(
                 f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}"
@@ -144,6 +152,14 @@ class Projector(abc.ABC):
         """Recompute the subspace from ``grad`` for the given side (rebind, never write in place)."""
 
     # ----------------------------------------------------------------- maps
+    @abc.abstractmethod
+    def basis(self) -> Tensor:
+        """The subspace as a dense matrix: m×r (left side) or r×n (right side), in the state's dtype.
+
+        ``project`` is ``basis()ᵀ G`` or ``G basis()ᵀ`` for every projector whose basis is
+        orthonormal; the ``rotate`` refresh policy maps moments between two bases with it.
+        """
+
     @abc.abstractmethod
     def project(self, grad: Tensor) -> Tensor:
         """m×n → r×n (left) or m×r (right), in the gradient's dtype."""

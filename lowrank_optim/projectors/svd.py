@@ -41,30 +41,29 @@ class SVDProjector(Projector):
     def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
         m, n = shape
         want = (m, self.rank) if self.side == "left" else (self.rank, n)
-        if tuple(self.basis.shape) != want:
+        if tuple(self.basis().shape) != want:
             raise ValueError(
-                f"svd projector basis has shape {tuple(self.basis.shape)}, but a {self.side}-side "
+                f"svd projector basis has shape {tuple(self.basis().shape)}, but a {self.side}-side "
                 f"projection of a {m}x{n} matrix needs {want}"
             )
 
-    @property
     def basis(self) -> Tensor:
         return self._state["P"]
 
     def project(self, grad: Tensor) -> Tensor:
-        basis = self.basis.to(grad.dtype)
+        basis = self.basis().to(grad.dtype)
         if self.side == "left":
             return basis.t() @ grad
         return grad @ basis.t()
 
     def project_back(self, low: Tensor) -> Tensor:
-        basis = self.basis.to(low.dtype)
+        basis = self.basis().to(low.dtype)
         if self.side == "left":
             return basis @ low
         return low @ basis
 
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
-        basis = self.basis.to(weight.dtype)
+        basis = self.basis().to(weight.dtype)
         low = low.to(weight.dtype)
         if self.side == "left":
             weight.addmm_(basis, low, beta=beta, alpha=alpha)
