@@ -7,16 +7,24 @@
 from . import projectors
 from ._version import __version__
 from .groups import param_groups
-from .optim import GaLoreAdamW, LowRankAdamW, RankFallbackWarning
+from .optim import APOLLO, FRUGAL, APOLLOMini, Fira, GaLoreAdamW, LowRankAdamW, RankFallbackWarning
 from .projectors import NonFiniteGradientError
 
 PRESETS = {
     "galore": GaLoreAdamW,
+    "apollo": APOLLO,
+    "apollo_mini": APOLLOMini,
+    "frugal": FRUGAL,
+    "fira": Fira,
     "lowrank": LowRankAdamW,
 }
 
 __all__ = [
+    "APOLLO",
+    "FRUGAL",
     "PRESETS",
+    "APOLLOMini",
+    "Fira",
     "GaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",

@@ -16,19 +16,20 @@ _HEAD_NAMES = ("lm_head",)
 def param_groups(
     model: nn.Module,
     rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
+    update_proj_gap: int | None = None,
+    scale: float | None = None,
     target_modules: Iterable[str] | None = None,
-    proj_type: str = "std",
+    proj_type: str | None = None,
     **low_rank_keys: Any,
 ) -> list[dict[str, Any]]:
     """Two parameter groups for ``model``: ``[low_rank_group, plain_group]``.
 
     The low-rank group holds the weight of every ``nn.Linear`` whose qualified module name contains
     one of ``target_modules`` (default: every linear layer except ``lm_head`` and any layer whose
-    weight is tied to an embedding); it carries ``rank``, ``update_proj_gap``, ``scale``,
-    ``proj_type`` and any further keys given (``projector="svd"``, ``lr=...``). The plain group holds
-    every other parameter. Parameters are given as ``(name, tensor)`` pairs so that the optimizer's
+    weight is tied to an embedding); it carries ``rank`` and whichever of ``update_proj_gap``,
+    ``scale``, ``proj_type`` and further keys (``projector="svd"``, ``lr=...``) are given; keys left
+    out take the optimizer's defaults (each preset's own: GaLore's scale 0.25, APOLLO-Mini's 128).
+    The plain group holds every other parameter. Parameters are given as ``(name, tensor)`` pairs so that the optimizer's
     warnings and errors name them. Empty groups are left out.
     """
     if isinstance(target_modules, str):
@@ -66,16 +67,9 @@ def param_groups(
         (low if id(p) in chosen else plain).append((name, p))
     groups: list[dict[str, Any]] = []
     if low:
-        groups.append(
-            {
-                "params": low,
-                "rank": rank,
-                "update_proj_gap": update_proj_gap,
-                "scale": scale,
-                "proj_type": proj_type,
-                **low_rank_keys,
-            }
-        )
+        given = dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+        keys = {k: v for k, v in given.items() if v is not None}
+        groups.append({"params": low, "rank": rank, **keys, **low_rank_keys})
     if plain:
         groups.append({"params": plain})
     return groups

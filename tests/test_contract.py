@@ -246,4 +246,7 @@ def test_preset_defaults_and_explicit_arguments():
     opt = lro.GaLoreAdamW(g, scale=0.5, update_proj_gap=7, proj_type="reverse_std")
     assert (opt.param_groups[0]["scale"], opt.param_groups[0]["update_proj_gap"]) == (0.5, 7)
     assert opt.param_groups[0]["proj_type"] == "reverse_std"
-    assert lro.GaLoreAdamW.method_defaults() == dict(update_proj_gap=200, scale=0.25, proj_type="std", projector="svd")
+    defaults = lro.GaLoreAdamW.method_defaults()
+    assert {k: defaults[k] for k in ("update_proj_gap", "scale", "proj_type", "projector", "residual", "on_refresh")} == dict(
+        update_proj_gap=200, scale=0.25, proj_type="std", projector="svd", residual="drop", on_refresh="keep"
+    )

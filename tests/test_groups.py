@@ -18,7 +18,10 @@ def test_linear_weights_get_rank_keys_the_rest_stays_plain():
     model = make_model()
     low, plain = lro.param_groups(model, rank=16, update_proj_gap=50, scale=0.5)
     assert names(low) == [f"layers.{i}.{k}.weight" for i in range(2) for k in ("q_proj", "up_proj", "down_proj")]
-    assert (low["rank"], low["update_proj_gap"], low["scale"], low["proj_type"]) == (16, 50, 0.5, "std")
+    assert (low["rank"], low["update_proj_gap"], low["scale"]) == (16, 50, 0.5)
+    assert "proj_type" not in low  # not given: the optimizer's default applies
+    low_only_rank, _ = lro.param_groups(model, rank=4)
+    assert set(low_only_rank) == {"params", "rank"}
     assert "rank" not in plain
     assert set(names(plain)) == {
         "embed_tokens.weight", "layers.0.norm.weight", "layers.0.norm.bias", "layers.0.up_proj.bias",

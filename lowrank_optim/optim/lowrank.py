@@ -38,6 +38,8 @@ from torch.optim import Optimizer
 from .. import projectors as _projectors
 from ..projectors import PROJ_TYPES, NonFiniteGradientError, Projector
 from ..rules import adam_direction, adamw_plain
+from . import policies
+from .policies import ON_REFRESH, REFRESH, RESIDUAL, SCALING
 
 # Low-rank tensors are stepped in chunks of about this many bytes: foreach kernels amortise launch
 # cost across small layers, while a 7B model never holds every layer's R and N at once.
@@ -59,7 +61,17 @@ class RankFallbackWarning(UserWarning):
 class _LowRankItem:
     param: Tensor
     projector: Projector
-    refreshed: bool
+    previous: Projector | None  # the projector before this step's refresh, if it refreshed
+
+
+class _PresetDefault:
+    """Marks a constructor argument left to the preset (``None`` is a real value for some keys)."""
+
+    def __repr__(self) -> str:
+        return "<preset default>"
+
+
+PRESET_DEFAULT: Any = _PresetDefault()
 
 
 def _is_number(x: Any) -> bool:
@@ -102,6 +114,25 @@ def check_hyperparameters(group: dict[str, Any], where: str) -> None:
         fail("projector", f"choose one of {', '.join(_projectors.available())}")
     if group["foreach"] not in (None, True, False):
         fail("foreach", "foreach must be None, True or False")
+    if group["residual"] not in RESIDUAL:
+        fail("residual", f"choose one of {', '.join(RESIDUAL)}")
+    rls = group["residual_lr_scale"]
+    if not _is_number(rls) or not 0.0 <= float(rls) < math.inf:
+        fail("residual_lr_scale", "residual_lr_scale must be a finite number >= 0")
+    if group["scaling"] not in SCALING:
+        fail("scaling", "choose None, 'channel' or 'tensor'")
+    if group["scaling"] is not None and group["residual"] != "drop":
+        fail("scaling", f"scaling rescales the whole gradient, so it leaves no residual; it needs "
+             f"residual='drop', got residual={group['residual']!r}")
+    limiter = group["limiter"]
+    if limiter is not None and (not _is_number(limiter) or not 1.0 <= float(limiter) < math.inf):
+        fail("limiter", "the norm-growth limit must be None (off) or a number >= 1 (APOLLO and Fira use 1.01)")
+    if group["on_refresh"] not in ON_REFRESH:
+        fail("on_refresh", f"choose one of {', '.join(ON_REFRESH)}")
+    if group["refresh"] not in REFRESH:
+        fail("refresh", f"choose one of {', '.join(REFRESH)}")
+    if not isinstance(group["projector_options"], dict):
+        fail("projector_options", "pass a dict of keyword options for the projector, e.g. {'power_iters': 1}")
 
 
 class LowRankAdamW(Optimizer):
@@ -116,9 +147,18 @@ class LowRankAdamW(Optimizer):
         update_proj_gap: steps between subspace refreshes (refresh when ``step % gap == 0``).
         scale: the low-rank update is multiplied by this (GaLore's α).
         proj_type: ``std``, ``reverse_std``, ``left`` or ``right`` (see ``lro.projectors``).
-        projector: a name from ``lro.projectors.available()``.
-        (For these four, ``None`` takes the class's default: ``method_defaults()``, which a preset
-        sets through its ``preset`` dict; LowRankAdamW's are 200, 1.0, ``std``, ``svd``.)
+        projector: a name from ``lro.projectors.available()``; ``projector_options`` a dict of its
+            keyword options (e.g. ``{"power_iters": 1}`` for ``rsvd``).
+        residual: what happens to G − project_back(project(G)): ``drop`` (GaLore), ``sign``
+            (FRUGAL: −lr·residual_lr_scale·sign), ``sgd`` (−lr·residual_lr_scale·residual) or
+            ``fira`` (scaled per channel by ‖N‖/‖R‖, added to the update).
+        scaling: ``None``, or ``channel`` / ``tensor`` (APOLLO): the update is the raw gradient
+            scaled by ‖N‖/‖R‖ per channel or per tensor, times √scale, instead of project_back(N).
+        limiter: None, or γ ≥ 1: the full-rank term (APOLLO's scaled gradient, Fira's scaled
+            residual) may not grow faster than γ per step.
+        on_refresh: what the moments do when the subspace changes: ``keep``, ``reset``, ``rotate``.
+        refresh: ``fixed`` (every update_proj_gap steps) or ``lazy`` (Q-GaLore's per-layer schedule).
+        Method keys left at ``<preset default>`` take the class's ``method_defaults()``.
         foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
             at a time; both give the same numbers on CPU).
 
@@ -128,7 +168,17 @@ class LowRankAdamW(Optimizer):
     #: Defaults of the method's own keys; a preset overrides some of them, an argument all.
     preset: ClassVar[dict[str, Any]] = {}
     base_defaults: ClassVar[dict[str, Any]] = dict(
-        update_proj_gap=200, scale=1.0, proj_type="std", projector="svd"
+        update_proj_gap=200,
+        scale=1.0,
+        proj_type="std",
+        projector="svd",
+        projector_options={},
+        residual="drop",
+        residual_lr_scale=1.0,
+        scaling=None,
+        limiter=None,
+        on_refresh="keep",
+        refresh="fixed",
     )
 
     def __init__(
@@ -140,14 +190,33 @@ class LowRankAdamW(Optimizer):
         weight_decay: float = 1e-2,
         *,
         rank: int | None = None,
-        update_proj_gap: int | None = None,
-        scale: float | None = None,
-        proj_type: str | None = None,
-        projector: str | None = None,
+        update_proj_gap: int = PRESET_DEFAULT,
+        scale: float = PRESET_DEFAULT,
+        proj_type: str = PRESET_DEFAULT,
+        projector: str = PRESET_DEFAULT,
+        projector_options: dict[str, Any] = PRESET_DEFAULT,
+        residual: str = PRESET_DEFAULT,
+        residual_lr_scale: float = PRESET_DEFAULT,
+        scaling: str | None = PRESET_DEFAULT,
+        limiter: float | None = PRESET_DEFAULT,
+        on_refresh: str = PRESET_DEFAULT,
+        refresh: str = PRESET_DEFAULT,
         foreach: bool | None = None,
     ) -> None:
-        given = dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector)
-        method = {**self.method_defaults(), **{k: v for k, v in given.items() if v is not None}}
+        given = dict(
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projector=projector,
+            projector_options=projector_options,
+            residual=residual,
+            residual_lr_scale=residual_lr_scale,
+            scaling=scaling,
+            limiter=limiter,
+            on_refresh=on_refresh,
+            refresh=refresh,
+        )
+        method = {**self.method_defaults(), **{k: v for k, v in given.items() if v is not PRESET_DEFAULT}}
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -172,7 +241,7 @@ class LowRankAdamW(Optimizer):
     @classmethod
     def method_defaults(cls) -> dict[str, Any]:
         """This class's defaults for the method keys (``update_proj_gap``, ``scale``, ...)."""
-        return {**cls.base_defaults, **cls.preset}
+        return deepcopy({**cls.base_defaults, **cls.preset})
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -248,7 +317,13 @@ class LowRankAdamW(Optimizer):
         position = next(
             (k for k, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p), 0
         )
-        return _projectors.make(group["projector"], group["rank"], proj_type=group["proj_type"], seed=position)
+        cls = _projectors.REGISTRY[group["projector"]]
+        from_group = getattr(cls, "options_from_group", None)
+        options = {**(from_group(group) if from_group else {}), **group["projector_options"]}
+        try:
+            return cls(group["rank"], proj_type=group["proj_type"], seed=position, **options)
+        except TypeError as err:
+            raise ValueError(f"projector {group['projector']!r} does not take these options: {err}") from None
 
     def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
         proj = self._projectors.get(p)
@@ -299,8 +374,14 @@ class LowRankAdamW(Optimizer):
             state = self.state.get(p, {})
             step = int(state["step"]) if "step" in state else 0
             proj = self._projector(p, group)
-            refresh = step % group["update_proj_gap"] == 0 or not proj.initialized
+            previous = None
+            refresh = (
+                proj.refresh_every_step
+                or step % policies.current_gap(state, group) == 0
+                or not proj.initialized
+            )
             if refresh:
+                previous = proj
                 try:
                     proj = proj.refreshed(grad)
                 except NonFiniteGradientError as err:
@@ -310,7 +391,7 @@ class LowRankAdamW(Optimizer):
                         "state are unchanged; skip this step (torch.amp.GradScaler does) or lower "
                         "the learning rate."
                     ) from None
-            low.append(_LowRankItem(p, proj, refresh))
+            low.append(_LowRankItem(p, proj, previous))
         return plain, low
 
     def _step_plain(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -355,15 +436,13 @@ class LowRankAdamW(Optimizer):
         if not items:
             return
         beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
-        alpha = -lr * float(group["scale"])
-        decay = 1.0 - lr * float(group["weight_decay"])
         for chunk in _chunks(items, lambda it: 8 * math.prod(it.projector.low_rank_shape(it.param.shape))):
             lows, exp_avgs, exp_avg_sqs, steps = [], [], [], []
             for it in chunk:
                 p, proj = it.param, it.projector
                 state = self.state[p]
-                if it.refreshed:
+                if it.previous is not None:
+                    self._commit_refresh(group, state, it)
                     self._projectors[p] = proj
                     state["projector"] = proj.state_dict()
                 low = proj.project(p.grad).to(state_dtype(p.dtype))
@@ -377,9 +456,54 @@ class LowRankAdamW(Optimizer):
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(int(state["step"]))
             directions = adam_direction(lows, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
-            del lows
-            for it, direction in zip(chunk, directions):
-                it.projector.apply_back(it.param.detach(), direction, alpha=alpha, beta=decay)
+            for it, low, direction in zip(chunk, lows, directions):
+                self._apply_update(group, it.param, it.projector, low, direction)
+
+    def _commit_refresh(self, group: dict[str, Any], state: dict[str, Any], it: _LowRankItem) -> None:
+        """Moment policy and refresh schedule, for a subspace that changed this step."""
+        old, new = it.previous, it.projector
+        if not old.initialized or "exp_avg" not in state:
+            return  # the first subspace: no moments to carry, nothing to compare with
+        if group["on_refresh"] == "reset":
+            policies.reset_moments(state)
+        elif group["on_refresh"] == "rotate":
+            policies.rotate_moments(state, old, new)
+        if group["refresh"] == "lazy":
+            policies.lazy_refresh_record(state, old, new, group["update_proj_gap"])
+
+    def _apply_update(self, group: dict[str, Any], p: Tensor, proj: Projector, low: Tensor, direction: Tensor) -> None:
+        """W ← (1 − lr·wd)·W − lr·(the method's update), from R (``low``) and N = Adam(R)."""
+        lr = float(group["lr"])
+        scale = float(group["scale"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        weight = p.detach()
+        state = self.state[p]
+        limiter = group["limiter"]
+        if group["scaling"] is not None:
+            # APOLLO: the raw gradient, rescaled per channel (or tensor) by what Adam did in the
+            # subspace; √scale as apollo-torch applies it, so its settings carry over.
+            update = p.grad.to(low.dtype) * policies.scale_factors(direction, low, proj.side, group["scaling"])
+            if limiter is not None:
+                policies.limit_norm_growth(update, state, float(limiter))
+            weight.mul_(decay).add_(update.to(weight.dtype), alpha=-lr * math.sqrt(scale))
+            return
+        residual = group["residual"]
+        if residual == "drop":
+            proj.apply_back(weight, direction, alpha=-lr * scale, beta=decay)
+            return
+        rest = p.grad.to(low.dtype) - proj.project_back(low)
+        if residual == "fira":
+            # Fira: the residual scaled per channel by the subspace's Adam ratio, both parts × scale
+            rest.mul_(policies.scale_factors(direction, low, proj.side, "channel"))
+            rest_alpha = -lr * scale
+        else:
+            if residual == "sign":
+                rest.sign_()
+            rest_alpha = -lr * float(group["residual_lr_scale"])
+        if limiter is not None:
+            policies.limit_norm_growth(rest, state, float(limiter))
+        proj.apply_back(weight, direction, alpha=-lr * scale, beta=decay)
+        weight.add_(rest.to(weight.dtype), alpha=rest_alpha)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -25,3 +25,64 @@ class GaLoreAdamW(LowRankAdamW):
     """
 
     preset = {"projector": "svd", "scale": 0.25, "update_proj_gap": 200}
+
+
+class APOLLO(LowRankAdamW):
+    """APOLLO: AdamW's scaling estimated per channel in a random projection (Zhu et al. 2025).
+
+    "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025, arXiv:2412.05270. Adam runs on
+    R = project(G) with a Gaussian N(0, 1/r) projection regenerated from a per-parameter seed (only
+    the seed is kept) and redrawn every ``update_proj_gap`` steps; the update is the raw gradient
+    scaled per channel by s = ‖N‖/‖R‖, limited to a norm growth of 1.01 per step, times √scale.
+    Paper settings: rank 256 (a quarter of the hidden size), scale 1, gap 200, lr 0.01.
+
+    Departures from apollo-torch 1.0.3, each tested: the scale factors come from the bias-corrected
+    N = M̂/(√V̂ + ε) as in the paper's algorithm (apollo-torch computes them from the uncorrected
+    moments and applies the bias correction after the limiter, so its limiter also clips the
+    bias-correction warm-up); channels follow the projected side, not the matrix's shape; weight decay
+    uses the pre-update weights.
+    """
+
+    preset = {"projector": "random", "scaling": "channel", "limiter": 1.01, "scale": 1.0, "update_proj_gap": 200}
+
+
+class APOLLOMini(LowRankAdamW):
+    """APOLLO-Mini: APOLLO with a rank-1 projection and one scale factor per tensor (Zhu et al. 2025).
+
+    SGD-level memory: two 1×n (or m×1) moments and a seed per weight. Build the groups with
+    ``lro.param_groups(model, rank=1)``. Paper settings: rank 1, scale 128 (the update is multiplied
+    by √128, as apollo-torch does), gap 200, lr 0.01.
+    """
+
+    preset = {"projector": "random", "scaling": "tensor", "limiter": 1.01, "scale": 128.0, "update_proj_gap": 200}
+
+
+class FRUGAL(LowRankAdamW):
+    """FRUGAL: state-full Adam in a subspace, state-free signSGD on the rest (Zmushko et al. 2025).
+
+    "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training",
+    arXiv:2411.07837. Every ``update_proj_gap`` steps a new subspace is chosen (SVD by default;
+    ``projector="random"``, ``"sparse"`` or ``"dct"`` for the paper's other choices; density ρ is
+    rank / min(m, n)); Adam runs in it with moments reset at each new subspace; the residual
+    G − project_back(project(G)) is applied as −lr·residual_lr_scale·sign(residual).
+    The residual needs an orthonormal basis (svd, rsvd, dct, sparse, online_pca).
+    """
+
+    preset = {"projector": "svd", "residual": "sign", "residual_lr_scale": 1.0, "on_refresh": "reset",
+              "scale": 1.0, "update_proj_gap": 200}
+
+
+class Fira(LowRankAdamW):
+    """Fira: GaLore plus the residual, scaled per channel by the subspace's Adam ratio (Chen et al. 2024).
+
+    "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?", arXiv:2410.01623.
+    R = project(G), N = Adam(R), k = ‖N‖/‖R‖ per channel, S = G − project_back(R); the update is
+    scale·(project_back(N) + limit(k·S)) with the norm-growth limiter (γ = 1.01) on the scaled
+    residual.
+
+    Departure from the fira package, tested: its residual subtracts scale·project_back(R), which is
+    the true residual only when scale = 1; we subtract project_back(R) and apply scale to the whole
+    update as the paper writes it. As for APOLLO, k comes from the bias-corrected N.
+    """
+
+    preset = {"projector": "svd", "residual": "fira", "limiter": 1.01, "scale": 1.0, "update_proj_gap": 200}

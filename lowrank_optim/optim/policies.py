@@ -1,0 +1,119 @@
+"""The pieces a method is composed of, besides its projector and inner rule.
+
+* moments on refresh (``on_refresh``): ``keep`` (GaLore, APOLLO), ``reset`` (FRUGAL, Grass), ``rotate``
+  (DCTAdamW: M ← map(M), V ← |map(V)| with the change of basis between the old and new subspace);
+* refresh schedule (``refresh``): ``fixed`` every ``update_proj_gap`` steps, or ``lazy`` (Q-GaLore):
+  a layer whose subspace stops moving refreshes less and less often;
+* per-channel scale factors ‖N‖/‖R‖ (APOLLO's scaling, Fira's residual scaling);
+* the norm-growth limiter (APOLLO, Fira).
+
+Everything here works on one parameter's tensors; the optimizer decides when to call what.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..projectors import Projector
+
+ON_REFRESH = ("keep", "reset", "rotate")
+REFRESH = ("fixed", "lazy")
+SCALING = (None, "channel", "tensor")
+RESIDUAL = ("drop", "sign", "sgd", "fira")
+
+# Q-GaLore's lazy refresh: a queue of 5 similarities, doubling the gap when their mean reaches 0.4.
+LAZY_QUEUE = 5
+LAZY_THRESHOLD = 0.4
+LAZY_GROWTH = 2
+
+
+def change_of_basis(old: Projector, new: Projector) -> Tensor:
+    """The r×r map from old low-rank coordinates to new ones (float32 or wider).
+
+    Left side (R = Pᵀ G): a moment M in old coordinates stands for P_old M in full space, whose new
+    coordinates are P_newᵀ P_old M, so the map is applied as ``T @ M`` with T = P_newᵀ P_old.
+    Right side (R = G Qᵀ): M Q_old in full space, new coordinates M Q_old Q_newᵀ, applied as
+    ``M @ T`` with T = Q_old Q_newᵀ.
+    """
+    a = old.basis()
+    b = new.basis()
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.to(dtype), b.to(dtype)
+    return b.T @ a if new.side == "left" else a @ b.T
+
+
+def rotate_moments(state: dict[str, Any], old: Projector, new: Projector) -> None:
+    """DCTAdamW's rotation: M ← map(M), V ← |map(V)| (V stays a non-negative second moment)."""
+    t = change_of_basis(old, new)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if new.side == "left":
+        state["exp_avg"] = (t @ m.to(t.dtype)).to(m.dtype)
+        state["exp_avg_sq"] = (t @ v.to(t.dtype)).abs_().to(v.dtype)
+    else:
+        state["exp_avg"] = (m.to(t.dtype) @ t).to(m.dtype)
+        state["exp_avg_sq"] = (v.to(t.dtype) @ t).abs_().to(v.dtype)
+
+
+def reset_moments(state: dict[str, Any]) -> None:
+    state["exp_avg"] = torch.zeros_like(state["exp_avg"])
+    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+
+
+def top_vector(proj: Projector) -> Tensor:
+    """The subspace's first basis vector (for SVD-like projectors, the top singular vector)."""
+    b = proj.basis()
+    return (b[:, 0] if proj.side == "left" else b[0]).float()
+
+
+def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, gap: int) -> None:
+    """Q-GaLore's layer-adaptive schedule, after a refresh from ``old`` to ``new``.
+
+    Push |cos(old top vector, new top vector)| into a queue of 5 (the absolute value: a singular
+    vector's sign is arbitrary, which the reference code ignores); once the queue is full and its
+    mean is at least 0.4, double this layer's gap. The queue is not cleared, so a layer whose
+    subspace keeps still keeps doubling at each refresh, as in the reference.
+    """
+    cos = torch.nn.functional.cosine_similarity(top_vector(old), top_vector(new), dim=0).abs()
+    queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
+    queue = torch.cat([queue, cos.reshape(1).cpu()])[-LAZY_QUEUE:]
+    state["lazy_queue"] = queue
+    if queue.numel() == LAZY_QUEUE and float(queue.mean()) >= LAZY_THRESHOLD:
+        state["proj_gap"] = torch.tensor(int(state.get("proj_gap", gap)) * LAZY_GROWTH)
+
+
+def current_gap(state: dict[str, Any], group: dict[str, Any]) -> int:
+    if group["refresh"] == "lazy" and "proj_gap" in state:
+        return int(state["proj_gap"])
+    return group["update_proj_gap"]
+
+
+def scale_factors(direction: Tensor, low: Tensor, side: str, mode: str) -> Tensor:
+    """‖N‖ / (‖R‖ + 1e-8), per channel or for the whole tensor.
+
+    Channels are the dimension the projection keeps (rows of W for a right-side projection, columns
+    for a left-side one); the norms run along the projected dimension. The result broadcasts against
+    the m×n gradient: (m, 1), (1, n) or a scalar.
+    """
+    if mode == "tensor":
+        return direction.norm() / (low.norm() + 1e-8)
+    dim = 1 if side == "right" else 0
+    return direction.norm(dim=dim, keepdim=True) / (low.norm(dim=dim, keepdim=True) + 1e-8)
+
+
+def limit_norm_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
+    """The norm-growth limiter: if ‖U_t‖ > γ‖U_{t−1}‖, rescale U_t to γ‖U_{t−1}‖ (in place).
+
+    ``state["limiter_norm"]`` keeps ‖U_{t−1}‖ after limiting: one scalar per parameter.
+    """
+    norm = update.norm()
+    prev = state.get("limiter_norm")
+    if prev is not None:
+        # tensor arithmetic, no host sync: ratio is 1 unless the norm grew by more than γ
+        ratio = torch.clamp(norm / (prev.to(norm) + 1e-8), min=gamma) / gamma
+        update.div_(ratio)
+        norm = norm / ratio
+    state["limiter_norm"] = norm
+    return update
