@@ -1,9 +1,14 @@
-"""Print a Markdown table of ratios from a pytest-benchmark JSON file.
+"""Print Markdown tables of ratios from a pytest-benchmark JSON file.
 
     python bench/report.py bench/results/step_galore.json
+    python bench/report.py bench/results/refresh_cost.json
 
 Each row is one benchmark; its median is divided by the medians of the baselines measured in the
-same run and group (torch AdamW, the reference package).
+same run and group:
+
+* optimizer steps (bench/test_step_galore.py): torch AdamW and the reference package galore-torch;
+* projector refreshes (bench/test_refresh_cost.py, ``extra_info["kind"] == "refresh_cost"``): the
+  full SVD (``svd``), reported as a speedup (svd median / projector median).
 """
 
 from __future__ import annotations
@@ -13,19 +18,12 @@ import sys
 from collections import defaultdict
 
 BASELINES = ("adamw", "galore_torch")
+REFRESH_KIND = "refresh_cost"
+REFRESH_BASELINE = "svd"
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        data = json.load(f)
-    by_group: dict[str, dict[str, float]] = defaultdict(dict)
-    for b in data["benchmarks"]:
-        by_group[b["group"]][b["extra_info"]["impl"]] = b["stats"]["median"]
+def step_table(by_group: dict[str, dict[str, float]]) -> None:
     plain_adamw = {g.replace("refresh", "plain"): v.get("adamw") for g, v in by_group.items()}
-    machine = data.get("machine_info", {})
-    print(f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores; "
-          f"torch {data.get('extra', {}).get('torch', '')}".rstrip("; "))
-    print()
     print("| group | implementation | median (ms) | vs AdamW plain step | vs galore-torch |")
     print("|---|---|---:|---:|---:|")
     for group, impls in by_group.items():
@@ -35,6 +33,36 @@ def main(path: str) -> None:
             ra = f"{t / adamw:.2f}x" if adamw else "-"
             rr = f"{t / ref:.2f}x" if ref else "-"
             print(f"| {group} | {impl} | {t * 1e3:.1f} | {ra} | {rr} |")
+
+
+def refresh_table(by_group: dict[str, dict[str, float]]) -> None:
+    print(f"| group | projector | median (ms) | speedup vs {REFRESH_BASELINE} |")
+    print("|---|---|---:|---:|")
+    for group, impls in by_group.items():
+        base = impls.get(REFRESH_BASELINE)
+        for impl, t in sorted(impls.items(), key=lambda kv: kv[1]):
+            speedup = f"{base / t:.1f}x" if base else "-"
+            print(f"| {group} | {impl} | {t * 1e3:.2f} | {speedup} |")
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    steps: dict[str, dict[str, float]] = defaultdict(dict)
+    refreshes: dict[str, dict[str, float]] = defaultdict(dict)
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        table = refreshes if info.get("kind") == REFRESH_KIND else steps
+        table[b["group"]][info["impl"]] = b["stats"]["median"]
+    machine = data.get("machine_info", {})
+    print(f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores; "
+          f"torch {data.get('extra', {}).get('torch', '')}".rstrip("; "))
+    if steps:
+        print()
+        step_table(steps)
+    if refreshes:
+        print()
+        refresh_table(refreshes)
 
 
 if __name__ == "__main__":

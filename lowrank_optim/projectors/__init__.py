@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .base import PROJ_TYPES, NonFiniteGradientError, Projector, choose_side
+from .dct import DCTProjector
+from .online_pca import OnlinePCAProjector
+from .random_proj import RandomProjector
+from .rsvd import RSVDProjector
+from .sparse import SparseProjector
 from .svd import SVDProjector
 
 REGISTRY: dict[str, type[Projector]] = {}
@@ -41,14 +46,21 @@ def make(name: str, rank: int, **kw: Any) -> Projector:
     return cls(rank, **kw)
 
 
-register(SVDProjector)
+for _cls in (SVDProjector, RSVDProjector, DCTProjector, RandomProjector, SparseProjector, OnlinePCAProjector):
+    register(_cls)
+del _cls
 
 __all__ = [
     "PROJ_TYPES",
     "REGISTRY",
+    "DCTProjector",
     "NonFiniteGradientError",
+    "OnlinePCAProjector",
     "Projector",
+    "RSVDProjector",
+    "RandomProjector",
     "SVDProjector",
+    "SparseProjector",
     "available",
     "choose_side",
     "make",

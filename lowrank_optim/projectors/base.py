@@ -147,14 +147,23 @@ class Projector(abc.ABC):
         new.update(grad)
         return new
 
+    @classmethod
+    def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options this projector derives from a param group (besides rank, proj_type
+        and seed), e.g. online PCA's step size from ``update_proj_gap``. None by default."""
+        return {}
+
     @abc.abstractmethod
     def _refresh(self, grad: Tensor, side: str) -> None:
         """Recompute the subspace from ``grad`` for the given side (rebind, never write in place)."""
 
     # ----------------------------------------------------------------- maps
     @abc.abstractmethod
-    def basis(self) -> Tensor:
-        """The subspace as a dense matrix: m×r (left side) or r×n (right side), in the state's dtype.
+    def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """The subspace as a dense matrix: m×r (left side) or r×n (right side).
+
+        On ``device`` and in ``dtype`` when given (projectors that keep no matrix, like ``random``,
+        build it there), else where and how the projector keeps or last used it.
 
         ``project`` is ``basis()ᵀ G`` or ``G basis()ᵀ`` for every projector whose basis is
         orthonormal; the ``rotate`` refresh policy maps moments between two bases with it.

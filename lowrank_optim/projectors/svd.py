@@ -47,8 +47,8 @@ class SVDProjector(Projector):
                 f"projection of a {m}x{n} matrix needs {want}"
             )
 
-    def basis(self) -> Tensor:
-        return self._state["P"]
+    def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        return self._state["P"].to(device=device, dtype=dtype)
 
     def project(self, grad: Tensor) -> Tensor:
         basis = self.basis().to(grad.dtype)

@@ -1,0 +1,101 @@
+"""Online PCA projector: P from one SVD, then one gradient step per update on the PCA loss
+(Liang et al. 2024, "Memory-Efficient LLM Training with Online Subspace Descent", arXiv:2408.12857).
+
+The first update sets P exactly as ``svd`` does (P = U[:, :r], m×r, left; Q = Vh[:r], r×n, right).
+Every later update takes one gradient-descent step of size η = ``lr`` on
+
+    L(P) = ‖Ĝ − P Pᵀ Ĝ‖²_F,    Ĝ = G / ‖G‖_F                     (left side)
+
+and the right side solves the transpose problem, L(Q) = ‖Ĝ − Ĝ Qᵀ Q‖²_F, i.e. the left one for Ĝᵀ
+with P = Qᵀ. With A = Ĝ Ĝᵀ and K = PᵀP, expanding
+L = ‖Ĝ‖² − 2 tr(Pᵀ A P) + tr(Pᵀ A P K) and differentiating each trace gives
+
+    ∇L = −4 A P + 2 A P K + 2 P (Pᵀ A P) = 2 [ A P (K − 2I) + P (Pᵀ A P) ],
+
+which for orthonormal P is Oja's rule, −2 (I − P Pᵀ) A P. It is evaluated without forming A:
+W = Gᵀ P (n×r), A P = G W / ‖G‖², Pᵀ A P = Wᵀ W / ‖G‖², so an update costs two m×n×r matmuls
+and no SVD. P is not re-orthonormalized (the paper does not): the loss itself pulls it back
+towards PᵀP = I on the gradient's span; ``basis()`` is orthonormal right after the SVD.
+
+``refresh_every_step`` is True: the optimizer calls ``update`` at every step, and
+``options_from_group`` turns ``update_proj_gap`` into η = 1 / update_proj_gap, as the paper pairs
+them. State ``{"side", "P"}`` like ``svd``, but P is kept in float32 (float64 for float64
+gradients) whatever the gradient's dtype: steps of η = 0.005 would mostly round away in bf16's
+8-bit mantissa. ``nbytes()`` = P's bytes, r·d·itemsize (d = m left, n right).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .svd import SVDProjector
+
+
+def _kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class OnlinePCAProjector(SVDProjector):
+    name = "online_pca"
+    refresh_every_step = True
+
+    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, lr: float = 0.005) -> None:
+        super().__init__(rank, proj_type=proj_type, seed=seed)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        self.lr = float(lr)
+
+    @classmethod
+    def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": 1.0 / group["update_proj_gap"]}
+
+    def _refresh(self, grad: Tensor, side: str) -> None:
+        m, n = grad.shape
+        if "P" not in self._state:
+            if self.rank > min(m, n):
+                raise ValueError(
+                    f"online_pca projector of rank {self.rank} cannot start from the SVD of a "
+                    f"{m}x{n} matrix: rank exceeds min(m, n) = {min(m, n)}"
+                )
+            super()._refresh(grad, side)
+            self._state["P"] = self._state["P"].to(_kept_dtype(grad.dtype))
+            return
+        self.check_fits(grad.shape)
+        work = grad if grad.dtype == torch.float64 else grad.float()
+        x = work if side == "left" else work.t()
+        p = self._state["P"].to(work.dtype)
+        p = p if side == "left" else p.t()
+        # Dividing the two products by ‖G‖ instead of G itself avoids an m×n copy; the clamp makes a
+        # zero gradient a zero step rather than 0/0.
+        inv_norm = 1.0 / torch.linalg.vector_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
+        w = (x.t() @ p) * inv_norm
+        ap = (x @ w) * inv_norm
+        gram = p.t() @ p
+        eye = torch.eye(self.rank, dtype=p.dtype, device=p.device)
+        step = ap @ (gram - 2 * eye) + p @ (w.t() @ w)
+        p = p - (2 * self.lr) * step
+        basis = p if side == "left" else p.t()
+        self._state["P"] = basis.to(_kept_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        basis = state.get("P")
+        if not isinstance(basis, Tensor) or basis.dim() != 2:
+            raise ValueError("online_pca projector state needs a 2-D tensor 'P'")
+        r = basis.shape[1] if state["side"] == "left" else basis.shape[0]
+        if r != self.rank:
+            raise ValueError(
+                f"online_pca projector state holds a rank-{r} basis but this projector has rank {self.rank}"
+            )
+
+    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
+        m, n = shape
+        want = (m, self.rank) if self.side == "left" else (self.rank, n)
+        if tuple(self.basis().shape) != want:
+            raise ValueError(
+                f"online_pca projector basis has shape {tuple(self.basis().shape)}, but a {self.side}-side "
+                f"projection of a {m}x{n} matrix needs {want}"
+            )

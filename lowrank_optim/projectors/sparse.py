@@ -1,0 +1,106 @@
+"""Sparse row/column selection: keep the r rows (or columns) of G with the largest ℓ2 norm
+(Muhamed et al. 2024, "Grass: Compute Efficient Low-Memory LLM Training with Structured Sparse
+Gradients", arXiv:2406.17660; its "top-r norm" selection).
+
+With idx the r indices of largest ‖G[i, :]‖₂ (left) or ‖G[:, j]‖₂ (right), sorted ascending:
+
+* left  side: R = G[idx] (r×n), project_back(R) = the m×n matrix with R's rows at idx, zeros elsewhere
+* right side: R = G[:, idx] (m×r), project_back(R) puts R's columns at idx
+
+This is R = Pᵀ G (left) or G Qᵀ (right) with a one-hot selection basis, P[idx[j], j] = 1 (m×r) or
+Q[j, idx[j]] = 1 (r×n), which ``basis()`` builds; it is orthonormal, so ``project_back(project(G))``
+is the orthogonal projection of G onto the chosen rows (columns). ``project`` is a gather,
+``project_back`` a scatter, and ``apply_back`` scales the weight and then adds into the r rows
+(``index_add_``), with no m×n temporary.
+
+State ``{"side", "idx", "dim"}``: ``idx`` an int64 tensor of r, ``dim`` the length of the selected
+dimension (m left, n right: ``project_back`` cannot read it off R). ``nbytes()`` = 8·r.
+Refresh cost: one pass over G for the norms (in float32, float64 for float64 input) and a top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Projector
+
+
+class SparseProjector(Projector):
+    name = "sparse"
+
+    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
+        super().__init__(rank, proj_type=proj_type, seed=seed)
+        # basis()'s default dtype: the last gradient's (a loaded projector has seen none: float32)
+        self._seen_dtype: torch.dtype | None = None
+
+    def _refresh(self, grad: Tensor, side: str) -> None:
+        m, n = grad.shape
+        d = m if side == "left" else n
+        if self.rank > d:
+            raise ValueError(
+                f"sparse projector of rank {self.rank} cannot select from the {d} "
+                f"{'rows' if side == 'left' else 'columns'} of a {m}x{n} matrix"
+            )
+        norm_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        norms = torch.linalg.vector_norm(grad, dim=1 if side == "left" else 0, dtype=norm_dtype)
+        self._state["idx"] = torch.topk(norms, self.rank, sorted=False).indices.sort().values
+        self._state["dim"] = d
+        self._seen_dtype = grad.dtype
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        idx, dim = state.get("idx"), state.get("dim")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < self.rank:
+            raise ValueError(f"sparse projector state needs an integer 'dim' >= rank {self.rank}, got {dim!r}")
+        if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+            raise ValueError("sparse projector state needs a 1-D int64 tensor 'idx'")
+        if idx.numel() != self.rank:
+            raise ValueError(
+                f"sparse projector state holds {idx.numel()} indices but this projector has rank {self.rank}"
+            )
+        if bool((idx < 0).any()) or bool((idx >= dim).any()) or bool((idx[1:] <= idx[:-1]).any()):
+            raise ValueError(f"sparse projector state 'idx' must be strictly increasing indices in [0, {dim})")
+
+    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
+        m, n = shape
+        want = m if self.side == "left" else n
+        if self._state["dim"] != want:
+            raise ValueError(
+                f"sparse projector selects from {self._state['dim']} "
+                f"{'rows' if self.side == 'left' else 'columns'}, but a {self.side}-side projection "
+                f"of a {m}x{n} matrix has {want}"
+            )
+
+    def nbytes(self) -> int:
+        idx = self._state.get("idx")
+        return 0 if idx is None else idx.numel() * idx.element_size()
+
+    @property
+    def _axis(self) -> int:
+        return 0 if self.side == "left" else 1
+
+    def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """The one-hot selection matrix, m×r (left) or r×n (right); on the indices' device and in
+        the last gradient's dtype unless told (float32 if it has seen none)."""
+        idx = self._state["idx"] if device is None else self._state["idx"].to(device)
+        dtype = dtype or self._seen_dtype or torch.float32
+        sel = torch.zeros(self._state["dim"], self.rank, dtype=dtype, device=idx.device)
+        sel[idx, torch.arange(self.rank, device=idx.device)] = 1
+        return sel if self.side == "left" else sel.t().contiguous()
+
+    def project(self, grad: Tensor) -> Tensor:
+        self._seen_dtype = grad.dtype
+        return grad.index_select(self._axis, self._state["idx"].to(grad.device))
+
+    def project_back(self, low: Tensor) -> Tensor:
+        shape = list(low.shape)
+        shape[self._axis] = self._state["dim"]
+        out = low.new_zeros(shape)
+        return out.index_copy_(self._axis, self._state["idx"].to(low.device), low)
+
+    def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
+        if beta != 1.0:
+            weight.mul_(beta)
+        weight.index_add_(self._axis, self._state["idx"].to(weight.device), low.to(weight.dtype), alpha=alpha)
