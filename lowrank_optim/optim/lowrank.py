@@ -318,8 +318,7 @@ class LowRankAdamW(Optimizer):
             (k for k, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p), 0
         )
         cls = _projectors.REGISTRY[group["projector"]]
-        from_group = getattr(cls, "options_from_group", None)
-        options = {**(from_group(group) if from_group else {}), **group["projector_options"]}
+        options = {**cls.options_from_group(group), **group["projector_options"]}
         try:
             return cls(group["rank"], proj_type=group["proj_type"], seed=position, **options)
         except TypeError as err:
@@ -598,11 +597,11 @@ class LowRankAdamW(Optimizer):
     def state_nbytes(self) -> dict[str, int]:
         """Bytes of optimizer state kept between steps: moments, projectors, other."""
         out = {"moments": 0, "projectors": 0, "other": 0}
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for p, state in self.state.items():
             for key, value in state.items():
                 if key == "projector":
-                    proj = self._projectors.get(p)
-                    out["projectors"] += proj.nbytes() if proj is not None else _tensor_bytes(value)
+                    out["projectors"] += self._projector(p, group_of[p]).nbytes()
                 elif key in ("exp_avg", "exp_avg_sq"):
                     out["moments"] += _tensor_bytes(value)
                 else:

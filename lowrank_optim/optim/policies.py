@@ -30,7 +30,7 @@ LAZY_THRESHOLD = 0.4
 LAZY_GROWTH = 2
 
 
-def change_of_basis(old: Projector, new: Projector) -> Tensor:
+def change_of_basis(old: Projector, new: Projector, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The r×r map from old low-rank coordinates to new ones (float32 or wider).
 
     Left side (R = Pᵀ G): a moment M in old coordinates stands for P_old M in full space, whose new
@@ -38,17 +38,16 @@ def change_of_basis(old: Projector, new: Projector) -> Tensor:
     Right side (R = G Qᵀ): M Q_old in full space, new coordinates M Q_old Q_newᵀ, applied as
     ``M @ T`` with T = Q_old Q_newᵀ.
     """
-    a = old.basis()
-    b = new.basis()
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a, b = a.to(dtype), b.to(dtype)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    a = old.basis(device=device, dtype=dtype)
+    b = new.basis(device=device, dtype=dtype)
     return b.T @ a if new.side == "left" else a @ b.T
 
 
 def rotate_moments(state: dict[str, Any], old: Projector, new: Projector) -> None:
     """DCTAdamW's rotation: M ← map(M), V ← |map(V)| (V stays a non-negative second moment)."""
-    t = change_of_basis(old, new)
     m, v = state["exp_avg"], state["exp_avg_sq"]
+    t = change_of_basis(old, new, m.device, m.dtype)
     if new.side == "left":
         state["exp_avg"] = (t @ m.to(t.dtype)).to(m.dtype)
         state["exp_avg_sq"] = (t @ v.to(t.dtype)).abs_().to(v.dtype)
@@ -62,9 +61,9 @@ def reset_moments(state: dict[str, Any]) -> None:
     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
 
 
-def top_vector(proj: Projector) -> Tensor:
+def top_vector(proj: Projector, device: torch.device) -> Tensor:
     """The subspace's first basis vector (for SVD-like projectors, the top singular vector)."""
-    b = proj.basis()
+    b = proj.basis(device=device)
     return (b[:, 0] if proj.side == "left" else b[0]).float()
 
 
@@ -76,7 +75,8 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     mean is at least 0.4, double this layer's gap. The queue is not cleared, so a layer whose
     subspace keeps still keeps doubling at each refresh, as in the reference.
     """
-    cos = torch.nn.functional.cosine_similarity(top_vector(old), top_vector(new), dim=0).abs()
+    device = state["exp_avg"].device
+    cos = torch.nn.functional.cosine_similarity(top_vector(old, device), top_vector(new, device), dim=0).abs()
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
     queue = torch.cat([queue, cos.reshape(1).cpu()])[-LAZY_QUEUE:]
     state["lazy_queue"] = queue
