@@ -475,22 +475,32 @@ class LowRankAdamW(Optimizer):
         lr = float(group["lr"])
         scale = float(group["scale"])
         decay = 1.0 - lr * float(group["weight_decay"])
-        weight = p.detach()
+        weight, grad = p.detach(), p.grad
         state = self.state[p]
         limiter = group["limiter"]
         if group["scaling"] is not None:
             # APOLLO: the raw gradient, rescaled per channel (or tensor) by what Adam did in the
-            # subspace; √scale as apollo-torch applies it, so its settings carry over.
-            update = p.grad.to(low.dtype) * policies.scale_factors(direction, low, proj.side, group["scaling"])
+            # subspace; √scale as apollo-torch applies it, so its settings carry over. The scaled
+            # gradient is never built: its norm comes from G's channel norms, and the update is one
+            # addcmul_ of G with the (limited) factors.
+            factors = policies.scale_factors(direction, low, proj.side, group["scaling"])
             if limiter is not None:
-                policies.limit_norm_growth(update, state, float(limiter))
-            weight.mul_(decay).add_(update.to(weight.dtype), alpha=-lr * math.sqrt(scale))
+                if factors.dim() == 0:
+                    norm = factors * grad.norm(dtype=factors.dtype)
+                else:
+                    dim = 1 if proj.side == "right" else 0
+                    norm = (factors * grad.norm(dim=dim, keepdim=True, dtype=factors.dtype)).norm()
+                factors = factors * policies.growth_factor(norm, state, float(limiter))
+            if decay != 1.0:
+                weight.mul_(decay)
+            weight.addcmul_(grad.to(weight.dtype), factors.to(weight.dtype), value=-lr * math.sqrt(scale))
             return
         residual = group["residual"]
         if residual == "drop":
             proj.apply_back(weight, direction, alpha=-lr * scale, beta=decay)
             return
-        rest = p.grad.to(low.dtype) - proj.project_back(low)
+        back = proj.project_back(low)
+        rest = torch.sub(grad.to(low.dtype), back, out=back)  # G − project_back(R), in place
         if residual == "fira":
             # Fira: the residual scaled per channel by the subspace's Adam ratio, both parts × scale
             rest.mul_(policies.scale_factors(direction, low, proj.side, "channel"))
@@ -499,10 +509,12 @@ class LowRankAdamW(Optimizer):
             if residual == "sign":
                 rest.sign_()
             rest_alpha = -lr * float(group["residual_lr_scale"])
-        if limiter is not None:
-            policies.limit_norm_growth(rest, state, float(limiter))
         proj.apply_back(weight, direction, alpha=-lr * scale, beta=decay)
-        weight.add_(rest.to(weight.dtype), alpha=rest_alpha)
+        if limiter is not None:
+            factor = policies.growth_factor(rest.norm(), state, float(limiter))
+            weight.addcmul_(rest.to(weight.dtype), factor.to(weight.dtype), value=rest_alpha)
+        else:
+            weight.add_(rest.to(weight.dtype), alpha=rest_alpha)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -103,17 +103,17 @@ def scale_factors(direction: Tensor, low: Tensor, side: str, mode: str) -> Tenso
     return direction.norm(dim=dim, keepdim=True) / (low.norm(dim=dim, keepdim=True) + 1e-8)
 
 
-def limit_norm_growth(update: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
-    """The norm-growth limiter: if ‖U_t‖ > γ‖U_{t−1}‖, rescale U_t to γ‖U_{t−1}‖ (in place).
+def growth_factor(norm: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
+    """The norm-growth limiter as a factor: 1, or γ‖U_{t−1}‖/‖U_t‖ when ‖U_t‖ > γ‖U_{t−1}‖.
 
-    ``state["limiter_norm"]`` keeps ‖U_{t−1}‖ after limiting: one scalar per parameter.
+    ``norm`` is ‖U_t‖ before limiting; ``state["limiter_norm"]`` keeps ‖U_t‖ after it, one scalar
+    per parameter. 1e-8 guards the division, as both reference packages write it. Tensor
+    arithmetic throughout: no host sync.
     """
-    norm = update.norm()
     prev = state.get("limiter_norm")
-    if prev is not None:
-        # tensor arithmetic, no host sync: ratio is 1 unless the norm grew by more than γ
-        ratio = torch.clamp(norm / (prev.to(norm) + 1e-8), min=gamma) / gamma
-        update.div_(ratio)
-        norm = norm / ratio
-    state["limiter_norm"] = norm
-    return update
+    if prev is None:
+        factor = torch.ones_like(norm)
+    else:
+        factor = gamma / torch.clamp(norm / (prev.to(norm) + 1e-8), min=gamma)
+    state["limiter_norm"] = norm * factor
+    return factor
