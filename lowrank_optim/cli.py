@@ -31,15 +31,16 @@ def _list() -> int:
 
     print("optimizers (lowrank_optim.<Class>):")
     for key, cls in PRESETS.items():
-        keys = ", ".join(f"{k}={v!r}" for k, v in cls.method_defaults().items())
+        own = cls.preset or cls.base_defaults
+        keys = ", ".join(f"{k}={v!r}" for k, v in own.items())
         summary = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"  {key:<10} {cls.__name__:<14} {summary}")
-        print(f"  {'':<10} {'':<14} defaults: {keys}")
+        print(f"  {key:<12} {cls.__name__:<13} {summary}")
+        print(f"  {'':<12} {'':<13} sets: {keys}")
     print("projectors (lowrank_optim.projectors.make(name, rank)):")
     for name in projectors.available():
         cls = projectors.REGISTRY[name]
         doc = (inspect.getmodule(cls).__doc__ or cls.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<10} {doc}")
+        print(f"  {name:<12} {doc}")
     return 0
 
 

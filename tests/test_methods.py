@@ -294,3 +294,25 @@ def test_every_preset_takes_any_projector(cls):
         opt.step()
         assert torch.isfinite(W).all(), name
         assert opt.param_groups[0]["projector"] == name
+
+
+def test_every_preset_trains_a_small_model_like_adamw():
+    """40 steps on learnable sequences (loss from 3.9 to about 0.8 with AdamW), refreshes every 10:
+    each preset ends within 15% of AdamW's loss (measured: 0.78 to 0.83 against 0.80)."""
+    import warnings
+
+    from conftest import batches, make_model, train
+
+    data = batches(40)
+    model = make_model()
+    adamw = train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), data)
+    target = sum(adamw[-5:]) / 5
+    cases = [(lro.GaLoreAdamW, 8, {}), (lro.APOLLO, 8, {}), (lro.APOLLOMini, 1, {}), (lro.FRUGAL, 8, {}),
+             (lro.Fira, 8, {}), (lro.GaLoreAdamW, 8, {"projector": "dct"})]
+    for cls, rank, keys in cases:
+        model = make_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lro.RankFallbackWarning)
+            opt = cls(lro.param_groups(model, rank=rank, update_proj_gap=10, **keys), lr=1e-2)
+        losses = train(model, opt, data)
+        assert sum(losses[-5:]) / 5 < 1.15 * target, (cls.__name__, keys, losses[-5:], target)
