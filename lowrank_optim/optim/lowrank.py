@@ -121,6 +121,10 @@ def check_hyperparameters(group: dict[str, Any], where: str) -> None:
         fail("residual_lr_scale", "residual_lr_scale must be a finite number >= 0")
     if group["scaling"] not in SCALING:
         fail("scaling", "choose None, 'channel' or 'tensor'")
+    if group["residual"] != "drop" and not _projectors.REGISTRY[group["projector"]].orthonormal:
+        fail("residual", f"the residual G - project_back(project(G)) needs an orthonormal basis, and "
+             f"projector={group['projector']!r} has none; use residual='drop' or one of "
+             f"{', '.join(n for n, c in sorted(_projectors.REGISTRY.items()) if c.orthonormal)}")
     if group["scaling"] is not None and group["residual"] != "drop":
         fail("scaling", f"scaling rescales the whole gradient, so it leaves no residual; it needs "
              f"residual='drop', got residual={group['residual']!r}")

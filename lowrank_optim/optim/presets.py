@@ -61,11 +61,12 @@ class FRUGAL(LowRankAdamW):
     """FRUGAL: state-full Adam in a subspace, state-free signSGD on the rest (Zmushko et al. 2025).
 
     "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training",
-    arXiv:2411.07837. Every ``update_proj_gap`` steps a new subspace is chosen (SVD by default;
-    ``projector="random"``, ``"sparse"`` or ``"dct"`` for the paper's other choices; density ρ is
-    rank / min(m, n)); Adam runs in it with moments reset at each new subspace; the residual
-    G − project_back(project(G)) is applied as −lr·residual_lr_scale·sign(residual).
-    The residual needs an orthonormal basis (svd, rsvd, dct, sparse, online_pca).
+    arXiv:2411.07837. Every ``update_proj_gap`` steps a new subspace is chosen (SVD by default, as the
+    paper's GaLore-style variant; ``projector="sparse"`` selects the columns of largest norm, close to
+    the paper's column selection; ``rsvd`` and ``dct`` also serve; density ρ is rank / min(m, n));
+    Adam runs in it with moments reset at each new subspace; the residual
+    G − project_back(project(G)) is applied as −lr·residual_lr_scale·sign(residual). The residual
+    needs an orthonormal basis, so ``projector="random"`` (Gaussian, not semi-orthogonal) is refused.
     """
 
     preset = {"projector": "svd", "residual": "sign", "residual_lr_scale": 1.0, "on_refresh": "reset",

@@ -58,6 +58,20 @@ def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> str:
     return proj_type
 
 
+def check_index_state(name: str, state: dict[str, Any], rank: int) -> None:
+    """Validate a selection projector's state: ``dim`` (the projected side's length) and ``idx``,
+    ``rank`` strictly increasing int64 indices into it."""
+    idx, dim = state.get("idx"), state.get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < rank:
+        raise ValueError(f"{name} projector state needs an integer 'dim' >= rank {rank}, got {dim!r}")
+    if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+        raise ValueError(f"{name} projector state needs a 1-D int64 tensor 'idx'")
+    if idx.numel() != rank:
+        raise ValueError(f"{name} projector state holds {idx.numel()} indices but this projector has rank {rank}")
+    if bool((idx < 0).any()) or bool((idx >= dim).any()) or bool((idx[1:] <= idx[:-1]).any()):
+        raise ValueError(f"{name} projector state 'idx' must be strictly increasing indices in [0, {dim})")
+
+
 def check_rank(rank: Any, owner: str = "rank") -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{owner} must be an integer >= 1, got {rank!r}")
@@ -76,6 +90,10 @@ class Projector(abc.ABC):
     #: True for projectors that move their subspace a little every step (online PCA): the optimizer
     #: then calls :meth:`update` at every step, and ``update_proj_gap`` is theirs to interpret.
     refresh_every_step: ClassVar[bool] = False
+    #: Whether ``basis()`` has orthonormal columns (left) / rows (right), so that
+    #: G − project_back(project(G)) is the part of G outside the subspace. A method that uses that
+    #: residual (FRUGAL, Fira) refuses a projector without it.
+    orthonormal: ClassVar[bool] = True
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
         """``seed`` is where projectors that draw random matrices start (``random``, ``rsvd``): the

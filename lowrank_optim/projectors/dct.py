@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector
+from .base import Projector, check_index_state
 
 _BASES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
@@ -99,17 +99,7 @@ class DCTProjector(Projector):
         self._seen_dtype = grad.dtype
 
     def _check_state(self, state: dict[str, Any]) -> None:
-        idx, dim = state.get("idx"), state.get("dim")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < self.rank:
-            raise ValueError(f"dct projector state needs an integer 'dim' >= rank {self.rank}, got {dim!r}")
-        if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
-            raise ValueError("dct projector state needs a 1-D int64 tensor 'idx'")
-        if idx.numel() != self.rank:
-            raise ValueError(
-                f"dct projector state holds {idx.numel()} indices but this projector has rank {self.rank}"
-            )
-        if bool((idx < 0).any()) or bool((idx >= dim).any()) or bool((idx[1:] <= idx[:-1]).any()):
-            raise ValueError(f"dct projector state 'idx' must be strictly increasing indices in [0, {dim})")
+        check_index_state(self.name, state, self.rank)
 
     def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
         m, n = shape
@@ -119,10 +109,6 @@ class DCTProjector(Projector):
                 f"dct projector picked from {self._state['dim']} DCT vectors, but a {self.side}-side "
                 f"projection of a {m}x{n} matrix needs {want}"
             )
-
-    def nbytes(self) -> int:
-        idx = self._state.get("idx")
-        return 0 if idx is None else idx.numel() * idx.element_size()
 
     def _columns(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """D[:, idx] (d×r) in ``dtype``: gathered from the shared float32/float64 basis, so a bf16

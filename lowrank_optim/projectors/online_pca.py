@@ -80,22 +80,3 @@ class OnlinePCAProjector(SVDProjector):
         p = p - (2 * self.lr) * step
         basis = p if side == "left" else p.t()
         self._state["P"] = basis.to(_kept_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
-
-    def _check_state(self, state: dict[str, Any]) -> None:
-        basis = state.get("P")
-        if not isinstance(basis, Tensor) or basis.dim() != 2:
-            raise ValueError("online_pca projector state needs a 2-D tensor 'P'")
-        r = basis.shape[1] if state["side"] == "left" else basis.shape[0]
-        if r != self.rank:
-            raise ValueError(
-                f"online_pca projector state holds a rank-{r} basis but this projector has rank {self.rank}"
-            )
-
-    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
-        m, n = shape
-        want = (m, self.rank) if self.side == "left" else (self.rank, n)
-        if tuple(self.basis().shape) != want:
-            raise ValueError(
-                f"online_pca projector basis has shape {tuple(self.basis().shape)}, but a {self.side}-side "
-                f"projection of a {m}x{n} matrix needs {want}"
-            )

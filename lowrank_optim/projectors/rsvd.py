@@ -81,26 +81,10 @@ class RSVDProjector(SVDProjector):
         self._state["refreshes"] = count + 1
 
     def _check_state(self, state: dict[str, Any]) -> None:
-        basis = state.get("P")
-        if not isinstance(basis, Tensor) or basis.dim() != 2:
-            raise ValueError("rsvd projector state needs a 2-D tensor 'P'")
-        r = basis.shape[1] if state["side"] == "left" else basis.shape[0]
-        if r != self.rank:
-            raise ValueError(
-                f"rsvd projector state holds a rank-{r} basis but this projector has rank {self.rank}"
-            )
+        super()._check_state(state)
         count = state.get("refreshes")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"rsvd projector state needs an integer 'refreshes' >= 0, got {count!r}")
-
-    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
-        m, n = shape
-        want = (m, self.rank) if self.side == "left" else (self.rank, n)
-        if tuple(self.basis().shape) != want:
-            raise ValueError(
-                f"rsvd projector basis has shape {tuple(self.basis().shape)}, but a {self.side}-side "
-                f"projection of a {m}x{n} matrix needs {want}"
-            )
 
     def nbytes(self) -> int:
         basis = self._state.get("P")

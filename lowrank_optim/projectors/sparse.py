@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Projector
+from .base import Projector, check_index_state
 
 
 class SparseProjector(Projector):
@@ -51,17 +51,7 @@ class SparseProjector(Projector):
         self._seen_dtype = grad.dtype
 
     def _check_state(self, state: dict[str, Any]) -> None:
-        idx, dim = state.get("idx"), state.get("dim")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < self.rank:
-            raise ValueError(f"sparse projector state needs an integer 'dim' >= rank {self.rank}, got {dim!r}")
-        if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
-            raise ValueError("sparse projector state needs a 1-D int64 tensor 'idx'")
-        if idx.numel() != self.rank:
-            raise ValueError(
-                f"sparse projector state holds {idx.numel()} indices but this projector has rank {self.rank}"
-            )
-        if bool((idx < 0).any()) or bool((idx >= dim).any()) or bool((idx[1:] <= idx[:-1]).any()):
-            raise ValueError(f"sparse projector state 'idx' must be strictly increasing indices in [0, {dim})")
+        check_index_state(self.name, state, self.rank)
 
     def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
         m, n = shape
@@ -72,10 +62,6 @@ class SparseProjector(Projector):
                 f"{'rows' if self.side == 'left' else 'columns'}, but a {self.side}-side projection "
                 f"of a {m}x{n} matrix has {want}"
             )
-
-    def nbytes(self) -> int:
-        idx = self._state.get("idx")
-        return 0 if idx is None else idx.numel() * idx.element_size()
 
     @property
     def _axis(self) -> int:

@@ -31,11 +31,11 @@ class SVDProjector(Projector):
     def _check_state(self, state: dict[str, Any]) -> None:
         basis = state.get("P")
         if not isinstance(basis, Tensor) or basis.dim() != 2:
-            raise ValueError("svd projector state needs a 2-D tensor 'P'")
+            raise ValueError(f"{self.name} projector state needs a 2-D tensor 'P'")
         r = basis.shape[1] if state["side"] == "left" else basis.shape[0]
         if r != self.rank:
             raise ValueError(
-                f"svd projector state holds a rank-{r} basis but this projector has rank {self.rank}"
+                f"{self.name} projector state holds a rank-{r} basis but this projector has rank {self.rank}"
             )
 
     def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
@@ -43,7 +43,7 @@ class SVDProjector(Projector):
         want = (m, self.rank) if self.side == "left" else (self.rank, n)
         if tuple(self.basis().shape) != want:
             raise ValueError(
-                f"svd projector basis has shape {tuple(self.basis().shape)}, but a {self.side}-side "
+                f"{self.name} projector basis has shape {tuple(self.basis().shape)}, but a {self.side}-side "
                 f"projection of a {m}x{n} matrix needs {want}"
             )
 
