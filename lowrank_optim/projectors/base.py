@@ -139,7 +139,20 @@ class Projector(abc.ABC):
         """Raise ValueError when a loaded state does not fit this projector's configuration."""
 
     def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
-        """Raise ValueError when the (loaded) state cannot project an m×n matrix of ``shape``."""
+        """Raise ValueError when the (loaded) state cannot project an m×n matrix of ``shape``.
+
+        The default checks the ``dim`` entry that projectors without a stored matrix keep (the
+        length of the projected side: m for the left side, n for the right)."""
+        dim = self._state.get("dim")
+        if dim is None:
+            return
+        m, n = shape
+        want = m if self.side == "left" else n
+        if dim != want:
+            raise ValueError(
+                f"{self.name} projector was built for a projected side of length {dim}, but the "
+                f"{self.side} side of a {m}x{n} matrix has length {want}"
+            )
 
     def nbytes(self) -> int:
         """Bytes this projector keeps between steps."""

@@ -101,15 +101,6 @@ class DCTProjector(Projector):
     def _check_state(self, state: dict[str, Any]) -> None:
         check_index_state(self.name, state, self.rank)
 
-    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
-        m, n = shape
-        want = m if self.side == "left" else n
-        if self._state["dim"] != want:
-            raise ValueError(
-                f"dct projector picked from {self._state['dim']} DCT vectors, but a {self.side}-side "
-                f"projection of a {m}x{n} matrix needs {want}"
-            )
-
     def _columns(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """D[:, idx] (d×r) in ``dtype``: gathered from the shared float32/float64 basis, so a bf16
         model caches no second copy of D."""

@@ -89,15 +89,6 @@ class RandomProjector(Projector):
         if isinstance(self._state.get("seed"), Tensor):
             self._state["seed"] = int(self._state["seed"])
 
-    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
-        m, n = shape
-        want = m if self.side == "left" else n
-        if self._state["dim"] != want:
-            raise ValueError(
-                f"random projector was drawn for a projected dimension of {self._state['dim']}, but a "
-                f"{self.side}-side projection of a {m}x{n} matrix needs {want}"
-            )
-
     def nbytes(self) -> int:
         return 8 if self.initialized else 0
 

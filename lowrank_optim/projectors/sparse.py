@@ -53,16 +53,6 @@ class SparseProjector(Projector):
     def _check_state(self, state: dict[str, Any]) -> None:
         check_index_state(self.name, state, self.rank)
 
-    def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
-        m, n = shape
-        want = m if self.side == "left" else n
-        if self._state["dim"] != want:
-            raise ValueError(
-                f"sparse projector selects from {self._state['dim']} "
-                f"{'rows' if self.side == 'left' else 'columns'}, but a {self.side}-side projection "
-                f"of a {m}x{n} matrix has {want}"
-            )
-
     @property
     def _axis(self) -> int:
         return 0 if self.side == "left" else 1
