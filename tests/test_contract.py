@@ -250,3 +250,18 @@ def test_preset_defaults_and_explicit_arguments():
     assert {k: defaults[k] for k in ("update_proj_gap", "scale", "proj_type", "projector", "residual", "on_refresh")} == dict(
         update_proj_gap=200, scale=0.25, proj_type="std", projector="svd", residual="drop", on_refresh="keep"
     )
+
+
+def test_step_parameters_equals_a_full_step():
+    """Stepping parameters one at a time (as layer-wise updates do) gives a full step's numbers."""
+    data = batches(5)
+    full_model, part_model = make_model(), make_model()
+    full, part = galore(full_model, weight_decay=0.1), galore(part_model, weight_decay=0.1)
+    train(full_model, full, data)
+    for tokens in data:
+        part.zero_grad()
+        lm_loss(part_model, tokens).backward()
+        for p in reversed(list(part_model.parameters())):
+            part.step_parameters([p])
+    for (name, a), b in zip(full_model.named_parameters(), part_model.parameters()):
+        assert torch.equal(a, b), name

@@ -351,19 +351,32 @@ class LowRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(group) for group in self.param_groups]
+        self._step_subset(None)
+        return loss
+
+    @torch.no_grad()
+    def step_parameters(self, params: Iterable[Tensor]) -> None:
+        """Step only ``params`` (those of them with a gradient), exactly as :meth:`step` would.
+
+        For layer-wise updates: a parameter stepped alone gets the same numbers as in a full
+        step, and the same guarantee holds: if anything fails, nothing of these parameters changes.
+        Step hooks (``register_step_pre_hook``) run only around :meth:`step`.
+        """
+        self._step_subset({id(p) for p in params})
+
+    def _step_subset(self, only: set[int] | None) -> None:
+        plans = [self._plan(group, only) for group in self.param_groups]
         for group, (plain, low) in zip(self.param_groups, plans):
             self._step_plain(group, plain)
             self._step_low_rank(group, low)
-        return loss
 
-    def _plan(self, group: dict[str, Any]) -> tuple[list[Tensor], list[_LowRankItem]]:
+    def _plan(self, group: dict[str, Any], only: set[int] | None = None) -> tuple[list[Tensor], list[_LowRankItem]]:
         """Sort the group's parameters and refresh projectors, writing nothing."""
         plain: list[Tensor] = []
         low: list[_LowRankItem] = []
         for i, p in enumerate(group["params"]):
             grad = p.grad
-            if grad is None:
+            if grad is None or (only is not None and id(p) not in only):
                 continue
             if grad.is_sparse:
                 raise RuntimeError(
