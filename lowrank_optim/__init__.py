@@ -4,7 +4,7 @@
 >>> opt = lro.GaLoreAdamW(lro.param_groups(model, rank=128, update_proj_gap=200, scale=0.25), lr=1e-2)
 """
 
-from . import projectors
+from . import memory, projectors
 from ._version import __version__
 from .groups import param_groups
 from .optim import APOLLO, FRUGAL, APOLLOMini, Fira, GaLoreAdamW, LowRankAdamW, RankFallbackWarning
@@ -30,6 +30,7 @@ __all__ = [
     "NonFiniteGradientError",
     "RankFallbackWarning",
     "__version__",
+    "memory",
     "param_groups",
     "projectors",
 ]

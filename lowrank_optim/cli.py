@@ -1,7 +1,6 @@
-"""The ``lowrank-optim`` command.
+"""The ``lowrank-optim`` command: ``list`` the methods, ``memory`` of a model under one of them.
 
-Subcommands arrive with their issues (``memory``, ``pretrain``, ``compare``); today it reports the
-version and lists the optimizers and projectors this installation provides.
+``pretrain`` and ``compare`` arrive with their issue.
 """
 
 from __future__ import annotations
@@ -21,7 +20,40 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowrank-optim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("list", help="list the optimizer presets and projectors, with their defaults")
+    mem = sub.add_parser(
+        "memory",
+        help="memory of training a LLaMA config with an optimizer, beside AdamW",
+        description="Weights, gradients, optimizer states (measured on the meta device), projections and "
+        "estimated activations, in GiB, for one of our optimizers beside AdamW.",
+    )
+    mem.add_argument("--config", required=True, help="a LlamaConfig JSON, e.g. configs/llama_7b.json")
+    mem.add_argument("--optimizer", default="galore", help="adamw or a preset: galore, apollo, apollo_mini, frugal, fira, lowrank")
+    mem.add_argument("--rank", type=int, default=None, help="rank of the projected weights (default 128; apollo_mini 1)")
+    mem.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
+    mem.add_argument("--weights", choices=["bf16", "fp32"], default="bf16", help="weight (and gradient) dtype")
+    mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
+    mem.add_argument("--batch", type=int, default=None, help="batch size, for the activation estimate")
+    mem.add_argument("--seq", type=int, default=None, help="sequence length, for the activation estimate")
+    mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    mem.add_argument("--json", action="store_true", help='print {"ours": {...}, "adamw": {...}} in bytes')
     return parser
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from . import memory
+
+    keys = {"projector": args.projector} if args.projector else {}
+    report = memory.estimate(
+        args.config, args.optimizer, rank=args.rank, weights=args.weights, layerwise=args.layerwise,
+        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, **keys,
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.table())
+    return 0
 
 
 def _list() -> int:
@@ -49,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list()
+    if args.command == "memory":
+        try:
+            return _memory(args)
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            print(f"lowrank-optim memory: error: {err}", file=sys.stderr)
+            return 2
     parser.print_help()
     return 0
 

@@ -79,14 +79,17 @@ def test_resume_is_bit_identical(stop_at):
 
 def test_load_keeps_state_dtypes_and_moves_nothing_it_should_not():
     """torch.optim.Optimizer.load_state_dict casts every floating state tensor to the parameter's
-    dtype; ours keeps float32 moments of a bf16 weight in float32."""
+    dtype; ours keeps the float32 low-rank moments of a bf16 weight in float32."""
     model = make_model(dtype=torch.bfloat16)
     opt = galore(model)
     train(model, opt, batches(2))
     opt2 = galore(model)
     opt2.load_state_dict(roundtrip(opt.state_dict()))
+    low = [p for p in model.parameters() if "projector" in opt.state[p]]
+    assert low
     for p in model.parameters():
-        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+        want = torch.float32 if any(p is q for q in low) else torch.bfloat16
+        assert opt2.state[p]["exp_avg"].dtype == want
         assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
         assert opt2.state[p]["step"].dtype == torch.float32
 
@@ -189,8 +192,23 @@ def test_plain_parameters_equal_torch_adamw_bitwise(foreach):
     assert torch.equal(vec, twins[0]) and torch.equal(scalar, twins[1])
 
 
+def test_plain_bf16_parameters_equal_torch_adamw_bitwise():
+    data = batches(4)
+    torch_model, our_model = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
+    ref = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, weight_decay=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lro.RankFallbackWarning)
+        ours = lro.LowRankAdamW(our_model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(torch_model, ref, data)
+    train(our_model, ours, data)
+    for a, b in zip(torch_model.parameters(), our_model.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weights_train_with_float32_state(dtype):
+def test_half_precision_weights_train(dtype):
+    """Low-rank moments are float32; plain parameters keep torch AdamW's moments (bf16 for bf16),
+    except fp16 ones, which keep float32 moments (fp16 would flush V = g² to zero)."""
     data = batches(6)
     half_model, full_model = make_model(dtype=dtype), make_model()
     half_opt, full_opt = galore(half_model, lr=1e-2), galore(full_model, lr=1e-2)
@@ -201,7 +219,8 @@ def test_half_precision_weights_train_with_float32_state(dtype):
     for p in half_model.parameters():
         state = half_opt.state[p]
         assert p.dtype == dtype
-        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+        want = torch.float32 if "projector" in state or dtype == torch.float16 else torch.bfloat16
+        assert state["exp_avg"].dtype == want and state["exp_avg_sq"].dtype == want
         if "projector" in state:
             assert state["projector"]["P"].dtype == dtype
     for a, b in zip(half_model.parameters(), full_model.parameters()):

@@ -121,8 +121,11 @@ def test_registry():
         def project_back(self, low):
             return low
 
-        def basis(self):
+        def basis(self, *, device=None, dtype=None):
             return torch.eye(self.rank)
+
+        def _placeholder(self, shape, side, dtype, device):
+            return {"k": torch.tensor(self.rank)}
 
     try:
         lro.projectors.register(Identityish)

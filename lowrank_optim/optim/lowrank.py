@@ -14,9 +14,10 @@ Weight decay is decoupled and taken from the weights before the update, as in Lo
 and ``torch.optim.AdamW``; galore-torch decays the already-updated weights instead (a difference of
 order lr²·wd per step).
 
-Dtypes: moments are float32 whatever the parameter's dtype; the SVD runs in float32; the basis is
-kept and the projections run in the parameter's dtype; plain half-precision parameters are stepped
-through a float32 copy and rounded once.
+Dtypes: low-rank moments are float32 whatever the parameter's dtype (they are small); the SVD runs
+in float32; the basis is kept and the projections run in the parameter's dtype. Plain parameters are
+torch's AdamW exactly, moments in their own dtype (bf16 for bf16), except float16 parameters, which
+keep float32 moments and are stepped through a float32 copy rounded once.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ from .policies import ON_REFRESH, REFRESH, RESIDUAL, SCALING
 # cost across small layers, while a 7B model never holds every layer's R and N at once.
 CHUNK_BYTES = 64 * 2**20
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Moments are kept in float32 at least: float64 weights keep float64, the rest float32."""
+    """Low-rank moments are kept in float32 at least: float64 weights keep float64, the rest float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def plain_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Plain parameters' moments: the parameter's dtype, as torch.optim.AdamW keeps them (bf16 for
+    bf16 weights), except float16, whose range would flush Adam's V = g² to zero: float32 there."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class RankFallbackWarning(UserWarning):
@@ -389,7 +393,8 @@ class LowRankAdamW(Optimizer):
                 continue
             state = self.state.get(p, {})
             step = int(state["step"]) if "step" in state else 0
-            proj = self._projector(p, group)
+            # The first step starts from a fresh projector, whatever init_state() put there.
+            proj = self._projector(p, group) if step else self._new_projector(group, p)
             previous = None
             refresh = (
                 proj.refresh_every_step
@@ -427,11 +432,11 @@ class LowRankAdamW(Optimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                moment_dtype = state_dtype(p.dtype)
+                moment_dtype = plain_state_dtype(p.dtype)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            (half if p.dtype in _LOW_PRECISION else full).append(p)
+            (full if plain_state_dtype(p.dtype) == p.dtype else half).append(p)
 
         def moments(ps: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
             states = [self.state[p] for p in ps]
@@ -478,7 +483,7 @@ class LowRankAdamW(Optimizer):
     def _commit_refresh(self, group: dict[str, Any], state: dict[str, Any], it: _LowRankItem) -> None:
         """Moment policy and refresh schedule, for a subspace that changed this step."""
         old, new = it.previous, it.projector
-        if not old.initialized or "exp_avg" not in state:
+        if int(state.get("step", 0)) == 0:
             return  # the first subspace: no moments to carry, nothing to compare with
         if group["on_refresh"] == "reset":
             policies.reset_moments(state)
@@ -532,6 +537,38 @@ class LowRankAdamW(Optimizer):
             weight.addcmul_(rest.to(weight.dtype), factor.to(weight.dtype), value=rest_alpha)
         else:
             weight.add_(rest.to(weight.dtype), alpha=rest_alpha)
+
+    # ------------------------------------------------------------------ eager state
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate every parameter's state now, as its first step would, with placeholder values.
+
+        Works on the meta device (``lro.memory`` measures the state this way), and gives every
+        parameter the same state keys before any step, which distributed checkpoints need. It
+        changes no numbers: a parameter's first step still starts from a fresh projector and zero
+        moments. Q-GaLore's lazy schedule adds its gap and queue (at most 28 bytes) at refreshes.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if state:
+                    continue
+                sdtype = state_dtype(p.dtype)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if self.is_low_rank(p, group):
+                    proj = self._new_projector(group, p)
+                    proj.allocate(p.shape, p.dtype, p.device)
+                    self._projectors[p] = proj
+                    state["projector"] = proj.state_dict()
+                    shape = proj.low_rank_shape(p.shape)
+                    state["exp_avg"] = torch.zeros(shape, dtype=sdtype, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(shape, dtype=sdtype, device=p.device)
+                    if group["limiter"] is not None:
+                        state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
+                else:
+                    pdtype = plain_state_dtype(p.dtype)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=pdtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=pdtype, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

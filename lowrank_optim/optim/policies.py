@@ -107,13 +107,15 @@ def growth_factor(norm: Tensor, state: dict[str, Any], gamma: float) -> Tensor:
     """The norm-growth limiter as a factor: 1, or γ‖U_{t−1}‖/‖U_t‖ when ‖U_t‖ > γ‖U_{t−1}‖.
 
     ``norm`` is ‖U_t‖ before limiting; ``state["limiter_norm"]`` keeps ‖U_t‖ after it, one scalar
-    per parameter. 1e-8 guards the division, as both reference packages write it. Tensor
-    arithmetic throughout: no host sync.
+    per parameter (NaN, as eagerly built state holds it, means no previous step). 1e-8 guards the
+    division, as both reference packages write it. Tensor arithmetic throughout: no host sync.
     """
     prev = state.get("limiter_norm")
     if prev is None:
         factor = torch.ones_like(norm)
     else:
-        factor = gamma / torch.clamp(norm / (prev.to(norm) + 1e-8), min=gamma)
+        prev = prev.to(norm)
+        factor = gamma / torch.clamp(norm / (prev + 1e-8), min=gamma)
+        factor = torch.where(torch.isnan(prev), torch.ones_like(factor), factor)
     state["limiter_norm"] = norm * factor
     return factor

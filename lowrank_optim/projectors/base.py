@@ -171,6 +171,20 @@ class Projector(abc.ABC):
         self._refresh(grad, side)
         self._state["side"] = side
 
+    def allocate(self, shape: tuple[int, int] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Create the state a refresh from an m×n gradient of ``dtype`` on ``device`` would keep,
+        with placeholder values and without computing anything (works on the meta device).
+
+        For memory reports and eagerly built optimizer state; the optimizer never projects with
+        placeholders: a parameter's first step starts from a fresh projector.
+        """
+        side = self.side or choose_side(shape, self.proj_type)
+        self._state = {**self._placeholder(tuple(shape), side, dtype, torch.device(device)), "side": side}
+
+    @abc.abstractmethod
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """The state entries (besides ``side``) that :meth:`_refresh` would set, as placeholders."""
+
     def refreshed(self, grad: Tensor) -> "Projector":
         """A new projector refreshed from ``grad``; ``self`` is left untouched."""
         new = copy.copy(self)

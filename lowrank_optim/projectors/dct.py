@@ -101,6 +101,10 @@ class DCTProjector(Projector):
     def _check_state(self, state: dict[str, Any]) -> None:
         check_index_state(self.name, state, self.rank)
 
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        d = shape[0] if side == "left" else shape[1]
+        return {"idx": torch.arange(self.rank, dtype=torch.int64, device=device), "dim": d}
+
     def _columns(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """D[:, idx] (d×r) in ``dtype``: gathered from the shared float32/float64 basis, so a bf16
         model caches no second copy of D."""

@@ -35,10 +35,6 @@ from torch import Tensor
 from .svd import SVDProjector
 
 
-def _kept_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class OnlinePCAProjector(SVDProjector):
     name = "online_pca"
     refresh_every_step = True
@@ -48,6 +44,11 @@ class OnlinePCAProjector(SVDProjector):
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         self.lr = float(lr)
+
+    @staticmethod
+    def basis_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+        """float32 at least: η-sized steps would round away in a half-precision P."""
+        return torch.float64 if grad_dtype == torch.float64 else torch.float32
 
     @classmethod
     def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +62,7 @@ class OnlinePCAProjector(SVDProjector):
                     f"online_pca projector of rank {self.rank} cannot start from the SVD of a "
                     f"{m}x{n} matrix: rank exceeds min(m, n) = {min(m, n)}"
                 )
-            super()._refresh(grad, side)
-            self._state["P"] = self._state["P"].to(_kept_dtype(grad.dtype))
+            super()._refresh(grad, side)  # keeps P in basis_dtype(grad.dtype)
             return
         self.check_fits(grad.shape)
         work = grad if grad.dtype == torch.float64 else grad.float()
@@ -79,4 +79,4 @@ class OnlinePCAProjector(SVDProjector):
         step = ap @ (gram - 2 * eye) + p @ (w.t() @ w)
         p = p - (2 * self.lr) * step
         basis = p if side == "left" else p.t()
-        self._state["P"] = basis.to(_kept_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
+        self._state["P"] = basis.to(self.basis_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)

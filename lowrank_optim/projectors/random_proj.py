@@ -74,6 +74,9 @@ class RandomProjector(Projector):
         self._state["dim"] = grad.shape[0] if side == "left" else grad.shape[1]
         self._seen = (grad.device, grad.dtype)
 
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        return {"seed": self.seed, "dim": shape[0] if side == "left" else shape[1]}
+
     def _check_state(self, state: dict[str, Any]) -> None:
         seed, dim = state.get("seed"), state.get("dim")
         if isinstance(seed, Tensor) and seed.dim() == 0 and not seed.is_floating_point():

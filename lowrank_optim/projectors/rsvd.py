@@ -80,6 +80,9 @@ class RSVDProjector(SVDProjector):
         self._state["P"] = basis.to(grad.dtype, copy=True, memory_format=torch.contiguous_format)
         self._state["refreshes"] = count + 1
 
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        return {**super()._placeholder(shape, side, dtype, device), "refreshes": 0}
+
     def _check_state(self, state: dict[str, Any]) -> None:
         super()._check_state(state)
         count = state.get("refreshes")

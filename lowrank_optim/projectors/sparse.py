@@ -53,6 +53,10 @@ class SparseProjector(Projector):
     def _check_state(self, state: dict[str, Any]) -> None:
         check_index_state(self.name, state, self.rank)
 
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        d = shape[0] if side == "left" else shape[1]
+        return {"idx": torch.arange(self.rank, dtype=torch.int64, device=device), "dim": d}
+
     @property
     def _axis(self) -> int:
         return 0 if self.side == "left" else 1

@@ -26,7 +26,17 @@ class SVDProjector(Projector):
         u, _, vh = torch.linalg.svd(work, full_matrices=False)
         # clone: keep r vectors, not the whole factorization they are views of
         basis = u[:, : self.rank] if side == "left" else vh[: self.rank]
-        self._state["P"] = basis.to(grad.dtype, copy=True).contiguous()
+        self._state["P"] = basis.to(self.basis_dtype(grad.dtype), copy=True).contiguous()
+
+    @staticmethod
+    def basis_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+        """The dtype P is kept in for gradients of ``grad_dtype``: the gradient's own."""
+        return grad_dtype
+
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        m, n = shape
+        rows, cols = (m, self.rank) if side == "left" else (self.rank, n)
+        return {"P": torch.zeros(rows, cols, dtype=self.basis_dtype(dtype), device=device)}
 
     def _check_state(self, state: dict[str, Any]) -> None:
         basis = state.get("P")

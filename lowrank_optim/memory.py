@@ -1,0 +1,233 @@
+"""Memory accounting: what training a model with one of our optimizers keeps, beside AdamW.
+
+>>> report = lro.memory.estimate("configs/llama_7b.json", optimizer="galore", rank=1024)
+>>> print(report.table())
+
+Optimizer states are *measured*, not computed from a formula that could drift from the code: the
+model's parameters are recreated on the meta device (no memory), the real optimizer is built on
+them, and ``LowRankAdamW.init_state()`` allocates exactly the state its first step would; AdamW's is
+torch's own, from a real ``torch.optim.AdamW.step()`` on the meta device. Weights and gradients are
+the parameters' bytes. Activations, given a batch and sequence length, are an estimate for a LLaMA
+block (see :func:`llama_activation_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import param_groups
+from .models import llama_skeleton, load_config
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GIB = 2**30
+
+
+@dataclass
+class Breakdown:
+    """Bytes, by what they hold."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    projections: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.projections + self.activations
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+@dataclass
+class MemoryReport:
+    ours: Breakdown
+    adamw: Breakdown
+    optimizer: str
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        """``{"ours": {...}, "adamw": {...}}``, each with the five parts and ``total`` in bytes."""
+        return {"ours": self.ours.to_dict(), "adamw": self.adamw.to_dict()}
+
+    def table(self) -> str:
+        """The report in GiB, ours beside AdamW."""
+        rows = ["weights", "gradients", "optimizer_states", "projections", "activations", "total"]
+        ours, adamw = self.ours.to_dict(), self.adamw.to_dict()
+        setup = ", ".join(f"{k}={v}" for k, v in self.settings.items() if v not in (None, False))
+        lines = [f"memory ({setup})", "", f"| {'GiB':<17} | {self.optimizer:>12} | {'adamw':>12} |",
+                 f"|{'-' * 19}|{'-' * 14}|{'-' * 14}|"]
+        for r in rows:
+            if r == "activations" and not self.settings.get("batch"):
+                a = b = "not estimated"
+            else:
+                a, b = f"{ours[r] / GIB:.2f}", f"{adamw[r] / GIB:.2f}"
+            lines.append(f"| {r:<17} | {a:>12} | {b:>12} |")
+        return "\n".join(lines)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def llama_activation_bytes(config: dict[str, Any], batch: int, seq: int, checkpointing: bool = False,
+                           itemsize: int = 2) -> int:
+    """Activations kept for the backward pass of a LLaMA model, estimated per token.
+
+    Per block (SDPA/flash attention, so no s×s scores): the block input and its norm (2h), q, k, v
+    and rotated q, k (2h + 3kv), the attention output and the residual sum (2h), the second norm's
+    input and output (2h), gate, up, SiLU(gate) and the product fed to down_proj (4i): about
+    8h + 3kv + 4i values, in the activation dtype. After the blocks, the final norm (2h) and the
+    logits in bf16 plus the float32 copy the loss reads (6 bytes each of V). With per-block
+    checkpointing only each block's input (h) is kept, plus one block's activations while it is
+    recomputed. An estimate to within tens of percent, not a measurement.
+    """
+    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv = h * config.get("num_key_value_heads", heads) // heads
+    layers = config["num_hidden_layers"]
+    per_block = (8 * h + 3 * kv + 4 * inter) * itemsize
+    kept = layers * h * itemsize + per_block if checkpointing else layers * per_block
+    head = 2 * h * itemsize + vocab * (2 + 4)
+    return batch * seq * (kept + head)
+
+
+def _meta_groups(groups: list[dict[str, Any]], dtype: torch.dtype | None) -> list[dict[str, Any]]:
+    """The same groups over meta-device parameters of the same names and shapes."""
+    out = []
+    for g in groups:
+        params = []
+        for item in g["params"]:
+            name, p = item if isinstance(item, tuple) else (None, item)
+            meta = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype, device="meta"),
+                                requires_grad=p.requires_grad)
+            params.append((name, meta) if name is not None else meta)
+        out.append({**g, "params": params})
+    return out
+
+
+def _resolve_optimizer(optimizer: str | type) -> tuple[str, type | None]:
+    from . import PRESETS
+
+    if isinstance(optimizer, type):
+        return optimizer.__name__, optimizer
+    if optimizer == "adamw":
+        return "adamw", None
+    if optimizer not in PRESETS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or one of {', '.join(PRESETS)}")
+    return optimizer, PRESETS[optimizer]
+
+
+def estimate(
+    model_or_config: nn.Module | str | Path | dict[str, Any],
+    optimizer: str | type = "galore",
+    *,
+    rank: int | None = None,
+    weights: str | None = None,
+    layerwise: bool = False,
+    batch: int | None = None,
+    seq: int | None = None,
+    checkpointing: bool = False,
+    target_modules: list[str] | None = None,
+    **keys: Any,
+) -> MemoryReport:
+    """Bytes of weights, gradients, optimizer states, projections and activations, ours and AdamW's.
+
+    Args:
+        model_or_config: an ``nn.Module`` (its parameters are mirrored on the meta device; nothing
+            of it is copied), or a LlamaConfig (JSON path or dict).
+        optimizer: a preset name (``galore``, ``apollo``, ``apollo_mini``, ``frugal``, ``fira``,
+            ``lowrank``), ``adamw``, or an optimizer class.
+        rank: the low-rank groups' rank (default 1 for ``apollo_mini``, else 128).
+        weights: ``bf16`` or ``fp32`` (default: bf16 for a config, the module's own dtypes for a
+            module). Gradients take the weights' dtype.
+        layerwise: updates from gradient hooks (``lro.layerwise``): one parameter's gradient at a
+            time instead of all of them; applied to both columns.
+        batch, seq, checkpointing: for the activation estimate (left at 0 without batch and seq).
+        target_modules, **keys: passed to ``lro.param_groups`` (``update_proj_gap``, ``projector``...).
+    """
+    name, cls = _resolve_optimizer(optimizer)
+    if weights is not None and weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    if (batch is None) != (seq is None):
+        raise ValueError("give both batch and seq for an activation estimate, or neither")
+    for arg, value in (("batch", batch), ("seq", seq)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+    dtype = WEIGHT_DTYPES[weights] if weights else None
+    config = None
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        config = load_config(model_or_config)
+        dtype = dtype or torch.bfloat16
+        model = llama_skeleton(config, dtype=dtype)
+    if rank is None:
+        rank = 1 if name == "apollo_mini" else 128
+
+    groups = _meta_groups(param_groups(model, rank=rank, target_modules=target_modules, **keys), dtype)
+    flat = [p for g in groups for p in (x[1] if isinstance(x, tuple) else x for x in g["params"])]
+    trainable = [p for p in flat if p.requires_grad]
+    weight_bytes = sum(_nbytes(p) for p in flat)
+    grad_bytes = max((_nbytes(p) for p in trainable), default=0) if layerwise else sum(_nbytes(p) for p in trainable)
+    activations = 0
+    if batch is not None and config is not None:
+        itemsize = torch.finfo(dtype).bits // 8
+        activations = llama_activation_bytes(config, batch, seq, checkpointing, itemsize)
+    elif batch is not None:
+        raise ValueError("activation estimates need a LlamaConfig; pass the config rather than a module")
+
+    adamw_states = _adamw_state_bytes(trainable)
+    adamw = Breakdown(weight_bytes, grad_bytes, adamw_states, 0, activations)
+    if cls is None:
+        ours = adamw
+    else:
+        import warnings
+
+        from .optim import RankFallbackWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankFallbackWarning)
+            opt = cls(groups)
+        opt.init_state()
+        nb = opt.state_nbytes()
+        ours = Breakdown(weight_bytes, grad_bytes, nb["moments"] + nb["other"],
+                         nb["projectors"] + _shared_dct_bytes(opt), activations)
+    settings = dict(rank=rank if cls is not None else None, weights=weights or ("bf16" if config else None),
+                    layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
+    return MemoryReport(ours, adamw, name, settings)
+
+
+def _adamw_state_bytes(params: list[torch.Tensor]) -> int:
+    """torch.optim.AdamW's own state, from one real step on meta-device copies."""
+    meta = []
+    for p in params:
+        q = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        q.grad = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        meta.append(q)
+    if not meta:
+        return 0
+    opt = torch.optim.AdamW(meta)
+    opt.step()
+    return sum(_nbytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def _shared_dct_bytes(opt: Any) -> int:
+    """The float32 DCT bases shared by layers of one size, counted once: d×d per distinct side."""
+    sizes = {
+        opt.state[p]["projector"]["dim"]
+        for g in opt.param_groups
+        if g.get("projector") == "dct"
+        for p in g["params"]
+        if "projector" in opt.state.get(p, {})
+    }
+    return sum(d * d * 4 for d in sizes)
+
+
+__all__ = ["Breakdown", "MemoryReport", "estimate", "llama_activation_bytes"]

@@ -1,0 +1,158 @@
+"""Memory accounting: eager state equals a real step's state, and the report adds it up honestly."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowrank_optim as lro
+from conftest import batches, make_model, train
+from lowrank_optim.cli import main
+from lowrank_optim.models import llama_skeleton
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "llama_60m.json")
+
+CASES = [
+    ("galore", lro.GaLoreAdamW, {}),
+    ("apollo", lro.APOLLO, {}),
+    ("apollo_mini", lro.APOLLOMini, {"rank": 1}),
+    ("frugal", lro.FRUGAL, {}),
+    ("fira", lro.Fira, {}),
+] + [(f"galore-{p}", lro.GaLoreAdamW, {"projector": p}) for p in ("rsvd", "dct", "random", "sparse", "online_pca")]
+
+
+def build(cls, keys, dtype=torch.float32):
+    model = make_model(dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lro.RankFallbackWarning)
+        opt = cls(lro.param_groups(model, **{"rank": 8, "update_proj_gap": 2, **keys}), lr=1e-3)
+    return model, opt
+
+
+def state_shapes(opt):
+    out = {}
+    for k, (p, s) in enumerate(opt.state.items()):
+        for key, v in s.items():
+            if isinstance(v, torch.Tensor):
+                out[(k, key)] = (tuple(v.shape), v.dtype)
+            elif isinstance(v, dict):
+                out[(k, key)] = {kk: (tuple(vv.shape), vv.dtype) if isinstance(vv, torch.Tensor) else type(vv)
+                                 for kk, vv in v.items()}
+    return out
+
+
+@pytest.mark.parametrize("name,cls,keys", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_state_is_the_state_real_steps_build(name, cls, keys, dtype):
+    """Same keys, shapes, dtypes and bytes as after three real steps (with a refresh)."""
+    _, eager = build(cls, keys, dtype)
+    eager.init_state()
+    model, real = build(cls, keys, dtype)
+    train(model, real, batches(3))
+    assert state_shapes(eager) == state_shapes(real)
+    assert eager.state_nbytes() == real.state_nbytes()
+
+
+@pytest.mark.parametrize("name,cls,keys", CASES[:5], ids=[c[0] for c in CASES[:5]])
+def test_init_state_changes_no_numbers(name, cls, keys):
+    data = batches(5)
+    a_model, a = build(cls, keys)
+    b_model, b = build(cls, keys)
+    b.init_state()
+    train(a_model, a, data)
+    train(b_model, b, data)
+    for (n, x), y in zip(a_model.named_parameters(), b_model.parameters()):
+        assert torch.equal(x, y), n
+
+
+def test_init_state_works_on_the_meta_device():
+    model = llama_skeleton(CONFIG)
+    opt = lro.APOLLO(lro.param_groups(model, rank=64))
+    opt.init_state()
+    nb = opt.state_nbytes()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert opt.state[q]["exp_avg"].device.type == "meta" and opt.state[q]["exp_avg"].shape == (512, 64)
+    assert nb["projectors"] == 8 * 56  # a seed per projected weight, nothing else
+
+
+def test_skeleton_matches_transformers_llama():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    for name in ("llama_tiny", "llama_60m"):
+        cfg = transformers.LlamaConfig.from_json_file(str(ROOT / "configs" / f"{name}.json"))
+        with torch.device("meta"):
+            ref = transformers.LlamaForCausalLM(cfg)
+        ours = llama_skeleton(ROOT / "configs" / f"{name}.json")
+        assert [(k, tuple(p.shape)) for k, p in ours.named_parameters()] == [
+            (k, tuple(p.shape)) for k, p in ref.named_parameters()
+        ]
+
+
+@pytest.mark.parametrize("optimizer,cls,keys", [("galore", lro.GaLoreAdamW, {}), ("apollo", lro.APOLLO, {}),
+                                                ("fira", lro.Fira, {}), ("galore", lro.GaLoreAdamW, {"projector": "dct"})])
+def test_estimate_equals_measured_state_of_a_real_model(optimizer, cls, keys):
+    model = make_model()
+    report = lro.memory.estimate(model, optimizer, rank=8, **keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lro.RankFallbackWarning)
+        opt = cls(lro.param_groups(model, rank=8, **keys), lr=1e-3)
+    train(model, opt, batches(2))
+    nb = opt.state_nbytes()
+    shared = lro.projectors.dct.shared_basis_nbytes() if keys.get("projector") == "dct" else 0
+    assert report.ours.optimizer_states == nb["moments"] + nb["other"]
+    if shared:  # every projected side of this model is 32 long: one 32×32 basis, counted once
+        assert report.ours.projections == nb["projectors"] + 32 * 32 * 4
+    else:
+        assert report.ours.projections == nb["projectors"]
+    # AdamW's column is torch.optim.AdamW's own state after a real step
+    ref_model = make_model()
+    ref = torch.optim.AdamW(ref_model.parameters())
+    train(ref_model, ref, batches(1))
+    assert report.adamw.optimizer_states == sum(v.numel() * v.element_size() for s in ref.state.values() for v in s.values())
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert report.ours.weights == report.adamw.weights == weights == report.ours.gradients
+    assert report.ours.total == weights * 2 + report.ours.optimizer_states + report.ours.projections
+
+
+def test_layerwise_keeps_one_gradient_and_checkpointing_shrinks_activations():
+    full = lro.memory.estimate(CONFIG, "galore", batch=2, seq=256)
+    lw = lro.memory.estimate(CONFIG, "galore", batch=2, seq=256, layerwise=True)
+    ck = lro.memory.estimate(CONFIG, "galore", batch=2, seq=256, checkpointing=True)
+    double = lro.memory.estimate(CONFIG, "galore", batch=4, seq=256)
+    assert full.ours.gradients == 58_073_600 * 2  # every bf16 gradient
+    assert lw.ours.gradients == 32000 * 512 * 2  # the largest one: the embedding's
+    assert ck.ours.activations < full.ours.activations
+    assert double.ours.activations == 2 * full.ours.activations
+    assert full.ours.optimizer_states < full.adamw.optimizer_states
+
+
+def test_cli_memory_json_and_table(capsys):
+    assert main(["memory", "--config", str(ROOT / "configs" / "llama_7b.json"), "--optimizer", "apollo_mini", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"ours", "adamw"}
+    for side in out.values():
+        assert set(side) == {"weights", "gradients", "optimizer_states", "projections", "activations", "total"}
+        assert side["total"] == sum(v for k, v in side.items() if k != "total")
+    assert out["ours"]["optimizer_states"] < out["adamw"]["optimizer_states"] / 5
+    assert main(["memory", "--config", CONFIG, "--rank", "128", "--batch", "1", "--seq", "512", "--checkpointing"]) == 0
+    table = capsys.readouterr().out
+    assert "| optimizer_states" in table and "galore" in table and "adamw" in table
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--optimizer", "sgd"], "unknown optimizer 'sgd'"),
+        (["--batch", "2"], "give both batch and seq"),
+        (["--batch", "0", "--seq", "8"], "batch must be an integer >= 1"),
+    ],
+)
+def test_cli_memory_errors(capsys, argv, match):
+    assert main(["memory", "--config", CONFIG, *argv]) == 2
+    assert match in capsys.readouterr().err
+    assert main(["memory", "--config", "configs/nope.json"]) == 2
+    assert "no config file" in capsys.readouterr().err
