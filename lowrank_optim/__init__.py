@@ -7,6 +7,7 @@
 from . import memory, projectors
 from ._version import __version__
 from .groups import param_groups
+from .layerwise import layerwise
 from .optim import APOLLO, FRUGAL, APOLLOMini, Fira, GaLoreAdamW, LowRankAdamW, RankFallbackWarning
 from .projectors import NonFiniteGradientError
 
@@ -30,6 +31,7 @@ __all__ = [
     "NonFiniteGradientError",
     "RankFallbackWarning",
     "__version__",
+    "layerwise",
     "memory",
     "param_groups",
     "projectors",
