@@ -35,6 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--batch", type=int, default=None, help="batch size, for the activation estimate")
     mem.add_argument("--seq", type=int, default=None, help="sequence length, for the activation estimate")
     mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    mem.add_argument("--measure", action="store_true",
+                     help="on CUDA, also run 3 real training steps of our optimizer (transformers' LLaMA) and report the measured peak")
     mem.add_argument("--json", action="store_true", help='print {"ours": {...}, "adamw": {...}} in bytes')
     return parser
 
@@ -47,12 +49,24 @@ def _memory(args: argparse.Namespace) -> int:
         args.config, args.optimizer, rank=args.rank, weights=args.weights, layerwise=args.layerwise,
         batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, **keys,
     )
+    measured = None
+    if args.measure:
+        measured = memory.measure_peak(
+            args.config, args.optimizer, rank=args.rank, weights=args.weights, layerwise=args.layerwise,
+            batch=args.batch or 1, seq=args.seq or 256, checkpointing=args.checkpointing, **keys,
+        )
     if args.json:
         import json
 
-        print(json.dumps(report.to_dict()))
+        out = report.to_dict()
+        if measured is not None:
+            out["ours"]["measured_peak"] = measured
+        print(json.dumps(out))
     else:
         print(report.table())
+        if measured is not None:
+            print(f"\nmeasured peak (CUDA, {args.optimizer}): {measured / 2**30:.2f} GiB "
+                  f"against an estimated total of {report.ours.total / 2**30:.2f} GiB")
     return 0
 
 
@@ -84,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "memory":
         try:
             return _memory(args)
-        except (ValueError, FileNotFoundError, TypeError) as err:
+        except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
             print(f"lowrank-optim memory: error: {err}", file=sys.stderr)
             return 2
     parser.print_help()

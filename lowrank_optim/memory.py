@@ -8,7 +8,8 @@ model's parameters are recreated on the meta device (no memory), the real optimi
 them, and ``LowRankAdamW.init_state()`` allocates exactly the state its first step would; AdamW's is
 torch's own, from a real ``torch.optim.AdamW.step()`` on the meta device. Weights and gradients are
 the parameters' bytes. Activations, given a batch and sequence length, are an estimate for a LLaMA
-block (see :func:`llama_activation_bytes`).
+block (see :func:`llama_activation_bytes`). On CUDA, :func:`measure_peak` runs real training steps
+and reports the peak memory torch allocated, to set beside the estimate.
 """
 
 from __future__ import annotations
@@ -230,4 +231,88 @@ def _shared_dct_bytes(opt: Any) -> int:
     return sum(d * d * 4 for d in sizes)
 
 
-__all__ = ["Breakdown", "MemoryReport", "estimate", "llama_activation_bytes"]
+def train_steps(
+    config: str | Path | dict[str, Any],
+    optimizer: str | type = "galore",
+    *,
+    rank: int | None = None,
+    weights: str = "bf16",
+    layerwise: bool = False,
+    batch: int = 1,
+    seq: int = 256,
+    checkpointing: bool = False,
+    steps: int = 3,
+    device: str | torch.device = "cuda",
+    **keys: Any,
+) -> list[float]:
+    """Real training steps of transformers' LlamaForCausalLM built from ``config`` (random tokens),
+    set up as :func:`estimate` describes it; returns the losses. The model is created on ``device``
+    directly, in the weights' dtype."""
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError("real steps need transformers' LlamaForCausalLM: pip install 'lowrank-optim[train]'") from None
+    from .layerwise import layerwise as make_layerwise
+
+    name, cls = _resolve_optimizer(optimizer)
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    cfg = load_config(config)
+    if rank is None:
+        rank = 1 if name == "apollo_mini" else 128
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(WEIGHT_DTYPES[weights])
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg))
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.use_cache = False
+    if checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if cls is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    else:
+        import warnings
+
+        from .optim import RankFallbackWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankFallbackWarning)
+            opt = cls(param_groups(model, rank=rank, **keys), lr=1e-5)
+    handle = make_layerwise(model, opt) if layerwise else None
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    losses = []
+    try:
+        for _ in range(steps):
+            tokens = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=generator).to(device)
+            loss = model(input_ids=tokens, labels=tokens).loss
+            if handle is not None:
+                handle.backward(loss)
+            else:
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        if handle is not None:
+            handle.remove()
+    return losses
+
+
+def measure_peak(config: str | Path | dict[str, Any], optimizer: str | type = "galore", **kw: Any) -> int:
+    """Peak CUDA memory (bytes allocated by torch) over a few real training steps, set up as
+    :func:`estimate` describes it (same keyword arguments, plus ``steps``)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("--measure runs real training steps on a CUDA GPU, and none is available here; "
+                           "the estimate itself needs none")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    train_steps(config, optimizer, device="cuda", **kw)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+__all__ = ["Breakdown", "MemoryReport", "estimate", "llama_activation_bytes", "measure_peak", "train_steps"]

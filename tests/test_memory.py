@@ -156,3 +156,28 @@ def test_cli_memory_errors(capsys, argv, match):
     assert match in capsys.readouterr().err
     assert main(["memory", "--config", "configs/nope.json"]) == 2
     assert "no config file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer,layerwise,checkpointing", [("galore", False, False), ("apollo_mini", True, True),
+                                                               ("adamw", True, False)])
+def test_real_steps_of_the_measured_setup_run(optimizer, layerwise, checkpointing):
+    """--measure's training loop, on the CPU (the peak itself is read from CUDA's allocator)."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    losses = lro.memory.train_steps(ROOT / "configs" / "llama_tiny.json", optimizer, rank=32, weights="fp32",
+                                    layerwise=layerwise, batch=2, seq=16, checkpointing=checkpointing,
+                                    steps=2, device="cpu")
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no CUDA GPU exists")
+def test_measure_without_cuda_is_a_clear_error(capsys):
+    assert main(["memory", "--config", CONFIG, "--measure"]) == 2
+    assert "needs none" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to measure peak memory")
+def test_measured_peak_is_near_the_estimate():
+    kw = dict(rank=32, weights="bf16", batch=2, seq=128)
+    peak = lro.memory.measure_peak(ROOT / "configs" / "llama_tiny.json", "galore", **kw)
+    est = lro.memory.estimate(ROOT / "configs" / "llama_tiny.json", "galore", **kw).ours.total
+    assert 0.5 * est < peak < 2.0 * est
