@@ -6,6 +6,8 @@ import io
 import torch
 from torch import nn
 
+import lowrank_optim as lro
+
 
 class TinyLM(nn.Module):
     """Embedding, two blocks of (norm, attention-like and MLP linears), a final norm and a head."""
@@ -87,3 +89,13 @@ def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=tor
     s = decay ** torch.arange(k, dtype=torch.float64)
     return ((u * s) @ v.T).to(dtype)
 
+
+
+# Every preset with its defaults, and GaLore with every other projector: (id, class, group keys).
+PRESET_CASES = [
+    ("galore", lro.GaLoreAdamW, {}),
+    ("apollo", lro.APOLLO, {}),
+    ("apollo_mini", lro.APOLLOMini, {"rank": 1}),
+    ("frugal", lro.FRUGAL, {}),
+    ("fira", lro.Fira, {}),
+] + [(f"galore-{p}", lro.GaLoreAdamW, {"projector": p}) for p in ("rsvd", "dct", "random", "sparse", "online_pca")]

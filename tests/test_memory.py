@@ -10,20 +10,14 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import batches, make_model, train
+from conftest import PRESET_CASES, batches, make_model, train
 from lowrank_optim.cli import main
 from lowrank_optim.models import llama_skeleton
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "llama_60m.json")
 
-CASES = [
-    ("galore", lro.GaLoreAdamW, {}),
-    ("apollo", lro.APOLLO, {}),
-    ("apollo_mini", lro.APOLLOMini, {"rank": 1}),
-    ("frugal", lro.FRUGAL, {}),
-    ("fira", lro.Fira, {}),
-] + [(f"galore-{p}", lro.GaLoreAdamW, {"projector": p}) for p in ("rsvd", "dct", "random", "sparse", "online_pca")]
+CASES = PRESET_CASES
 
 
 def build(cls, keys, dtype=torch.float32):

@@ -8,16 +8,9 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import batches, make_model, roundtrip, train
+from conftest import PRESET_CASES, batches, make_model, roundtrip, train
 
-CASES = [
-    ("galore", lro.GaLoreAdamW, {}),
-    ("apollo", lro.APOLLO, {}),
-    ("apollo_mini", lro.APOLLOMini, {"rank": 1}),
-    ("frugal", lro.FRUGAL, {}),
-    ("fira", lro.Fira, {}),
-    ("galore-rotate-lazy", lro.GaLoreAdamW, {"on_refresh": "rotate", "refresh": "lazy"}),
-] + [(f"galore-{name}", lro.GaLoreAdamW, {"projector": name}) for name in ("rsvd", "dct", "random", "sparse", "online_pca")]
+CASES = PRESET_CASES[:5] + [("galore-rotate-lazy", lro.GaLoreAdamW, {"on_refresh": "rotate", "refresh": "lazy"})] + PRESET_CASES[5:]
 
 
 def build(cls, keys):
