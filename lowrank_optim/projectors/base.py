@@ -214,24 +214,27 @@ class Projector(abc.ABC):
         orthonormal; the ``rotate`` refresh policy maps moments between two bases with it.
         """
 
-    @abc.abstractmethod
+    # The maps below are the dense-basis ones (R = Bᵀ G or G Bᵀ); a projector with a cheaper form
+    # (sparse: a gather and a scatter) overrides them.
     def project(self, grad: Tensor) -> Tensor:
         """m×n → r×n (left) or m×r (right), in the gradient's dtype."""
+        b = self.basis(device=grad.device, dtype=grad.dtype)
+        return b.t() @ grad if self.side == "left" else grad @ b.t()
 
-    @abc.abstractmethod
     def project_back(self, low: Tensor) -> Tensor:
         """The inverse map of :meth:`project`, times nothing else."""
+        b = self.basis(device=low.device, dtype=low.dtype)
+        return b @ low if self.side == "left" else low @ b
 
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
-        """In place: ``weight ← beta·weight + alpha·project_back(low)``.
-
-        The default builds the full m×n update; projectors with a matrix basis override it with one
-        fused ``addmm_`` so no m×n temporary exists.
-        """
-        full = self.project_back(low.to(weight.dtype))
-        if beta != 1.0:
-            weight.mul_(beta)
-        weight.add_(full, alpha=alpha)
+        """In place: ``weight ← beta·weight + alpha·project_back(low)``, as one ``addmm_``: no m×n
+        temporary, and one rounding into the weight's dtype."""
+        b = self.basis(device=weight.device, dtype=weight.dtype)
+        low = low.to(weight.dtype)
+        if self.side == "left":
+            weight.addmm_(b, low, beta=beta, alpha=alpha)
+        else:
+            weight.addmm_(low, b, beta=beta, alpha=alpha)
 
     def low_rank_shape(self, shape: tuple[int, int] | torch.Size) -> tuple[int, int]:
         """Shape of :meth:`project`'s output for an m×n input."""

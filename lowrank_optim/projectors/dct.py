@@ -117,21 +117,8 @@ class DCTProjector(Projector):
         gradient's dtype unless told (float32 if it has seen none)."""
         device = torch.device(device) if device is not None else self._state["idx"].device
         cols = self._columns(device, dtype or self._seen_dtype or torch.float32)
-        return cols if self.side == "left" else cols.t().contiguous()
+        return cols if self.side == "left" else cols.t()
 
     def project(self, grad: Tensor) -> Tensor:
         self._seen_dtype = grad.dtype
-        cols = self._columns(grad.device, grad.dtype)
-        return cols.t() @ grad if self.side == "left" else grad @ cols
-
-    def project_back(self, low: Tensor) -> Tensor:
-        cols = self._columns(low.device, low.dtype)
-        return cols @ low if self.side == "left" else low @ cols.t()
-
-    def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
-        cols = self._columns(weight.device, weight.dtype)
-        low = low.to(weight.dtype)
-        if self.side == "left":
-            weight.addmm_(cols, low, beta=beta, alpha=alpha)
-        else:
-            weight.addmm_(low, cols.t(), beta=beta, alpha=alpha)
+        return super().project(grad)

@@ -110,17 +110,4 @@ class RandomProjector(Projector):
 
     def project(self, grad: Tensor) -> Tensor:
         self._seen = (grad.device, grad.dtype)
-        basis = self._matrix(grad.device, grad.dtype)
-        return basis.t() @ grad if self.side == "left" else grad @ basis.t()
-
-    def project_back(self, low: Tensor) -> Tensor:
-        basis = self._matrix(low.device, low.dtype)
-        return basis @ low if self.side == "left" else low @ basis
-
-    def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
-        basis = self._matrix(weight.device, weight.dtype)
-        low = low.to(weight.dtype)
-        if self.side == "left":
-            weight.addmm_(basis, low, beta=beta, alpha=alpha)
-        else:
-            weight.addmm_(low, basis, beta=beta, alpha=alpha)
+        return super().project(grad)

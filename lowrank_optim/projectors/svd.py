@@ -59,23 +59,3 @@ class SVDProjector(Projector):
 
     def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
         return self._state["P"].to(device=device, dtype=dtype)
-
-    def project(self, grad: Tensor) -> Tensor:
-        basis = self.basis().to(grad.dtype)
-        if self.side == "left":
-            return basis.t() @ grad
-        return grad @ basis.t()
-
-    def project_back(self, low: Tensor) -> Tensor:
-        basis = self.basis().to(low.dtype)
-        if self.side == "left":
-            return basis @ low
-        return low @ basis
-
-    def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
-        basis = self.basis().to(weight.dtype)
-        low = low.to(weight.dtype)
-        if self.side == "left":
-            weight.addmm_(basis, low, beta=beta, alpha=alpha)
-        else:
-            weight.addmm_(low, basis, beta=beta, alpha=alpha)
