@@ -432,10 +432,7 @@ class LowRankAdamW(Optimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                moment_dtype = plain_state_dtype(p.dtype)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                state.update(_fresh_moments(p, plain_state_dtype(p.dtype)))
             (full if plain_state_dtype(p.dtype) == p.dtype else half).append(p)
 
         def moments(ps: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -468,9 +465,7 @@ class LowRankAdamW(Optimizer):
                     state["projector"] = proj.state_dict()
                 low = proj.project(p.grad).to(state_dtype(p.dtype))
                 if "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(low)
-                    state["exp_avg_sq"] = torch.zeros_like(low)
+                    state.update(_fresh_moments(low, low.dtype))
                 state["step"] += 1
                 lows.append(low)
                 exp_avgs.append(state["exp_avg"])
@@ -553,22 +548,18 @@ class LowRankAdamW(Optimizer):
                 state = self.state[p]
                 if state:
                     continue
+                if not self.is_low_rank(p, group):
+                    state.update(_fresh_moments(p, plain_state_dtype(p.dtype)))
+                    continue
                 sdtype = state_dtype(p.dtype)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                if self.is_low_rank(p, group):
-                    proj = self._new_projector(group, p)
-                    proj.allocate(p.shape, p.dtype, p.device)
-                    self._projectors[p] = proj
-                    state["projector"] = proj.state_dict()
-                    shape = proj.low_rank_shape(p.shape)
-                    state["exp_avg"] = torch.zeros(shape, dtype=sdtype, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(shape, dtype=sdtype, device=p.device)
-                    if group["limiter"] is not None:
-                        state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
-                else:
-                    pdtype = plain_state_dtype(p.dtype)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=pdtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=pdtype, memory_format=torch.preserve_format)
+                proj = self._new_projector(group, p)
+                proj.allocate(p.shape, p.dtype, p.device)
+                self._projectors[p] = proj
+                state["projector"] = proj.state_dict()
+                like = torch.empty(proj.low_rank_shape(p.shape), dtype=sdtype, device=p.device)
+                state.update(_fresh_moments(like, sdtype))
+                if group["limiter"] is not None:
+                    state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -673,6 +664,15 @@ class LowRankAdamW(Optimizer):
                 else:
                     out["other"] += _tensor_bytes(value)
         return out
+
+
+def _fresh_moments(like: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A step counter (a float32 scalar on the CPU, as torch keeps it) and zero moments shaped like ``like``."""
+    return {
+        "step": torch.tensor(0.0, dtype=torch.float32),
+        "exp_avg": torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format),
+    }
 
 
 def _tensor_bytes(value: Any) -> int:
