@@ -4,15 +4,28 @@
 >>> opt = lro.GaLoreAdamW(lro.param_groups(model, rank=128, update_proj_gap=200, scale=0.25), lr=1e-2)
 """
 
-from . import memory, projectors
+from . import kernels, memory, projectors, quant
 from ._version import __version__
 from .groups import param_groups
 from .layerwise import layerwise
-from .optim import APOLLO, FRUGAL, APOLLOMini, Fira, GaLoreAdamW, LowRankAdamW, RankFallbackWarning
+from .optim import (
+    APOLLO,
+    FRUGAL,
+    APOLLOMini,
+    Fira,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    LowRankAdamW,
+    QGaLoreAdamW,
+    RankFallbackWarning,
+)
 from .projectors import NonFiniteGradientError
+from .quant import quantize_model_int8
 
 PRESETS = {
     "galore": GaLoreAdamW,
+    "galore8bit": GaLoreAdamW8bit,
+    "qgalore": QGaLoreAdamW,
     "apollo": APOLLO,
     "apollo_mini": APOLLOMini,
     "frugal": FRUGAL,
@@ -27,12 +40,17 @@ __all__ = [
     "APOLLOMini",
     "Fira",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
     "RankFallbackWarning",
     "__version__",
+    "kernels",
     "layerwise",
     "memory",
     "param_groups",
     "projectors",
+    "quant",
+    "quantize_model_int8",
 ]

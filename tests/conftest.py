@@ -105,4 +105,11 @@ PRESET_CASES = [
     ("apollo_mini", lro.APOLLOMini, {"rank": 1}),
     ("frugal", lro.FRUGAL, {}),
     ("fira", lro.Fira, {}),
-] + [(f"galore-{p}", lro.GaLoreAdamW, {"projector": p}) for p in ("rsvd", "dct", "random", "sparse", "online_pca")]
+] + [(f"galore-{p}", lro.GaLoreAdamW, {"projector": p}) for p in ("rsvd", "dct", "random", "sparse", "online_pca")] + [
+    # quantized storage; min_8bit_size=0 so the tiny test model's moments are INT8 too
+    ("galore8bit", lro.GaLoreAdamW8bit, {"min_8bit_size": 0}),
+    ("qgalore", lro.QGaLoreAdamW, {"min_8bit_size": 0}),
+    ("apollo-8bit", lro.APOLLO, {"state_bits": 8, "min_8bit_size": 0}),
+    ("frugal-8bit-rsvd4", lro.FRUGAL, {"state_bits": 8, "min_8bit_size": 0, "projector": "rsvd", "proj_bits": 4}),
+    ("galore-8bit-rotate", lro.GaLoreAdamW, {"state_bits": 8, "min_8bit_size": 0, "on_refresh": "rotate"}),
+]

@@ -96,6 +96,13 @@ def _blocks(x: Tensor, block: int, fill: float = 0.0) -> Tensor:
     return x.view(rows, block)
 
 
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """float32 √x correctly rounded (IEEE), as a kernel's ``sqrt_rn`` computes it. torch.sqrt on the
+    CPU goes through MKL's vector math for long tensors and is an ulp off for about 1 value in 150;
+    the float64 root rounded once to float32 is the correctly rounded float32 root."""
+    return torch.sqrt(x.double()).float()
+
+
 # ---------------------------------------------------------------- blockwise INT8
 def quantize_blockwise(
     x: Tensor, *, code: str = "dynamic", signed: bool = True, block: int = BLOCK
@@ -144,7 +151,7 @@ def adam8bit_direction(
     v = beta2 * v + (1.0 - beta2) * (g * g)
     bias1 = 1.0 - beta1**step
     bias2_sqrt = (1.0 - beta2**step) ** 0.5
-    direction = m / (torch.sqrt(v) / bias2_sqrt + eps) / bias1
+    direction = m / (_sqrt_rn(v) / bias2_sqrt + eps) / bias1
     for x, codes, absmax, signed in ((m, m_codes, m_absmax, True), (v, v_codes, v_absmax, False)):
         rows = _blocks(x, block)
         new_max = rows.abs().amax(dim=1) if x.numel() else x.new_zeros(0)

@@ -36,8 +36,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import kernels
 from .. import projectors as _projectors
 from ..projectors import PROJ_TYPES, NonFiniteGradientError, Projector
+from ..projectors.random_proj import mix_seed
+from ..quant.weights import Int8Weight
 from ..rules import adam_direction, adamw_plain
 from . import policies
 from .policies import ON_REFRESH, REFRESH, RESIDUAL, SCALING
@@ -45,6 +48,9 @@ from .policies import ON_REFRESH, REFRESH, RESIDUAL, SCALING
 # Low-rank tensors are stepped in chunks of about this many bytes: foreach kernels amortise launch
 # cost across small layers, while a 7B model never holds every layer's R and N at once.
 CHUNK_BYTES = 64 * 2**20
+
+STATE_BITS = (32, 8)
+PROJ_BITS = (32, 4)
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Low-rank moments are kept in float32 at least: float64 weights keep float64, the rest float32."""
@@ -55,6 +61,20 @@ def plain_state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Plain parameters' moments: the parameter's dtype, as torch.optim.AdamW keeps them (bf16 for
     bf16 weights), except float16, whose range would flush Adam's V = g² to zero: float32 there."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def uses_8bit(group: dict[str, Any], moment_numel: int) -> bool:
+    """Whether a moment of ``moment_numel`` elements is stored as blockwise INT8 in ``group``."""
+    return group["state_bits"] == 8 and moment_numel >= group["min_8bit_size"]
+
+
+def rounds_stochastically(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether ``p``'s updates are written by stochastic rounding: INT8 weights unless the group
+    says ``stochastic_rounding=False``; bf16 weights when it says True."""
+    flag = group["stochastic_rounding"]
+    if isinstance(p, Int8Weight):
+        return flag is not False
+    return bool(flag) and p.dtype == torch.bfloat16
 
 
 class RankFallbackWarning(UserWarning):
@@ -141,6 +161,18 @@ def check_hyperparameters(group: dict[str, Any], where: str) -> None:
         fail("refresh", f"choose one of {', '.join(REFRESH)}")
     if not isinstance(group["projector_options"], dict):
         fail("projector_options", "pass a dict of keyword options for the projector, e.g. {'power_iters': 1}")
+    if group["state_bits"] not in STATE_BITS or isinstance(group["state_bits"], bool):
+        fail("state_bits", "choose 32 (float32 moments) or 8 (blockwise INT8 moments)")
+    mins = group["min_8bit_size"]
+    if isinstance(mins, bool) or not isinstance(mins, int) or mins < 0:
+        fail("min_8bit_size", "the smallest moment (in elements) kept as INT8 must be an integer >= 0 (default 4096)")
+    if group["proj_bits"] not in PROJ_BITS or isinstance(group["proj_bits"], bool):
+        fail("proj_bits", "choose 32 (the basis in the gradient's dtype) or 4 (INT4, as Q-GaLore)")
+    if group["proj_bits"] == 4 and not getattr(_projectors.REGISTRY[group["projector"]], "quantizable", False):
+        fail("proj_bits", f"projector={group['projector']!r} stores no dense basis to quantize; INT4 "
+             f"projections need one of {', '.join(n for n, c in sorted(_projectors.REGISTRY.items()) if getattr(c, 'quantizable', False))}")
+    if group["stochastic_rounding"] not in (None, True, False):
+        fail("stochastic_rounding", "choose None (INT8 weights only), True (also bf16 weights) or False (round to nearest)")
 
 
 class LowRankAdamW(Optimizer):
@@ -166,6 +198,14 @@ class LowRankAdamW(Optimizer):
             residual) may not grow faster than γ per step.
         on_refresh: what the moments do when the subspace changes: ``keep``, ``reset``, ``rotate``.
         refresh: ``fixed`` (every update_proj_gap steps) or ``lazy`` (Q-GaLore's per-layer schedule).
+        state_bits: 32, or 8 for Adam moments stored as blockwise INT8 (a dynamic code book per
+            block of 256, dequantized for the update and requantized after it), for every moment of
+            at least ``min_8bit_size`` (4096) elements, low-rank and plain alike; smaller ones stay
+            float32, as in bitsandbytes' 8-bit Adam.
+        proj_bits: 32, or 4 to store the basis of ``svd`` / ``rsvd`` as INT4 (Q-GaLore).
+        stochastic_rounding: how updates are written into low-precision weights: ``None`` rounds
+            INT8 weights (``lro.quantize_model_int8``) stochastically and bf16 weights to nearest;
+            ``True`` rounds both stochastically; ``False`` both to nearest.
         Method keys left at ``<preset default>`` take the class's ``method_defaults()``.
         foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
             at a time; both give the same numbers on CPU).
@@ -187,6 +227,10 @@ class LowRankAdamW(Optimizer):
         limiter=None,
         on_refresh="keep",
         refresh="fixed",
+        state_bits=32,
+        min_8bit_size=4096,
+        proj_bits=32,
+        stochastic_rounding=None,
     )
 
     def __init__(
@@ -209,6 +253,10 @@ class LowRankAdamW(Optimizer):
         limiter: float | None = PRESET_DEFAULT,
         on_refresh: str = PRESET_DEFAULT,
         refresh: str = PRESET_DEFAULT,
+        state_bits: int = PRESET_DEFAULT,
+        min_8bit_size: int = PRESET_DEFAULT,
+        proj_bits: int = PRESET_DEFAULT,
+        stochastic_rounding: bool | None = PRESET_DEFAULT,
         foreach: bool | None = None,
     ) -> None:
         given = dict(
@@ -223,6 +271,10 @@ class LowRankAdamW(Optimizer):
             limiter=limiter,
             on_refresh=on_refresh,
             refresh=refresh,
+            state_bits=state_bits,
+            min_8bit_size=min_8bit_size,
+            proj_bits=proj_bits,
+            stochastic_rounding=stochastic_rounding,
         )
         method = {**self.method_defaults(), **{k: v for k, v in given.items() if v is not PRESET_DEFAULT}}
         defaults = dict(
@@ -319,12 +371,46 @@ class LowRankAdamW(Optimizer):
         return rank is not None and p.dim() == 2 and min(p.shape) > rank
 
     # ------------------------------------------------------------------ projectors
+    def _position(self, p: Tensor) -> int:
+        """``p``'s index among all parameters: the same on every rank and across a checkpoint."""
+        return next(
+            (k for k, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p), 0
+        )
+
+    def _rounding_seed(self, p: Tensor) -> int:
+        """The seed of this step's stochastic rounding of ``p``: from its position and step count,
+        so a resumed run draws the same numbers as an uninterrupted one."""
+        return mix_seed(self._position(p), int(self.state[p]["step"]), 0x5EED)
+
+    def _writable(self, group: dict[str, Any], p: Tensor) -> tuple[Tensor, Callable[[], None] | None]:
+        """The tensor to apply ``p``'s update to, and what writes it back (None: ``p`` itself).
+
+        An INT8 weight is dequantized to a float32 copy and requantized after; a bf16 weight that
+        rounds stochastically is updated in a float32 copy and rounded once."""
+        if isinstance(p, Int8Weight):
+            work = p.dequantize(torch.float32)
+            stochastic = rounds_stochastically(group, p)
+            return work, lambda: p.requantize_(work, stochastic=stochastic, seed=self._rounding_seed(p))
+        if rounds_stochastically(group, p):
+            work = p.detach().float()
+
+            def write() -> None:
+                p.detach().copy_(kernels.stochastic_round_bf16(work.view(-1), seed=self._rounding_seed(p)).view(p.shape))
+
+            return work, write
+        return p.detach(), None
+
+    def _plain_moment_dtype(self, group: dict[str, Any], p: Tensor) -> torch.dtype:
+        """float32 for parameters stepped through a float32 copy (INT8, stochastic bf16), else
+        :func:`plain_state_dtype`."""
+        if isinstance(p, Int8Weight) or rounds_stochastically(group, p):
+            return torch.float32
+        return plain_state_dtype(p.dtype)
+
     def _new_projector(self, group: dict[str, Any], p: Tensor) -> Projector:
         # Each parameter's random projections start from its position in the optimizer, which is the
         # same on every rank and across a checkpoint.
-        position = next(
-            (k for k, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p), 0
-        )
+        position = self._position(p)
         cls = _projectors.REGISTRY[group["projector"]]
         options = {**cls.options_from_group(group), **group["projector_options"]}
         try:
@@ -429,11 +515,17 @@ class LowRankAdamW(Optimizer):
         )
         full: list[Tensor] = []
         half: list[Tensor] = []
+        eight: list[Tensor] = []
         for p in params:
             state = self.state[p]
             if not state:
-                state.update(_fresh_moments(p, plain_state_dtype(p.dtype)))
-            (full if plain_state_dtype(p.dtype) == p.dtype else half).append(p)
+                state.update(self._fresh_state(group, p, p.shape, self._plain_moment_dtype(group, p)))
+            if policies.is_8bit(state):
+                eight.append(p)
+            elif state["exp_avg"].dtype == p.dtype and not isinstance(p, Int8Weight):
+                full.append(p)
+            else:
+                half.append(p)
 
         def moments(ps: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
             states = [self.state[p] for p in ps]
@@ -446,9 +538,52 @@ class LowRankAdamW(Optimizer):
         if full:
             adamw_plain(full, [p.grad for p in full], *moments(full), **hyper)
         for chunk in _chunks(half, lambda p: 4 * p.numel()):
-            masters = [p.detach().float() for p in chunk]
+            works = [self._writable(group, p) for p in chunk]
+            masters = [w if write is not None else p.detach().float() for p, (w, write) in zip(chunk, works)]
             adamw_plain(masters, [p.grad.float() for p in chunk], *moments(chunk), **hyper)
-            torch._foreach_copy_([p.detach() for p in chunk], masters)
+            for p, master, (_, write) in zip(chunk, masters, works):
+                if write is not None:
+                    write()
+                else:
+                    p.detach().copy_(master)
+        for p in eight:
+            # 8-bit AdamW: N from the INT8 moments (updated in place), then the decoupled step
+            state = self.state[p]
+            state["step"] += 1
+            direction = self._adam8bit(group, state, p.grad)
+            work, write = self._writable(group, p)
+            lr = float(group["lr"])
+            if group["weight_decay"]:
+                work.mul_(1.0 - lr * float(group["weight_decay"]))
+            work.add_(direction.view(p.shape).to(work.dtype), alpha=-lr)
+            if write is not None:
+                write()
+
+    @staticmethod
+    def _adam8bit(group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
+        beta1, beta2 = group["betas"]
+        return kernels.adam8bit_direction(
+            grad.reshape(-1).float().contiguous(),
+            state["exp_avg"].view(-1), state["exp_avg_absmax"],
+            state["exp_avg_sq"].view(-1), state["exp_avg_sq_absmax"],
+            beta1=beta1, beta2=beta2, eps=float(group["eps"]), step=int(state["step"]),
+        ).view(grad.shape)
+
+    def _fresh_state(self, group: dict[str, Any], p: Tensor, shape: tuple[int, ...] | torch.Size,
+                     dtype: torch.dtype) -> dict[str, Tensor]:
+        """A fresh step counter and zero moments of ``shape``: INT8 codes and absmax where the group
+        keeps 8-bit states and the moment is large enough, else ``dtype``."""
+        like = torch.empty(shape, dtype=dtype, device=p.device)
+        if not uses_8bit(group, like.numel()):
+            return _fresh_moments(like, dtype)
+        blocks = -(-like.numel() // kernels.BLOCK)
+        return {
+            "step": torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros(shape, dtype=torch.uint8, device=p.device),
+            "exp_avg_sq": torch.zeros(shape, dtype=torch.uint8, device=p.device),
+            "exp_avg_absmax": torch.zeros(blocks, dtype=torch.float32, device=p.device),
+            "exp_avg_sq_absmax": torch.zeros(blocks, dtype=torch.float32, device=p.device),
+        }
 
     def _step_low_rank(self, group: dict[str, Any], items: list[_LowRankItem]) -> None:
         if not items:
@@ -465,14 +600,19 @@ class LowRankAdamW(Optimizer):
                     state["projector"] = proj.state_dict()
                 low = proj.project(p.grad).to(state_dtype(p.dtype))
                 if "step" not in state:
-                    state.update(_fresh_moments(low, low.dtype))
+                    state.update(self._fresh_state(group, p, low.shape, low.dtype))
                 state["step"] += 1
                 lows.append(low)
+                if policies.is_8bit(state):
+                    continue
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(int(state["step"]))
-            directions = adam_direction(lows, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
-            for it, low, direction in zip(chunk, lows, directions):
+            wide = [low for it, low in zip(chunk, lows) if not policies.is_8bit(self.state[it.param])]
+            directions = iter(adam_direction(wide, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"]))
+            for it, low in zip(chunk, lows):
+                state = self.state[it.param]
+                direction = self._adam8bit(group, state, low) if policies.is_8bit(state) else next(directions)
                 self._apply_update(group, it.param, it.projector, low, direction)
 
     def _commit_refresh(self, group: dict[str, Any], state: dict[str, Any], it: _LowRankItem) -> None:
@@ -489,10 +629,17 @@ class LowRankAdamW(Optimizer):
 
     def _apply_update(self, group: dict[str, Any], p: Tensor, proj: Projector, low: Tensor, direction: Tensor) -> None:
         """W ← (1 − lr·wd)·W − lr·(the method's update), from R (``low``) and N = Adam(R)."""
+        weight, write = self._writable(group, p)
+        self._update_weight(group, p, weight, proj, low, direction)
+        if write is not None:
+            write()
+
+    def _update_weight(self, group: dict[str, Any], p: Tensor, weight: Tensor, proj: Projector, low: Tensor,
+                       direction: Tensor) -> None:
         lr = float(group["lr"])
         scale = float(group["scale"])
         decay = 1.0 - lr * float(group["weight_decay"])
-        weight, grad = p.detach(), p.grad
+        grad = p.grad
         state = self.state[p]
         limiter = group["limiter"]
         if group["scaling"] is not None:
@@ -549,15 +696,14 @@ class LowRankAdamW(Optimizer):
                 if state:
                     continue
                 if not self.is_low_rank(p, group):
-                    state.update(_fresh_moments(p, plain_state_dtype(p.dtype)))
+                    state.update(self._fresh_state(group, p, p.shape, self._plain_moment_dtype(group, p)))
                     continue
                 sdtype = state_dtype(p.dtype)
                 proj = self._new_projector(group, p)
                 proj.allocate(p.shape, p.dtype, p.device)
                 self._projectors[p] = proj
                 state["projector"] = proj.state_dict()
-                like = torch.empty(proj.low_rank_shape(p.shape), dtype=sdtype, device=p.device)
-                state.update(_fresh_moments(like, sdtype))
+                state.update(self._fresh_state(group, p, proj.low_rank_shape(p.shape), sdtype))
                 if group["limiter"] is not None:
                     state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
 
@@ -649,6 +795,15 @@ class LowRankAdamW(Optimizer):
         for key in ("exp_avg", "exp_avg_sq"):
             if tuple(state[key].shape) != tuple(want):
                 raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {tuple(want)}")
+        if state["exp_avg"].dtype == torch.uint8 or state["exp_avg_sq"].dtype == torch.uint8:
+            blocks = -(-math.prod(want) // kernels.BLOCK)
+            for key in ("exp_avg", "exp_avg_sq"):
+                absmax = state.get(f"{key}_absmax")
+                if state[key].dtype != torch.uint8 or not isinstance(absmax, Tensor) or absmax.numel() != blocks:
+                    raise ValueError(
+                        f"{where}: INT8 moments need uint8 {key!r} and {blocks} float32 '{key}_absmax' "
+                        "values (one per block of 256); the checkpoint's are incomplete"
+                    )
 
     # ------------------------------------------------------------------ introspection
     def state_nbytes(self) -> dict[str, int]:
@@ -659,7 +814,7 @@ class LowRankAdamW(Optimizer):
             for key, value in state.items():
                 if key == "projector":
                     out["projectors"] += self._projector(p, group_of[p]).nbytes()
-                elif key in ("exp_avg", "exp_avg_sq"):
+                elif key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
                     out["moments"] += _tensor_bytes(value)
                 else:
                     out["other"] += _tensor_bytes(value)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..projectors import Projector
 
 ON_REFRESH = ("keep", "reset", "rotate")
@@ -44,21 +45,48 @@ def change_of_basis(old: Projector, new: Projector, device: torch.device, dtype:
     return b.T @ a if new.side == "left" else a @ b.T
 
 
+def is_8bit(state: dict[str, Any]) -> bool:
+    """Whether the moments are stored as blockwise INT8 (``state_bits=8``)."""
+    return state["exp_avg"].dtype == torch.uint8
+
+
+def load_moments(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(M, V) as float tensors: the stored ones, or dequantized copies of INT8 ones."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if not is_8bit(state):
+        return m, v
+    return (
+        kernels.dequantize_blockwise(m.reshape(-1), state["exp_avg_absmax"], signed=True).view(m.shape),
+        kernels.dequantize_blockwise(v.reshape(-1), state["exp_avg_sq_absmax"], signed=False).view(v.shape),
+    )
+
+
+def store_moments(state: dict[str, Any], m: Tensor, v: Tensor) -> None:
+    """Store new (M, V), requantized when the state keeps INT8 moments."""
+    if not is_8bit(state):
+        state["exp_avg"], state["exp_avg_sq"] = m.to(state["exp_avg"].dtype), v.to(state["exp_avg_sq"].dtype)
+        return
+    for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+        codes, absmax = kernels.quantize_blockwise(x.reshape(-1).contiguous(), signed=signed)
+        state[key] = codes.view(x.shape)
+        state[f"{key}_absmax"] = absmax
+
+
 def rotate_moments(state: dict[str, Any], old: Projector, new: Projector) -> None:
     """DCTAdamW's rotation: M ← map(M), V ← |map(V)| (V stays a non-negative second moment)."""
-    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m, v = load_moments(state)
     t = change_of_basis(old, new, m.device, m.dtype)
     if new.side == "left":
-        state["exp_avg"] = (t @ m.to(t.dtype)).to(m.dtype)
-        state["exp_avg_sq"] = (t @ v.to(t.dtype)).abs_().to(v.dtype)
+        store_moments(state, t @ m.to(t.dtype), (t @ v.to(t.dtype)).abs_())
     else:
-        state["exp_avg"] = (m.to(t.dtype) @ t).to(m.dtype)
-        state["exp_avg_sq"] = (v.to(t.dtype) @ t).abs_().to(v.dtype)
+        store_moments(state, m.to(t.dtype) @ t, (v.to(t.dtype) @ t).abs_())
 
 
 def reset_moments(state: dict[str, Any]) -> None:
-    state["exp_avg"] = torch.zeros_like(state["exp_avg"])
-    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+    """Zero moments (INT8 ones: zero codes and a zero absmax, which decode to 0)."""
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        if key in state:
+            state[key] = torch.zeros_like(state[key])
 
 
 def top_vector(proj: Projector, device: torch.device) -> Tensor:

@@ -27,6 +27,44 @@ class GaLoreAdamW(LowRankAdamW):
     preset = {"projector": "svd", "scale": 0.25, "update_proj_gap": 200}
 
 
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLore with blockwise INT8 Adam moments (Zhao et al. 2024, the paper's 8-bit GaLore).
+
+    GaLore's rule with M and V stored as uint8 codes and a float32 absmax per block of 256, in a
+    dynamic (exponent) code book as bitsandbytes' 8-bit Adam uses (Dettmers et al. 2022): each step
+    dequantizes them, updates in float32, computes N from the float32 values and requantizes, in one
+    fused kernel on CUDA. Plain parameters (embeddings, head) keep 8-bit moments too; moments of
+    fewer than 4096 elements stay float32. No per-step copy of the weight is made.
+    ``state_bits=8`` gives the same storage to any other preset.
+    """
+
+    preset = {**GaLoreAdamW.preset, "state_bits": 8}
+
+
+class QGaLoreAdamW(GaLoreAdamW):
+    """Q-GaLore: INT4 projections, a layer-adaptive lazy refresh, INT8 states and INT8 weights
+    updated by stochastic rounding (Zhang et al. 2024, arXiv:2407.08296).
+
+    The SVD basis is stored as INT4 (min–max with a float zero point, groups of 256, packed two per
+    byte); the refresh is lazy (a layer whose top singular vector keeps still, mean |cos| ≥ 0.4 over
+    5 refreshes, doubles its gap); the moments are blockwise INT8. For INT8 weights, quantize the
+    model first and build the groups from it::
+
+        lro.quantize_model_int8(model)
+        opt = lro.QGaLoreAdamW(lro.param_groups(model, rank=256), lr=0.01)
+
+    Each step dequantizes one weight, applies the update in float32 and requantizes it with
+    stochastic rounding (no full-precision master copy). Paper settings are GaLore's (scale 0.25,
+    gap 200 before the lazy schedule stretches it).
+
+    Departure from q-galore-torch: its integer zero point is clamped into [0, 15], which collapses
+    a group whose values share one sign; our zero point is a float (the group's minimum), so every
+    group keeps its range.
+    """
+
+    preset = {**GaLoreAdamW.preset, "proj_bits": 4, "refresh": "lazy", "state_bits": 8}
+
+
 class APOLLO(LowRankAdamW):
     """APOLLO: AdamW's scaling estimated per channel in a random projection (Zhu et al. 2025).
 

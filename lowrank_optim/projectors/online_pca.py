@@ -38,6 +38,7 @@ from .svd import SVDProjector
 class OnlinePCAProjector(SVDProjector):
     name = "online_pca"
     refresh_every_step = True
+    quantizable = False  # P takes a small gradient step every step: INT4 would round them away
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, lr: float = 0.005) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed)

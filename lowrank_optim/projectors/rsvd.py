@@ -41,9 +41,10 @@ class RSVDProjector(SVDProjector):
     name = "rsvd"
 
     def __init__(
-        self, rank: int, proj_type: str = "std", seed: int = 0, oversample: int = 8, power_iters: int = 2
+        self, rank: int, proj_type: str = "std", seed: int = 0, oversample: int = 8, power_iters: int = 2,
+        bits: int = 32,
     ) -> None:
-        super().__init__(rank, proj_type=proj_type, seed=seed)
+        super().__init__(rank, proj_type=proj_type, seed=seed, bits=bits)
         for option, value in (("oversample", oversample), ("power_iters", power_iters)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{option} must be an integer >= 0, got {value!r}")
@@ -77,7 +78,7 @@ class RSVDProjector(SVDProjector):
         else:
             basis = vh[:r] if side == "right" else vh[:r].t()
         # copy: vh[:r] is a view that would keep the whole k×b factor alive
-        self._state["P"] = basis.to(grad.dtype, copy=True, memory_format=torch.contiguous_format)
+        self._store_basis(basis.to(grad.dtype, copy=True, memory_format=torch.contiguous_format))
         self._state["refreshes"] = count + 1
 
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -90,7 +91,5 @@ class RSVDProjector(SVDProjector):
             raise ValueError(f"rsvd projector state needs an integer 'refreshes' >= 0, got {count!r}")
 
     def nbytes(self) -> int:
-        basis = self._state.get("P")
-        if basis is None:
-            return 0
-        return basis.numel() * basis.element_size() + 8
+        stored = super().nbytes()
+        return stored + 8 if stored else 0
