@@ -25,6 +25,7 @@ from .groups import param_groups
 from .models import llama_skeleton, load_config
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_CHOICES = ("bf16", "fp32", "int8")
 GIB = 2**30
 
 
@@ -62,7 +63,8 @@ class MemoryReport:
         rows = ["weights", "gradients", "optimizer_states", "projections", "activations", "total"]
         ours, adamw = self.ours.to_dict(), self.adamw.to_dict()
         setup = ", ".join(f"{k}={v}" for k, v in self.settings.items() if v not in (None, False))
-        lines = [f"memory ({setup})", "", f"| {'GiB':<17} | {self.optimizer:>12} | {'adamw':>12} |",
+        baseline = "adamw8bit" if self.settings.get("state_bits") == 8 else "adamw"
+        lines = [f"memory ({setup})", "", f"| {'GiB':<17} | {self.optimizer:>12} | {baseline:>12} |",
                  f"|{'-' * 19}|{'-' * 14}|{'-' * 14}|"]
         for r in rows:
             if r == "activations" and not self.settings.get("batch"):
@@ -70,6 +72,8 @@ class MemoryReport:
             else:
                 a, b = f"{ours[r] / GIB:.2f}", f"{adamw[r] / GIB:.2f}"
             lines.append(f"| {r:<17} | {a:>12} | {b:>12} |")
+        if self.settings.get("weights") == "int8":
+            lines.append("\nThe adamw column keeps bf16 weights: AdamW cannot update INT8 weights without a master copy.")
         return "\n".join(lines)
 
 
@@ -136,6 +140,7 @@ def estimate(
     seq: int | None = None,
     checkpointing: bool = False,
     target_modules: list[str] | None = None,
+    state_bits: int | None = None,
     **keys: Any,
 ) -> MemoryReport:
     """Bytes of weights, gradients, optimizer states, projections and activations, ours and AdamW's.
@@ -146,16 +151,29 @@ def estimate(
         optimizer: a preset name (``galore``, ``apollo``, ``apollo_mini``, ``frugal``, ``fira``,
             ``lowrank``), ``adamw``, or an optimizer class.
         rank: the low-rank groups' rank (default 1 for ``apollo_mini``, else 128).
-        weights: ``bf16`` or ``fp32`` (default: bf16 for a config, the module's own dtypes for a
-            module). Gradients take the weights' dtype.
+        weights: ``bf16``, ``fp32`` or ``int8`` (default: bf16 for a config, the module's own
+            dtypes for a module). Gradients take the weights' dtype; ``int8`` stores the projected
+            linear weights as ``lro.quantize_model_int8`` does (1 byte each plus 8 per group of 256,
+            the rest bf16, gradients bf16) and leaves AdamW's column at bf16, which it needs.
+        state_bits: 8 for INT8 moments (our preset's ``state_bits=8``, and bitsandbytes-style
+            8-bit AdamW in the baseline column: our plain 8-bit AdamW, measured the same way);
+            None leaves the preset's own default (``galore8bit``, ``qgalore``: 8).
         layerwise: updates from gradient hooks (``lro.layerwise``): one parameter's gradient at a
             time instead of all of them; applied to both columns.
         batch, seq, checkpointing: for the activation estimate (left at 0 without batch and seq).
         target_modules, **keys: passed to ``lro.param_groups`` (``update_proj_gap``, ``projector``...).
     """
     name, cls = _resolve_optimizer(optimizer)
-    if weights is not None and weights not in WEIGHT_DTYPES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+    if state_bits not in (None, 32, 8):
+        raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
+    int8 = weights == "int8"
+    if int8 and cls is None:
+        raise ValueError("AdamW cannot update INT8 weights (no master copy); use --weights bf16 for adamw, "
+                         "or one of our presets, which update INT8 weights by stochastic rounding")
+    if int8:  # the other parameters: bf16 for a config, their own dtype for a module
+        weights = None if isinstance(model_or_config, nn.Module) else "bf16"
     if (batch is None) != (seq is None):
         raise ValueError("give both batch and seq for an activation estimate, or neither")
     for arg, value in (("batch", batch), ("seq", seq)):
@@ -175,7 +193,13 @@ def estimate(
     groups = _meta_groups(param_groups(model, rank=rank, target_modules=target_modules, **keys), dtype)
     flat = [p for g in groups for p in (x[1] if isinstance(x, tuple) else x for x in g["params"])]
     trainable = [p for p in flat if p.requires_grad]
-    weight_bytes = sum(_nbytes(p) for p in flat)
+    weight_bytes = adamw_weight_bytes = sum(_nbytes(p) for p in flat)
+    if int8:
+        from .quant.weights import Int8Weight
+
+        # the layers quantize_model_int8 targets are param_groups' low-rank ones
+        quantized = [x[1] if isinstance(x, tuple) else x for g in groups if "rank" in g for x in g["params"]]
+        weight_bytes += sum(Int8Weight.stored_bytes(p.numel()) - _nbytes(p) for p in quantized)
     grad_bytes = max((_nbytes(p) for p in trainable), default=0) if layerwise else sum(_nbytes(p) for p in trainable)
     activations = 0
     if batch is not None and config is not None:
@@ -184,8 +208,8 @@ def estimate(
     elif batch is not None:
         raise ValueError("activation estimates need a LlamaConfig; pass the config rather than a module")
 
-    adamw_states = _adamw_state_bytes(trainable)
-    adamw = Breakdown(weight_bytes, grad_bytes, adamw_states, 0, activations)
+    adamw_states = _adamw_state_bytes(trainable, state_bits == 8)
+    adamw = Breakdown(adamw_weight_bytes, grad_bytes, adamw_states, 0, activations)
     if cls is None:
         ours = adamw
     else:
@@ -195,18 +219,32 @@ def estimate(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RankFallbackWarning)
-            opt = cls(groups)
+            opt = cls(groups, **({} if state_bits is None else {"state_bits": state_bits}))
         opt.init_state()
         nb = opt.state_nbytes()
         ours = Breakdown(weight_bytes, grad_bytes, nb["moments"] + nb["other"],
                          nb["projectors"] + _shared_dct_bytes(opt), activations)
-    settings = dict(rank=rank if cls is not None else None, weights=weights or ("bf16" if config else None),
+    settings = dict(rank=rank if cls is not None else None,
+                    weights="int8" if int8 else (weights or ("bf16" if config else None)), state_bits=state_bits,
                     layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
     return MemoryReport(ours, adamw, name, settings)
 
 
-def _adamw_state_bytes(params: list[torch.Tensor]) -> int:
-    """torch.optim.AdamW's own state, from one real step on meta-device copies."""
+def _adamw_state_bytes(params: list[torch.Tensor], eight_bit: bool = False) -> int:
+    """torch.optim.AdamW's own state, from one real step on meta-device copies; with ``eight_bit``,
+    our plain 8-bit AdamW's (INT8 moments of 4096 elements and more, as bitsandbytes keeps them)."""
+    if eight_bit:
+        import warnings
+
+        from .optim import LowRankAdamW, RankFallbackWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankFallbackWarning)
+            opt8 = LowRankAdamW([nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta")) for p in params],
+                                state_bits=8)
+        opt8.init_state()
+        nb = opt8.state_nbytes()
+        return nb["moments"] + nb["other"]
     meta = []
     for p in params:
         q = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
@@ -243,6 +281,7 @@ def train_steps(
     checkpointing: bool = False,
     steps: int = 3,
     device: str | torch.device = "cuda",
+    state_bits: int | None = None,
     **keys: Any,
 ) -> list[float]:
     """Real training steps of transformers' LlamaForCausalLM built from ``config`` (random tokens),
@@ -255,8 +294,12 @@ def train_steps(
     from .layerwise import layerwise as make_layerwise
 
     name, cls = _resolve_optimizer(optimizer)
-    if weights not in WEIGHT_DTYPES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+    if weights == "int8" and cls is None:
+        raise ValueError("AdamW cannot update INT8 weights; use one of our presets")
+    int8 = weights == "int8"
+    weights = "bf16" if int8 else weights
     cfg = load_config(config)
     if rank is None:
         rank = 1 if name == "apollo_mini" else 128
@@ -268,10 +311,18 @@ def train_steps(
     finally:
         torch.set_default_dtype(previous)
     model.config.use_cache = False
+    if int8:
+        from .quant import quantize_model_int8
+
+        quantize_model_int8(model)
     if checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    if cls is None:
+    if cls is None and state_bits == 8:
+        from .optim import LowRankAdamW
+
+        opt = LowRankAdamW(model.parameters(), lr=1e-5, state_bits=8)
+    elif cls is None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     else:
         import warnings
@@ -280,7 +331,8 @@ def train_steps(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RankFallbackWarning)
-            opt = cls(param_groups(model, rank=rank, **keys), lr=1e-5)
+            opt = cls(param_groups(model, rank=rank, **keys), lr=1e-5,
+                      **({} if state_bits is None else {"state_bits": state_bits}))
     handle = make_layerwise(model, opt) if layerwise else None
     generator = torch.Generator(device="cpu").manual_seed(0)
     losses = []

@@ -118,6 +118,39 @@ def test_estimate_equals_measured_state_of_a_real_model(optimizer, cls, keys):
     assert report.ours.total == weights * 2 + report.ours.optimizer_states + report.ours.projections
 
 
+def test_estimate_with_int8_weights_and_8bit_states_equals_the_real_thing():
+    """--weights int8 counts what quantize_model_int8 stores; --state-bits 8 what the optimizer keeps,
+    and 8-bit AdamW's baseline is our plain 8-bit AdamW's real state."""
+    model = make_model(dim=64, hidden=128)
+    report = lro.memory.estimate(model, "qgalore", rank=8, weights="int8", state_bits=8, min_8bit_size=0)
+    lro.quantize_model_int8(model)
+    opt = lro.QGaLoreAdamW(lro.param_groups(model, rank=8, min_8bit_size=0), state_bits=8)
+    train(model, opt, batches(2))
+    nb = opt.state_nbytes()
+    assert report.ours.weights == lro.quant.int8_weight_bytes(model)
+    assert report.ours.optimizer_states == nb["moments"] + nb["other"]
+    assert report.ours.projections == nb["projectors"]
+    assert report.adamw.weights == sum(p.numel() * 4 for p in make_model(dim=64, hidden=128).parameters())
+    big = lro.memory.estimate(CONFIG, "galore", state_bits=8)
+    plain = lro.memory.estimate(CONFIG, "galore")
+    assert big.adamw.optimizer_states < 0.55 * plain.adamw.optimizer_states  # bf16 moments → INT8
+    assert big.ours.optimizer_states < 0.5 * plain.ours.optimizer_states  # fp32 low-rank, bf16 plain → INT8
+    with pytest.raises(ValueError, match="AdamW cannot update INT8 weights"):
+        lro.memory.estimate(CONFIG, "adamw", weights="int8")
+
+
+def test_cli_memory_int8_and_8bit_json(capsys):
+    argv = ["memory", "--config", str(ROOT / "configs" / "llama_7b.json"), "--optimizer", "apollo_mini",
+            "--weights", "int8", "--state-bits", "8", "--layerwise", "--batch", "1", "--seq", "2048",
+            "--checkpointing", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ours"]["total"] < 12 * 10**9  # APOLLO-Mini's "7B under 12 GB with INT8 weights"
+    assert out["ours"]["weights"] < 0.55 * out["adamw"]["weights"]
+    assert main(argv[:-1]) == 0
+    assert "adamw8bit" in capsys.readouterr().out
+
+
 def test_layerwise_keeps_one_gradient_and_checkpointing_shrinks_activations():
     full = lro.memory.estimate(CONFIG, "galore", batch=2, seq=256)
     lw = lro.memory.estimate(CONFIG, "galore", batch=2, seq=256, layerwise=True)

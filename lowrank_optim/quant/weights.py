@@ -93,6 +93,11 @@ class Int8Weight(Tensor):
         """Bytes this weight keeps: 1 per element plus 8 per group."""
         return self.codes.numel() + 4 * (self.scale.numel() + self.zero.numel())
 
+    @staticmethod
+    def stored_bytes(numel: int, group: int = GROUP) -> int:
+        """What :meth:`nbytes_stored` is for a weight of ``numel`` elements."""
+        return numel + 8 * -(-numel // group)
+
     def __repr__(self) -> str:  # type: ignore[override]
         return (f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, group={self.group}, "
                 f"device={self.device})")
