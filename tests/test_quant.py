@@ -329,3 +329,31 @@ def test_non_finite_values_are_refused_by_the_quantizers():
         Int4Tensor.quantize(torch.tensor([1.0, float("inf")]))
     with pytest.raises(ValueError, match="signed=True"):
         Int8Blockwise.quantize(torch.tensor([-1.0]), signed=False)
+
+
+def test_layerwise_qgalore_on_int8_weights_equals_the_ordinary_loop():
+    """Accumulation of 2 and clipping, INT8 weights, 8-bit states, INT4 bases: bit for bit on CPU."""
+    data = batches(6)
+
+    def run(layerwise: bool):
+        model = quantized_model()
+        opt = lro.QGaLoreAdamW(lro.param_groups(model, rank=8, update_proj_gap=3, min_8bit_size=0), lr=1e-2)
+        if layerwise:
+            handle = lro.layerwise(model, opt, accumulation_steps=2, max_grad_norm=1.0)
+            for tokens in data:
+                handle.backward(lm_loss(model, tokens) / 2)
+            handle.remove()
+        else:
+            for i, tokens in enumerate(data):
+                (lm_loss(model, tokens) / 2).backward()
+                if i % 2:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad()
+        return model
+
+    a, b = run(False), run(True)
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        same = torch.equal(x.codes, y.codes) and torch.equal(x.scale, y.scale) if isinstance(x, Int8Weight) else torch.equal(x, y)
+        assert same, name
+    assert any(isinstance(p, Int8Weight) for p in a.parameters())
