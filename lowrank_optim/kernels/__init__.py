@@ -1,12 +1,18 @@
 """Kernels for quantized storage and stochastic rounding, one dispatch per op.
 
-Each op has a plain-torch reference (:mod:`.reference`, the specification) and a Triton kernel
-(:mod:`.triton_kernels`). The functions here pick one per call:
+Each op has a plain-torch reference (:mod:`.reference`, the specification), a Triton kernel
+(:mod:`.triton_kernels`), and three of them a CUDA C++ kernel (:mod:`.cuda_ext`: stochastic
+rounding to bf16, the grouped min–max quantizer, the fused INT4 dequantize). The functions here
+pick one per call:
 
 * ``LRO_KERNELS=auto`` (the default): Triton when every tensor argument is on CUDA and Triton
-  imports, else the reference;
+  imports, else the reference. The CUDA C++ kernels are not picked by ``auto``: they were written
+  without a GPU to measure on, and ``auto`` takes them only for ops where bench/kernels.py shows
+  they beat Triton (none yet; see csrc/README.md);
 * ``LRO_KERNELS=triton``: Triton always (on the CPU it needs ``TRITON_INTERPRET=1``: that is how
   the tests run the kernels here);
+* ``LRO_KERNELS=cuda``: the CUDA C++ kernel for the ops it has (built on first use), Triton for
+  the others; an error if the extension cannot be built;
 * ``LRO_KERNELS=reference``: the reference always.
 
 All take flat, contiguous tensors; see :mod:`.reference` for the exact semantics.
@@ -21,10 +27,10 @@ from typing import Any
 
 from torch import Tensor
 
-from . import reference
+from . import cuda_ext, reference
 from .reference import BLOCK, CODES, GROUP, code_book, code_midpoints
 
-MODES = ("auto", "triton", "reference")
+MODES = ("auto", "triton", "reference", "cuda")
 
 
 @functools.cache
@@ -41,17 +47,25 @@ def triton_available() -> bool:
     return _triton_module() is not None
 
 
-def backend(*tensors: Tensor) -> ModuleType:
-    """The module whose implementation runs for these tensors (see the module docstring)."""
+def backend(*tensors: Tensor, op: str | None = None) -> ModuleType:
+    """The module whose implementation runs for these tensors (see the module docstring).
+
+    ``op`` names the op: under ``LRO_KERNELS=cuda`` the extension runs those in ``cuda_ext.OPS`` and
+    Triton the others (without ``op``, the answer is Triton's module, which has every op)."""
     mode = os.environ.get("LRO_KERNELS", "auto")
     if mode not in MODES:
         raise ValueError(f"LRO_KERNELS={mode!r}: choose one of {', '.join(MODES)}")
     if mode == "reference":
         return reference
+    if mode == "cuda" and op in cuda_ext.OPS:
+        if cuda_ext.load() is None:
+            raise RuntimeError(f"LRO_KERNELS=cuda but the CUDA extension is unavailable: "
+                               f"{cuda_ext.unavailable_reason()}")
+        return cuda_ext
     module = _triton_module()
-    if mode == "triton":
+    if mode in ("triton", "cuda"):
         if module is None:
-            raise RuntimeError("LRO_KERNELS=triton but Triton does not import; pip install triton")
+            raise RuntimeError(f"LRO_KERNELS={mode} but Triton does not import; pip install triton")
         return module
     if module is not None and tensors and all(t.is_cuda for t in tensors if isinstance(t, Tensor)):
         return module
@@ -64,7 +78,7 @@ def _dispatch(name: str):
     @functools.wraps(ref)
     def call(*args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in args if isinstance(a, Tensor)]
-        impl = backend(*tensors)
+        impl = backend(*tensors, op=name)
         return getattr(impl, name)(*args, **kwargs)
 
     return call
@@ -88,6 +102,7 @@ __all__ = [
     "backend",
     "code_book",
     "code_midpoints",
+    "cuda_ext",
     "dequantize_blockwise",
     "dequantize_grouped",
     "dequantize_int4",
