@@ -1,8 +1,8 @@
 """Kernel throughput with pytest-benchmark: each op's reference, Triton kernel and CUDA extension
-(where it has the op) on the same device, in one run. Cases and byte counts: bench/kernels.py.
+(where it has the op) on the same device, in one run. Cases and byte counts: bench/kernel_throughput.py.
 
     pytest bench/test_kernel_throughput.py --benchmark-json=bench/results/kernels.json
-    python bench/kernels.py          # the same cases, interleaved, as a Markdown table with GB/s
+    python bench/kernel_throughput.py          # the same cases, interleaved, as a Markdown table with GB/s
 
 Each benchmark's extra_info holds the bytes it moves and its GB/s at the median. Without CUDA only
 the reference is timed: Triton on a CPU runs in its interpreter, which is no measure of speed.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import DEVICE, cases, implementations
+from kernel_throughput import DEVICE, cases, implementations
 
 NUMEL = 2**24 if DEVICE == "cuda" else 2**20
 CASES = cases(NUMEL)

@@ -30,6 +30,10 @@ PRESETS = {
     "apollo_mini": (lro.APOLLOMini, 1, {}, "apollo_torch"),
     "frugal": (lro.FRUGAL, RANK, {}, None),
     "fira": (lro.Fira, RANK, {}, "fira"),
+    # quantized storage: against AdamW only (bitsandbytes' 8-bit GaLore needs CUDA; q-galore-torch
+    # is not in our dev extra)
+    "galore8bit": (lro.GaLoreAdamW8bit, RANK, {}, None),
+    "qgalore": (lro.QGaLoreAdamW, RANK, {}, None),
 }
 
 

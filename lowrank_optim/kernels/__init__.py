@@ -7,7 +7,7 @@ pick one per call:
 
 * ``LRO_KERNELS=auto`` (the default): Triton when every tensor argument is on CUDA and Triton
   imports, else the reference. The CUDA C++ kernels are not picked by ``auto``: they were written
-  without a GPU to measure on, and ``auto`` takes them only for ops where bench/kernels.py shows
+  without a GPU to measure on, and ``auto`` takes them only for ops where bench/kernel_throughput.py shows
   they beat Triton (none yet; see csrc/README.md);
 * ``LRO_KERNELS=triton``: Triton always (on the CPU it needs ``TRITON_INTERPRET=1``: that is how
   the tests run the kernels here);

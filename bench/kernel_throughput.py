@@ -1,8 +1,8 @@
 """Throughput of every kernel op: Triton (and the CUDA C++ extension where it has the op) against the
 plain-torch reference on the same device, measured in one run.
 
-    python bench/kernels.py                     # a Markdown table for the README
-    python bench/kernels.py --numel 67108864    # elements per tensor (default 2^24 on CUDA, 2^20 on CPU)
+    python bench/kernel_throughput.py                     # a Markdown table for the README
+    python bench/kernel_throughput.py --numel 67108864    # elements per tensor (default 2^24 on CUDA, 2^20 on CPU)
 
 GB/s counts the bytes an op must read and write (inputs, outputs, per-block scales), divided by the
 median time of one call; each round calls every implementation once, in rotating order, so drift
