@@ -1,6 +1,5 @@
-"""The ``lowrank-optim`` command: ``list`` the methods, ``memory`` of a model under one of them.
-
-``pretrain`` and ``compare`` arrive with their issue.
+"""The ``lowrank-optim`` command: ``list`` the methods, ``memory`` of a model under one of them,
+``pretrain`` a LLaMA with one of them, ``compare`` several on the same data.
 """
 
 from __future__ import annotations
@@ -30,7 +29,10 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--optimizer", default="galore", help="adamw or a preset: galore, apollo, apollo_mini, frugal, fira, lowrank")
     mem.add_argument("--rank", type=int, default=None, help="rank of the projected weights (default 128; apollo_mini 1)")
     mem.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
-    mem.add_argument("--weights", choices=["bf16", "fp32"], default="bf16", help="weight (and gradient) dtype")
+    mem.add_argument("--weights", choices=["bf16", "fp32", "int8"], default="bf16",
+                     help="weight dtype (gradients bf16 for int8: the projected linear weights stored as INT8, Q-GaLore)")
+    mem.add_argument("--state-bits", type=int, choices=[32, 8], default=None,
+                     help="8: INT8 optimizer moments, ours and the baseline's (8-bit AdamW); default: the preset's own")
     mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
     mem.add_argument("--batch", type=int, default=None, help="batch size, for the activation estimate")
     mem.add_argument("--seq", type=int, default=None, help="sequence length, for the activation estimate")
@@ -38,7 +40,126 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--measure", action="store_true",
                      help="on CUDA, also run 3 real training steps of our optimizer (transformers' LLaMA) and report the measured peak")
     mem.add_argument("--json", action="store_true", help='print {"ours": {...}, "adamw": {...}} in bytes')
+    _add_train_parsers(sub)
     return parser
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags pretrain and compare share (see README "Pretraining")."""
+    p.add_argument("--config", required=True, help="a LlamaConfig JSON, e.g. configs/llama_tiny.json")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000); the schedule spans them")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process (default 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--data", default=None, metavar="PATH|c4",
+                   help="training text: a .txt/.jsonl file or a folder of them, or c4 (streamed, needs the network); "
+                        "default: the Python standard library's source, byte-level, offline")
+    p.add_argument("--tokenizer", default=None,
+                   help="Hugging Face tokenizer name or path for --data (default: bytes; t5-base for c4)")
+    p.add_argument("--layerwise", action="store_true", help="layer-wise updates inside the backward (lro.layerwise)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every decoder layer")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default: max-steps / 10)")
+    p.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per evaluation (default 32768)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: max-steps / 10)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this fraction of the lr (default 0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' global norm (default 1.0; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a terminal)")
+
+
+def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    pre = sub.add_parser(
+        "pretrain",
+        help="pretrain a LLaMA (transformers) from a config with one optimizer",
+        description="Pretrain transformers' LlamaForCausalLM from a config with adamw or one of our presets: "
+        "warmup + cosine schedule, clipping, held-out perplexity, DIR/metrics.jsonl, atomic checkpoints "
+        "(--resume continues exactly), DDP under torchrun.",
+    )
+    pre.add_argument("--optimizer", default="galore", help="adamw or a preset (lowrank-optim list); default galore")
+    pre.add_argument("--rank", type=int, default=None, help="rank of the projected weights (default: hidden size / 4; apollo_mini 1)")
+    pre.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the optimizer's, see README)")
+    pre.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0)")
+    pre.add_argument("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes (default 200)")
+    pre.add_argument("--scale", type=float, default=None, help="the low-rank update's scale (default: the preset's)")
+    pre.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
+    _add_training_flags(pre)
+    pre.add_argument("--out", default=None, help="folder for metrics.jsonl and checkpoint.pt (default runs/<config>-<optimizer>)")
+    pre.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    pre.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds a checkpoint")
+    pre.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: as --eval-every; 0: at the end only)")
+    pre.add_argument("--stop-at", type=int, default=None,
+                     help="stop after this step with a checkpoint (the schedule still spans --max-steps); --resume goes on")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="train several optimizers on the same data and seed; one table, compare.json, compare.png",
+        description="Train each optimizer on the same data from the same initial weights, print one table "
+        "(held-out loss and perplexity, tokens/s, optimizer state, peak memory) and write DIR/compare.json "
+        "and DIR/compare.png.",
+    )
+    cmp.add_argument("--optimizers", required=True,
+                     help="comma-separated names, each optionally with overrides: adamw,galore,apollo_mini:lr=0.02")
+    _add_training_flags(cmp)
+    cmp.add_argument("--out", default=None, help="folder for the results (default runs/compare-<config>)")
+
+
+def _train_args(args: argparse.Namespace, **extra):
+    from .train import TrainArgs
+
+    return TrainArgs(
+        config=args.config, max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        grad_accum=args.grad_accum, data=args.data, tokenizer=args.tokenizer, layerwise=args.layerwise,
+        checkpointing=args.checkpointing, dtype=args.dtype, device=args.device, eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+        max_grad_norm=args.max_grad_norm, seed=args.seed, progress=False if args.no_progress else None,
+        **extra,
+    )
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .train import pretrain
+
+    options = {"lr": args.lr, "rank": args.rank, "weight_decay": args.weight_decay,
+               "update_proj_gap": args.update_proj_gap, "scale": args.scale, "projector": args.projector}
+    out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{args.optimizer}")
+    a = _train_args(args, optimizer=args.optimizer, options={k: v for k, v in options.items() if v is not None},
+                    out=out, resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
+                    stop_at=args.stop_at)
+    result = pretrain(a)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.optimizer}: step {result.steps}, held-out loss {result.final_eval_loss:.4f}, perplexity "
+              f"{result.final_perplexity:.3f}, {result.tokens_per_s:,.0f} tokens/s; metrics and checkpoint in {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import compare, parse_optimizers
+
+    specs = parse_optimizers(args.optimizers)
+    out = args.out or str(Path("runs") / f"compare-{Path(args.config).stem}")
+    compare(_train_args(args), specs, out)
+    return 0
+
+
+def _run_train_command(name: str, fn, args: argparse.Namespace) -> int:
+    """Run pretrain/compare; bad input is one line on stderr and exit status 2."""
+    from .train import TrainError
+
+    try:
+        return fn(args)
+    except (TrainError, ValueError, FileNotFoundError) as err:
+        print(f"lowrank-optim {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowrank-optim {name}: interrupted (the last checkpoint, if any, is intact)", file=sys.stderr)
+        return 130
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -46,13 +167,13 @@ def _memory(args: argparse.Namespace) -> int:
 
     keys = {"projector": args.projector} if args.projector else {}
     report = memory.estimate(
-        args.config, args.optimizer, rank=args.rank, weights=args.weights, layerwise=args.layerwise,
+        args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
         batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, **keys,
     )
     measured = None
     if args.measure:
         measured = memory.measure_peak(
-            args.config, args.optimizer, rank=args.rank, weights=args.weights, layerwise=args.layerwise,
+            args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
             batch=args.batch or 1, seq=args.seq or 256, checkpointing=args.checkpointing, **keys,
         )
     if args.json:
@@ -101,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
             print(f"lowrank-optim memory: error: {err}", file=sys.stderr)
             return 2
+    if args.command == "pretrain":
+        return _run_train_command("pretrain", _pretrain, args)
+    if args.command == "compare":
+        return _run_train_command("compare", _compare, args)
     parser.print_help()
     return 0
 

@@ -3,16 +3,29 @@
 ``DEFAULTS`` holds each name's settings (learning rate, rank, refresh gap, scale, weight decay);
 anything passed to :func:`build_optimizer` overrides them. A preset added to ``lro.PRESETS`` later
 works at once with the ``"*"`` entry (the GaLore paper's low-rank settings) and needs a table entry
-only if it wants other defaults.
+only if it wants other defaults. A value may be a function of the model's hidden size (None when the
+model has no ``config.hidden_size``).
 
-``rank=None`` in the table means a quarter of the model's hidden size, the rule the GaLore paper's
-ranks follow (128/256/512/1024 for hidden 512/1024/2048/4096: LLaMA 60M/350M/1B/7B; its 130M model,
-hidden 768, uses 256 rather than 192); 32 for ``configs/llama_tiny.json``.
+Two regimes, by width:
+
+* **hidden >= 512** (``configs/llama_60m.json`` and up): the papers' own pretraining settings, from
+  their LLaMA 60M-7B scripts: AdamW lr 1e-3; GaLore lr 0.01, scale 0.25; APOLLO lr 0.01, scale 1;
+  APOLLO-Mini lr 0.01, rank 1, scale 128; FRUGAL lr 1e-3, scale 1, signSGD residual; Fira lr 0.01,
+  scale 0.25; all with refresh gap 200 and weight decay 0.
+* **hidden < 512** (``configs/llama_tiny.json``): the same, except where a sweep on llama_tiny found a
+  clearly better value (README, "Pretraining: defaults and tuning"): GaLore lr 0.03, APOLLO-Mini lr 0.03
+  with scale 4. Both keep the projected weights' step near the papers' relative size and raise the
+  shared lr, which on this model mostly speeds up the embeddings, output head and norms.
+
+``rank`` is a quarter of the hidden size in both, the rule the GaLore paper's ranks follow (128/256/
+512/1024 for hidden 512/1024/2048/4096; its 130M model, hidden 768, uses 256 rather than 192, and
+APOLLO uses the same ranks); 32 for llama_tiny.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,23 +35,44 @@ from .errors import TrainError
 
 # Constructor arguments; every other option is a key of the low-rank parameter group.
 _CONSTRUCTOR = ("lr", "weight_decay", "betas", "eps")
+#: Below this hidden size the llama_tiny-tuned values apply (LLaMA-60M, the papers' smallest, has 512).
+SMALL_WIDTH = 512
 
-#: Each optimizer's defaults (see the module docstring and README "Pretraining"). The learning
-#: rates were tuned on configs/llama_tiny.json (the README gives the sweep); the papers' values at
-#: LLaMA-60M and above are lr 1e-3 for AdamW and 1e-2 for the low-rank methods.
+
+def quarter_hidden(hidden: int | None) -> int:
+    """The default rank: hidden size // 4 (128 when the width is unknown)."""
+    return max(1, hidden // 4) if hidden else 128
+
+
+def by_width(small: Any, paper: Any) -> Callable[[int | None], Any]:
+    """``small`` for models narrower than LLaMA-60M (hidden < 512), else the paper's ``paper``."""
+
+    def pick(hidden: int | None) -> Any:
+        return small if hidden is not None and hidden < SMALL_WIDTH else paper
+
+    pick.small, pick.paper = small, paper  # for the README table and `lowrank-optim` listings
+    return pick
+
+
+_LOW_RANK = {"rank": quarter_hidden, "update_proj_gap": 200, "weight_decay": 0.0}
+
+#: Each optimizer's defaults (see the module docstring and README "Pretraining").
 DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-3, "weight_decay": 0.0},
-    # GaLore paper: lr 0.01, scale 0.25, gap 200, rank hidden/4.
-    "galore": {"lr": 1e-2, "rank": None, "update_proj_gap": 200, "scale": 0.25, "weight_decay": 0.0},
-    # APOLLO paper: lr 0.01, scale 1, gap 200, rank hidden/4; APOLLO-Mini rank 1, scale 128.
-    "apollo": {"lr": 1e-2, "rank": None, "update_proj_gap": 200, "scale": 1.0, "weight_decay": 0.0},
-    "apollo_mini": {"lr": 1e-2, "rank": 1, "update_proj_gap": 200, "scale": 128.0, "weight_decay": 0.0},
-    # FRUGAL and Fira: their papers' GaLore-like settings, scale 1.
-    "frugal": {"lr": 1e-2, "rank": None, "update_proj_gap": 200, "scale": 1.0, "weight_decay": 0.0},
-    "fira": {"lr": 1e-2, "rank": None, "update_proj_gap": 200, "scale": 1.0, "weight_decay": 0.0},
-    "lowrank": {"lr": 1e-2, "rank": None, "update_proj_gap": 200, "weight_decay": 0.0},
-    # Any preset without an entry of its own.
-    "*": {"lr": 1e-2, "rank": None, "update_proj_gap": 200, "weight_decay": 0.0},
+    "galore": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
+    # 8-bit GaLore and Q-GaLore: GaLore's settings, as in their papers. Q-GaLore's INT8 weights are not
+    # used by the training commands (the model stays in --dtype); its INT4 bases, lazy refresh and
+    # INT8 moments are.
+    "galore8bit": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
+    "qgalore": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
+    "apollo": {**_LOW_RANK, "lr": 1e-2, "scale": 1.0},
+    "apollo_mini": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "rank": 1, "scale": by_width(4.0, 128.0)},
+    # FRUGAL's signSGD residual moves every coordinate by lr per step, so it takes AdamW's lr
+    "frugal": {**_LOW_RANK, "lr": 1e-3, "scale": 1.0},
+    "fira": {**_LOW_RANK, "lr": 1e-2, "scale": 0.25},
+    "lowrank": {**_LOW_RANK, "lr": 1e-2},
+    # any preset without an entry of its own
+    "*": {**_LOW_RANK, "lr": 1e-2},
 }
 
 
@@ -59,8 +93,8 @@ def _hidden_size(model: nn.Module | None) -> int | None:
 
 def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any) -> dict[str, Any]:
     """The settings :func:`build_optimizer` would use: the table's entry, then ``options`` on top.
-    Options given as None are left at the default. ``rank=None`` resolves to the model's hidden
-    size // 4 (128 when the model has no ``config.hidden_size``)."""
+    Options given as None are left at the default; defaults that depend on the width are resolved
+    from ``model.config.hidden_size``."""
     from .. import PRESETS
 
     if name != "adamw" and name not in PRESETS:
@@ -71,11 +105,8 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
         extra = sorted(set(settings) - set(_CONSTRUCTOR))
         if extra:
             raise TrainError(f"adamw takes no low-rank options ({', '.join(extra)}); it has lr, weight_decay, betas, eps")
-        return settings
-    if settings.get("rank") is None:
-        hidden = _hidden_size(model)
-        settings["rank"] = max(1, hidden // 4) if hidden else 128
-    return settings
+    hidden = _hidden_size(model)
+    return {k: (v(hidden) if callable(v) else v) for k, v in settings.items()}
 
 
 def build_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.Optimizer:

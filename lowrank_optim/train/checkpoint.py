@@ -1,0 +1,164 @@
+"""Checkpoints of a training run: one file, ``DIR/checkpoint.pt``, replaced atomically.
+
+A checkpoint holds everything the next step depends on, as tensors and plain values only (it loads
+with ``torch.load(weights_only=True)``):
+
+* ``model``: the model's ``state_dict()``;
+* ``optimizer`` and ``scheduler``: their ``state_dict()`` (our optimizers keep projector state as
+  tensors, so GaLore's bases and APOLLO's seeds resume exactly);
+* ``step`` (optimizer steps taken) and ``position`` (global training sequences consumed);
+* ``rng``: torch's CPU generator (and CUDA's, per device, when present), Python's ``random`` and
+  NumPy's global generator;
+* ``run``: the settings that define the trajectory (config, optimizer and its options, data, seed,
+  batch and sequence sizes, schedule, dtype, world size), compared field by field on ``--resume``;
+* ``format`` and ``version``, to refuse files that are not ours.
+
+Saving writes a temporary file in the same folder (``.checkpoint.pt.<random>.tmp``), flushes and
+fsyncs it, then ``os.replace``-s it over ``checkpoint.pt``: a reader sees the old file or the new
+one, never a partial one, and a save that fails (full disk, an exception midway) removes its
+temporary file and leaves the existing checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import zipfile
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = "lowrank-optim pretrain checkpoint"
+VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator's state, as tensors and plain values."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"]).astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    If anything fails before the replace, the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with suppress(OSError):  # mkstemp makes it 0600; give it an ordinary file's mode
+            os.chmod(tmp, 0o666 & ~umask())
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        with suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_atomic` from a training run, checked for our format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {str(path)!r} (nothing to resume; drop --resume to start)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt (truncated, or not a torch.save file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's weights-only refusals put the reason on a line of its own
+        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt or unreadable ({reason[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"--resume: {str(path)!r} is not a lowrank-optim pretrain checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"--resume: {str(path)!r} has checkpoint version {ckpt.get('version')!r}; this "
+                              f"lowrank-optim reads version {VERSION}")
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "position", "rng", "run") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} lacks {', '.join(missing)}")
+    return ckpt
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse to resume a checkpoint whose trajectory-defining settings differ from this run's."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+        elif a != b:
+            diffs.append(f"{where}: checkpoint {_short(a)}, now {_short(b)}")
+
+    walk(saved, current, "")
+    if diffs:
+        raise CheckpointError(
+            f"--resume: the checkpoint {str(path)!r} is from a different run ({'; '.join(diffs[:3])}"
+            f"{'; ...' if len(diffs) > 3 else ''}); resume with the same settings or use another --out"
+        )
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "check_same_run", "load", "rng_state", "save_atomic", "set_rng_state"]

@@ -1,0 +1,191 @@
+"""``lowrank-optim compare``: several optimizers trained on the same data from the same initial
+weights, one table, ``compare.json`` and ``compare.png``.
+
+Each entry of ``--optimizers`` is a name from :func:`lowrank_optim.train.available` with optional
+overrides of its defaults, ``name:key=value:key=value`` (``galore:lr=0.02:rank=16``); the entry as
+written labels its row. Each run writes ``DIR/<label>/metrics.jsonl`` and no checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from .data import Corpus, local_corpus, stdlib_corpus
+from .errors import TrainError
+from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
+from .optimizers import available, optimizer_settings
+
+MIB = 2**20
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """``"adamw,galore:lr=0.02"`` -> ``[("adamw", "adamw", {}), ("galore:lr=0.02", "galore", {"lr": 0.02})]``."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise TrainError(f"--optimizers is empty; give a comma-separated list of: {', '.join(available())}")
+    out, seen = [], set()
+    for entry in entries:
+        name, *pairs = entry.split(":")
+        options = {}
+        for pair in pairs:
+            key, eq, val = pair.partition("=")
+            if not eq or not key:
+                raise TrainError(f"--optimizers: {entry!r}: options are written name:key=value, got {pair!r}")
+            options[key.replace("-", "_")] = _value(val)
+        optimizer_settings(name, None, **options)  # unknown names fail here, listing the valid ones
+        if entry in seen:
+            raise TrainError(f"--optimizers names {entry!r} twice")
+        seen.add(entry)
+        out.append((entry, name, options))
+    return out
+
+
+def table(results: list[RunResult], baseline: str = "adamw") -> str:
+    """The results as a Markdown table; ``vs adamw`` is each held-out loss over AdamW's."""
+    base = next((r.final_eval_loss for r in results if r.label == baseline), None)
+    head = ["optimizer", "lr", "rank", "held-out loss", f"vs {baseline}", "perplexity", "tokens/s",
+            "optimizer state (MiB)", "peak memory (MiB)"]
+    rows = []
+    for r in results:
+        rank = r.settings.get("rank")
+        rows.append([
+            r.label,
+            f"{r.settings.get('lr'):g}",
+            "-" if rank is None else str(rank),
+            f"{r.final_eval_loss:.4f}",
+            f"{r.final_eval_loss / base:.3f}" if base else "-",
+            f"{r.final_perplexity:.3f}",
+            f"{r.tokens_per_s:,.0f}",
+            f"{r.state_bytes / MIB:.3f}",
+            "n/a" if r.peak_memory is None else f"{r.peak_memory / MIB:.1f}",
+        ])
+    right = {1, 2, 3, 4, 5, 6, 7, 8}
+    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(results: list[RunResult], path: Path, title: str) -> bool:
+    """Training loss (moving average) and held-out loss per optimizer; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn('compare.png not written: matplotlib is missing (pip install "lowrank-optim[train]")', stacklevel=2)
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    steps_max = max((r.curve[-1][0] for r in results if r.curve), default=1)
+    window = max(1, steps_max // 40)
+    top = []
+    for r in results:
+        if not r.curve:
+            continue
+        steps = [s for s, _ in r.curve]
+        smooth = _smooth([v for _, v in r.curve], window)
+        left.plot(steps, smooth, label=r.label, linewidth=1.2)
+        tail = [v for s, v in zip(steps, smooth) if s >= steps_max * 0.15]
+        if tail:
+            top.append(max(tail))
+        right.plot([s for s, _ in r.evals], [v for _, v in r.evals], marker="o", markersize=3, label=r.label)
+    if top:
+        lows = [min(_smooth([v for _, v in r.curve], window)) for r in results if r.curve]
+        left.set_ylim(min(lows) - 0.05 * (max(top) - min(lows)), max(top))
+    left.set(title=f"training loss (moving average of {window} steps)", xlabel="step", ylabel="loss (nats/token)")
+    evals = [v for r in results for s, v in r.evals if s >= steps_max * 0.15]
+    if evals:
+        span = max(evals) - min(evals)
+        right.set_ylim(min(evals) - 0.05 * span - 1e-3, max(evals) + 0.05 * span + 1e-3)
+    right.set(title="held-out loss", xlabel="step", ylabel="loss (nats/token)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, Any]]], out: str | Path,
+            log: Callable[[str], None] | None = None) -> list[RunResult]:
+    """Train each optimizer from ``base`` (same data, seed, schedule and sizes), print the table,
+    and write ``out/compare.json`` and ``out/compare.png``."""
+    specs = parse_optimizers(optimizers) if isinstance(optimizers, str) else optimizers
+    out = Path(out)
+    say = log if log is not None else (lambda s: print(s, file=sys.stderr))
+    rank = distributed()[0]
+    corpus: Corpus | None = None
+    results = []
+    with process_group():
+        if base.data != "c4":
+            if base.data is None:
+                corpus = stdlib_corpus()
+            else:
+                corpus = local_corpus(base.data, base.tokenizer)
+        for label, name, options in specs:
+            args = replace(base, optimizer=name, options={**base.options, **options}, out=str(out / _dirname(label)),
+                           save=False, resume=False, overwrite=True, label=label)
+            results.append(pretrain(args, corpus=corpus, log=say))
+    if rank != 0:
+        return results
+    text = table(results)
+    print(text)
+    cfg = base.config if isinstance(base.config, str) else "config"
+    settings = {k: v for k, v in asdict(base).items() if k not in ("options", "out", "resume", "overwrite", "save", "label", "progress", "stop_at")}
+    doc = {"settings": settings, "table": text, "runs": []}
+    for r in results:
+        d = r.to_dict()
+        summary = {k: d.pop(k) for k in ("final_eval_loss", "final_perplexity", "tokens_per_s", "state_bytes", "peak_memory", "train_seconds", "steps")}
+        doc["runs"].append({**d, "summary": summary})
+    (out / "compare.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    title = f"{Path(cfg).stem if isinstance(cfg, str) else cfg}: {base.max_steps} steps, batch {base.batch_size}x{base.seq_len}"
+    if base.grad_accum > 1:
+        title += f"x{base.grad_accum}"
+    if plot(results, out / "compare.png", title):
+        say(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+    else:
+        say(f"wrote {out / 'compare.json'}")
+    return results
+
+
+def _dirname(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-=" else "_" for c in label)
+
+
+__all__ = ["compare", "parse_optimizers", "plot", "table"]

@@ -1,0 +1,512 @@
+"""The pretraining loop: transformers' LlamaForCausalLM from a config, one optimizer, one data source.
+
+:func:`pretrain` runs ``lowrank-optim pretrain`` (and each run of ``compare``): warmup then cosine
+decay to ``min_lr_ratio`` of the peak, gradient clipping, gradient accumulation, held-out
+perplexity every ``eval_every`` steps, ``DIR/metrics.jsonl`` (one JSON object a step), atomic
+checkpoints that resume bit for bit on CPU, DDP under ``torchrun``, layer-wise updates, activation
+checkpointing and bf16 weights.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes ``batch_size`` sequences of every
+micro-batch: step ``t`` consumes the global sequences ``position .. position + batch_size *
+grad_accum * world_size - 1``, micro-batch ``m`` of rank ``r`` the ``batch_size`` of them starting at
+``position + (m * world_size + r) * batch_size``; the loss is averaged over ranks for logging;
+evaluation is sharded over ranks and summed; rank 0 writes the metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_io
+from .data import Corpus, c4_sources, local_corpus, stdlib_corpus
+from .errors import TrainError, require
+from .optimizers import build_optimizer, optimizer_settings, state_bytes
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainArgs:
+    """Settings of one training run; the CLI flags map one to one (``--batch-size`` is ``batch_size``)."""
+
+    config: str | dict[str, Any]
+    optimizer: str = "galore"
+    options: dict[str, Any] = field(default_factory=dict)  # build_optimizer options: lr, rank, ...
+    max_steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    data: str | None = None
+    tokenizer: str | None = None
+    layerwise: bool = False
+    checkpointing: bool = False
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # None: cuda (this process's LOCAL_RANK) when available, else cpu
+    eval_every: int | None = None  # None: a tenth of max_steps
+    eval_tokens: int = 32768
+    save_every: int | None = None  # None: as eval_every; 0: only at the end
+    warmup: int | None = None  # None: a tenth of max_steps
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    seed: int = 0
+    stop_at: int | None = None  # stop (and save) after this step; the schedule still spans max_steps
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    save: bool = True  # False: no checkpoints (compare)
+    label: str | None = None  # shown in the progress bar
+
+
+@dataclass
+class RunResult:
+    """What a run measured (``compare`` tabulates these)."""
+
+    label: str
+    optimizer: str
+    settings: dict[str, Any]
+    steps: int
+    curve: list[tuple[int, float]]  # (step, training loss) of the steps this invocation ran
+    evals: list[tuple[int, float]]  # (step, held-out loss)
+    final_eval_loss: float
+    tokens_per_s: float
+    state_bytes: int
+    peak_memory: int | None  # CUDA peak allocated bytes; None on CPU
+    train_seconds: float
+    out: str | None
+
+    @property
+    def final_perplexity(self) -> float:
+        return math.exp(self.final_eval_loss) if self.final_eval_loss < 700 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["final_perplexity"] = self.final_perplexity
+        return d
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_args(a: TrainArgs) -> None:
+    def positive(name: str, v: Any, zero_ok: bool = False) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= {0 if zero_ok else 1}, got {v!r}")
+
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_tokens"):
+        positive(name, getattr(a, name))
+    for name in ("eval_every", "save_every", "warmup", "stop_at"):
+        if getattr(a, name) is not None:
+            positive(name, getattr(a, name), zero_ok=name in ("save_every", "warmup"))
+    if not 0.0 <= a.min_lr_ratio <= 1.0:
+        raise TrainError(f"--min-lr-ratio must be in [0, 1], got {a.min_lr_ratio}")
+    if not (a.max_grad_norm >= 0 and math.isfinite(a.max_grad_norm)):
+        raise TrainError(f"--max-grad-norm must be >= 0 (0: no clipping), got {a.max_grad_norm}")
+    if a.dtype is not None and a.dtype not in DTYPES:
+        raise TrainError(f"--dtype must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
+    if a.resume and a.overwrite:
+        raise TrainError("--resume and --overwrite contradict each other: pick one")
+
+
+def schedule(warmup: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """The lr multiplier of update ``s`` (0-based): linear warmup ``(s+1)/warmup`` over the first
+    ``warmup`` updates, then cosine from 1 down to ``min_ratio`` at the last update."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        span = max_steps - 1 - warmup
+        if span <= 0:
+            return 1.0
+        progress = min(1.0, (s - warmup) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lm_loss(model: Any, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (in float32) of a ``[batch, seq + 1]`` token tensor."""
+    logits = model(input_ids=tokens[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction=reduction)
+
+
+def build_model(config: dict[str, Any], seed: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """``LlamaForCausalLM(config)`` initialised from ``seed``, created on ``device`` in ``dtype``."""
+    transformers = require("transformers", "training a LLaMA (LlamaForCausalLM)")
+    try:
+        cfg = transformers.LlamaConfig.from_dict(dict(config))
+    except Exception as err:
+        raise TrainError(f"not a valid LlamaConfig: {err}") from None
+    cfg.use_cache = False
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _memory_now(device: torch.device) -> tuple[int | None, str]:
+    """(CUDA peak allocated bytes or None, a short text for the progress bar)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak, f"{peak / 2**20:.0f}MiB"
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = rss if sys.platform == "darwin" else rss * 1024
+        return None, f"{rss / 2**20:.0f}MiB rss"
+    except (ImportError, OSError):
+        return None, "n/a"
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def process_group() -> Any:
+    """Initialise torch.distributed under torchrun (nccl with CUDA, gloo without) for the block, if
+    it is not already; tear it down after if this block started it."""
+    _, world, local = distributed()
+    own = world > 1 and not (dist.is_available() and dist.is_initialized())
+    if own:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        if own and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_data(a: TrainArgs, corpus: Corpus | None = None) -> tuple[Any, torch.Tensor, int, dict[str, Any], str]:
+    """(training sequences, held-out windows, vocab needed, data spec, description)."""
+    if a.data == "c4":
+        seqs, held, vocab, spec = c4_sources(a.tokenizer, a.seq_len, a.seed, a.eval_tokens)
+        return seqs, held, vocab, spec, f"allenai/c4 en (streamed), tokenizer {spec['tokenizer']}"
+    if corpus is None:
+        if a.data is None:
+            if a.tokenizer not in (None, "bytes"):
+                raise TrainError("--tokenizer applies to --data PATH or c4; the default corpus is byte-level")
+            corpus = stdlib_corpus()
+        else:
+            corpus = local_corpus(a.data, a.tokenizer)
+    return (corpus.sequences(a.seq_len, a.seed), corpus.heldout_sequences(a.seq_len, a.eval_tokens),
+            corpus.vocab_needed, corpus.spec, corpus.name)
+
+
+def _prepare_out(out: Path, a: TrainArgs) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {str(out)!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise TrainError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
+    if a.save and not a.resume and not a.overwrite and (out / ckpt_io.CHECKPOINT_NAME).exists():
+        raise TrainError(f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue that run, "
+                         "--overwrite to start a new one there, or choose another --out")
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """Keep the records of steps <= ``upto`` (those a resumed run does not repeat), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
+            kept.append(line)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~ckpt_io.umask())
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, heldout: torch.Tensor, batch: int, device: torch.device) -> float:
+    """Mean next-token loss over the held-out windows (sharded over ranks under torchrun)."""
+    rank, world, _ = distributed() if dist.is_available() and dist.is_initialized() else (0, 1, 0)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(rank * batch, len(heldout), world * batch):
+        x = heldout[i: i + batch].to(device)
+        total[0] += lm_loss(model, x, reduction="sum").double()
+        total[1] += x[:, 1:].numel()
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+# --------------------------------------------------------------------------- the run
+def pretrain(a: TrainArgs, *, corpus: Corpus | None = None, log: Callable[[str], None] | None = None) -> RunResult:
+    """Train as ``a`` says (see :class:`TrainArgs` and the module doc); returns what it measured.
+
+    ``corpus`` reuses already-loaded data (``compare`` loads it once). Bad input raises
+    :class:`TrainError` with a one-line message.
+    """
+    from ..models import load_config
+
+    _check_args(a)
+    with process_group():
+        return _pretrain(a, load_config(a.config), corpus, log)
+
+
+def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: Callable[[str], None] | None) -> RunResult:
+    rank, world, local = distributed()
+    is_main = rank == 0
+    say = log if log is not None else (lambda s: print(s, file=sys.stderr))
+    say = say if is_main else (lambda s: None)
+
+    # ---- device, dtype, output folder
+    if a.device is not None:
+        device = torch.device(a.device)
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    dtype_name = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    out = Path(a.out) if a.out is not None else None
+    if out is None and (a.save or a.resume):
+        raise TrainError("give --out DIR for the metrics and checkpoints")
+    if out is not None:
+        _prepare_out(out, a)
+
+    # ---- config and data
+    vocab = int(config["vocab_size"])
+    max_pos = config.get("max_position_embeddings")
+    if max_pos is not None and a.seq_len > int(max_pos):
+        raise TrainError(f"--seq-len {a.seq_len} exceeds the config's max_position_embeddings {max_pos}")
+    optimizer_settings(a.optimizer, None, **a.options)  # an unknown optimizer fails before the data loads
+    seqs, heldout, vocab_needed, data_spec, data_name = load_data(a, corpus)
+    if vocab < vocab_needed:
+        raise TrainError(f"the config's vocab_size {vocab} does not fit the tokenizer "
+                         f"({data_spec.get('tokenizer')}: ids up to {vocab_needed - 1}); use a config with "
+                         f"vocab_size >= {vocab_needed}")
+
+    # ---- model, optimizer, schedule (every generator seeded, so every optimizer starts alike)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    model = build_model(config, a.seed, dtype, device)
+    if a.checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    model.train()
+    opt = build_optimizer(a.optimizer, model, **a.options)
+    settings = _jsonable(optimizer_settings(a.optimizer, model, **a.options))
+    warmup = a.warmup if a.warmup is not None else a.max_steps // 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(warmup, a.max_steps, a.min_lr_ratio))
+    eval_every = a.eval_every or max(1, a.max_steps // 10)
+    save_every = a.save_every if a.save_every is not None else eval_every
+    run_spec = {
+        "config": json.dumps(config, sort_keys=True),
+        "optimizer": a.optimizer,
+        "options": settings,
+        "data": _jsonable(data_spec),
+        "seed": a.seed,
+        "batch_size": a.batch_size,
+        "seq_len": a.seq_len,
+        "grad_accum": a.grad_accum,
+        "world_size": world,
+        "max_steps": a.max_steps,
+        "warmup": warmup,
+        "min_lr_ratio": a.min_lr_ratio,
+        "max_grad_norm": a.max_grad_norm,
+        "dtype": dtype_name,
+    }
+
+    # ---- resume
+    step, position = 0, 0
+    ckpt_path = out / ckpt_io.CHECKPOINT_NAME if out is not None else None
+    if a.resume:
+        saved = ckpt_io.load(ckpt_path)
+        ckpt_io.check_same_run(saved["run"], run_spec, ckpt_path)
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ckpt_io.CheckpointError(f"--resume: the checkpoint {str(ckpt_path)!r} does not fit this model and "
+                                          f"optimizer ({first[:160]})") from None
+        step, position = int(saved["step"]), int(saved["position"])
+        ckpt_io.set_rng_state(saved["rng"])
+        say(f"resumed from {ckpt_path} at step {step}")
+        del saved
+    say(f"data: {data_name}")
+    metrics_path = out / METRICS_NAME if out is not None else None
+    if metrics_path is not None and is_main:
+        if a.resume:
+            _rewrite_metrics(metrics_path, step)
+        else:
+            metrics_path.write_text("")
+
+    # ---- wrappers: DDP, layer-wise
+    ddp = None
+    forward_model: Any = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        forward_model = ddp
+    handle = None
+    if a.layerwise:
+        from ..layerwise import layerwise
+
+        handle = layerwise(forward_model, opt, accumulation_steps=a.grad_accum,
+                           max_grad_norm=a.max_grad_norm if a.max_grad_norm > 0 else None)
+    params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's order (as layerwise)
+
+    # ---- loop
+    last = min(a.max_steps, a.stop_at) if a.stop_at is not None else a.max_steps
+    per_step = a.batch_size * a.grad_accum * world
+    tokens_per_step = per_step * a.seq_len
+    eval_batch = max(1, a.batch_size)
+    curve: list[tuple[int, float]] = []
+    evals: list[tuple[int, float]] = []
+    train_seconds = 0.0
+    trained_tokens = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = None
+    show = a.progress if a.progress is not None else sys.stderr.isatty()
+    if is_main and show and last > step:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=last, initial=step, desc=a.label or a.optimizer, dynamic_ncols=True, leave=True)
+    metrics_file = open(metrics_path, "a") if metrics_path is not None and is_main else None  # noqa: SIM115
+
+    def save(at: int) -> None:
+        if not (a.save and is_main and ckpt_path is not None):
+            return
+        obj = {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": at, "position": position,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": ckpt_io.rng_state(), "run": run_spec,
+        }
+        try:
+            ckpt_io.save_atomic(obj, ckpt_path)
+        except OSError as err:
+            raise TrainError(f"could not save the checkpoint to {str(ckpt_path)!r} ({err.strerror or err}); "
+                             "the previous checkpoint is unchanged") from None
+
+    try:
+        while step < last:
+            t0 = time.perf_counter()
+            lr = float(opt.param_groups[0]["lr"])
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for m in range(a.grad_accum):
+                x = seqs.get(position + (m * world + rank) * a.batch_size, a.batch_size)
+                if int(x.max()) >= vocab:
+                    raise TrainError(f"the data holds token id {int(x.max())}, outside the config's vocab_size {vocab}")
+                x = x.to(device, non_blocking=True)
+                if handle is not None:
+                    with handle.no_sync():
+                        loss = lm_loss(forward_model, x)
+                        handle.backward(loss / a.grad_accum)
+                else:
+                    sync = ddp is None or m == a.grad_accum - 1
+                    with contextlib.nullcontext() if sync else ddp.no_sync():
+                        loss = lm_loss(forward_model, x)
+                        (loss / a.grad_accum).backward()
+                loss_sum += loss.detach().double()
+            if handle is None:
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                grad_norm = handle.last_grad_norm
+            sched.step()
+            step += 1
+            position += per_step
+            mean_loss = loss_sum / a.grad_accum
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            loss_value = float(mean_loss)
+            if not math.isfinite(loss_value):
+                raise TrainError(f"the training loss is {loss_value} at step {step}; lower --lr (now {a.options.get('lr') or settings.get('lr')})")
+            elapsed = time.perf_counter() - t0
+            train_seconds += elapsed
+            trained_tokens += tokens_per_step
+            peak, mem_text = _memory_now(device)
+            rec: dict[str, Any] = {
+                "step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / elapsed,
+                "tokens": step * tokens_per_step,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+            }
+            if peak is not None:
+                rec["peak_memory_bytes"] = peak
+            curve.append((step, loss_value))
+            if step % eval_every == 0 or step == last:
+                ev = evaluate(model, heldout, eval_batch, device)
+                evals.append((step, ev))
+                rec["eval_loss"] = ev
+                rec["eval_ppl"] = math.exp(ev) if ev < 700 else float("inf")
+                msg = f"{a.label or a.optimizer} step {step}: loss {loss_value:.4f}, held-out loss {ev:.4f}, perplexity {rec['eval_ppl']:.2f}"
+                if bar is not None:
+                    bar.write(msg)
+                else:
+                    say(msg)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            if bar is not None:
+                bar.set_postfix_str(f"loss {loss_value:.3f} | {tokens_per_step / elapsed:,.0f} tok/s | mem {mem_text}", refresh=False)
+                bar.update(1)
+            if (save_every and step % save_every == 0) or step == last:
+                save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if handle is not None:
+            handle.remove()
+
+    if not evals:  # resumed at the end, or stopped before any evaluation
+        evals.append((step, evaluate(model, heldout, eval_batch, device)))
+    peak, _ = _memory_now(device)
+    return RunResult(
+        label=a.label or a.optimizer, optimizer=a.optimizer, settings=settings, steps=step, curve=curve,
+        evals=evals, final_eval_loss=evals[-1][1],
+        tokens_per_s=trained_tokens / train_seconds if train_seconds > 0 else float("nan"),
+        state_bytes=state_bytes(opt), peak_memory=peak, train_seconds=train_seconds,
+        out=str(out) if out is not None else None,
+    )
+
+
+__all__ = ["DTYPES", "RunResult", "TrainArgs", "build_model", "evaluate", "lm_loss", "pretrain", "process_group", "schedule"]
