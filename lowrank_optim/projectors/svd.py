@@ -71,9 +71,11 @@ class SVDProjector(Projector):
         rows, cols = (m, self.rank) if side == "left" else (self.rank, n)
         basis = torch.zeros(rows, cols, dtype=self.basis_dtype(dtype), device=device)
         if self.bits == 4:
+            from ..kernels import GROUP
             from ..quant.tensors import Int4Tensor
 
-            n_el, group = rows * cols, 256
+            # built by hand: the quantizer cannot run on the meta device the memory report uses
+            n_el, group = rows * cols, GROUP
             groups = -(-n_el // group)
             stored = Int4Tensor(
                 torch.zeros(-(-n_el // 2), dtype=torch.uint8, device=device),
