@@ -4,7 +4,7 @@
 >>> opt = lro.GaLoreAdamW(lro.param_groups(model, rank=128, update_proj_gap=200, scale=0.25), lr=1e-2)
 """
 
-from . import kernels, memory, projectors, quant
+from . import kernels, memory, projectors, quant, rules
 from ._version import __version__
 from .groups import param_groups
 from .layerwise import layerwise
@@ -13,11 +13,13 @@ from .optim import (
     FRUGAL,
     APOLLOMini,
     Fira,
+    GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
     LowRankAdamW,
     QGaLoreAdamW,
     RankFallbackWarning,
+    SUMO,
 )
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
@@ -30,6 +32,8 @@ PRESETS = {
     "apollo_mini": APOLLOMini,
     "frugal": FRUGAL,
     "fira": Fira,
+    "galore_adafactor": GaLoreAdafactor,
+    "sumo": SUMO,
     "lowrank": LowRankAdamW,
 }
 
@@ -39,12 +43,14 @@ __all__ = [
     "PRESETS",
     "APOLLOMini",
     "Fira",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
     "RankFallbackWarning",
+    "SUMO",
     "__version__",
     "kernels",
     "layerwise",
@@ -53,4 +59,5 @@ __all__ = [
     "projectors",
     "quant",
     "quantize_model_int8",
+    "rules",
 ]

@@ -112,4 +112,10 @@ PRESET_CASES = [
     ("apollo-8bit", lro.APOLLO, {"state_bits": 8, "min_8bit_size": 0}),
     ("frugal-8bit-rsvd4", lro.FRUGAL, {"state_bits": 8, "min_8bit_size": 0, "projector": "rsvd", "proj_bits": 4}),
     ("galore-8bit-rotate", lro.GaLoreAdamW, {"state_bits": 8, "min_8bit_size": 0, "on_refresh": "rotate"}),
+    # inner rules beyond Adam
+    ("galore_adafactor", lro.GaLoreAdafactor, {}),
+    ("adafactor-momentum-rotate", lro.GaLoreAdafactor, {"momentum": 0.9, "on_refresh": "rotate"}),
+    ("sumo", lro.SUMO, {}),
+    ("sumo-newton-schulz", lro.SUMO, {"orthogonalize": "newton_schulz", "nesterov": True}),
+    ("apollo-adafactor", lro.APOLLO, {"rule": "adafactor"}),
 ]

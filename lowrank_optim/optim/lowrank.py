@@ -41,7 +41,7 @@ from .. import projectors as _projectors
 from ..projectors import PROJ_TYPES, NonFiniteGradientError, Projector
 from ..projectors.random_proj import mix_seed
 from ..quant.weights import Int8Weight
-from ..rules import adam_direction, adamw_plain
+from ..rules import RULES, adafactor, adam_direction, adamw_plain, orthogonal
 from . import policies
 from .policies import ON_REFRESH, REFRESH, RESIDUAL, SCALING
 
@@ -173,6 +173,30 @@ def check_hyperparameters(group: dict[str, Any], where: str) -> None:
              f"projections need one of {', '.join(n for n, c in sorted(_projectors.REGISTRY.items()) if getattr(c, 'quantizable', False))}")
     if group["stochastic_rounding"] not in (None, True, False):
         fail("stochastic_rounding", "choose None (INT8 weights only), True (also bf16 weights) or False (round to nearest)")
+    rule = group["rule"]
+    if rule not in RULES:
+        fail("rule", f"choose one of {', '.join(RULES)}")
+    if rule != "adam" and group["state_bits"] == 8:
+        fail("state_bits", f"INT8 states are built for Adam's two moments; rule={rule!r} keeps "
+             f"{'row and column statistics' if rule == 'adafactor' else 'one momentum'} in float32. "
+             "Use state_bits=32 with this rule, or rule='adam'")
+    momentum = group["momentum"]
+    if momentum is not None and (not _is_number(momentum) or not 0.0 <= float(momentum) < 1.0):
+        fail("momentum", "the momentum (first-moment) coefficient must be in [0, 1), or None for the rule's default "
+             f"(orthogonal: {orthogonal.DEFAULT_MOMENTUM}; adafactor: no first moment)")
+    if group["nesterov"] not in (True, False):
+        fail("nesterov", "choose True or False")
+    if group["orthogonalize"] not in orthogonal.METHODS:
+        fail("orthogonalize", f"choose one of {', '.join(orthogonal.METHODS)}")
+    steps = group["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+        fail("ns_steps", "the number of Newton-Schulz iterations must be an integer in [1, 100) (Muon uses 5)")
+    decay = group["beta2_decay"]
+    if not _is_number(decay) or not -math.inf < float(decay) <= 0.0:
+        fail("beta2_decay", "Adafactor's decay exponent c (beta2_t = 1 - t^c) must be a finite number <= 0 (the paper uses -0.8)")
+    clip = group["clip_threshold"]
+    if not _is_number(clip) or not 0.0 < float(clip) < math.inf:
+        fail("clip_threshold", "Adafactor's update clipping threshold d must be a finite number > 0 (the paper uses 1)")
 
 
 class LowRankAdamW(Optimizer):
@@ -206,6 +230,17 @@ class LowRankAdamW(Optimizer):
         stochastic_rounding: how updates are written into low-precision weights: ``None`` rounds
             INT8 weights (``lro.quantize_model_int8``) stochastically and bf16 weights to nearest;
             ``True`` rounds both stochastically; ``False`` both to nearest.
+        rule: the inner rule on the low-rank tensor: ``adam``, ``adafactor`` (factored second
+            moment, update clipping; plain parameters of the group get Adafactor too) or
+            ``orthogonal`` (one momentum, orthogonalized; plain parameters stay AdamW, as Muon
+            advises). See ``lro.rules``.
+        momentum: the rule's first-moment coefficient: ``orthogonal``'s μ (None: 0.95), or
+            ``adafactor``'s optional β₁ (None: no first moment). Adam uses ``betas``.
+        nesterov: ``orthogonal`` orthogonalizes R + μM instead of M (torch.optim.Muon's default).
+        orthogonalize: ``svd`` (exact U Vᵀ, SUMO) or ``newton_schulz`` (Muon's 5-step iteration,
+            ``ns_steps``).
+        beta2_decay, clip_threshold: Adafactor's decay exponent c (β̂₂ₜ = 1 − t^c, −0.8) and update
+            clipping threshold d (1.0); its ε₁ is ``eps``.
         Method keys left at ``<preset default>`` take the class's ``method_defaults()``.
         foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
             at a time; both give the same numbers on CPU).
@@ -231,6 +266,13 @@ class LowRankAdamW(Optimizer):
         min_8bit_size=4096,
         proj_bits=32,
         stochastic_rounding=None,
+        rule="adam",
+        momentum=None,
+        nesterov=False,
+        orthogonalize="svd",
+        ns_steps=5,
+        beta2_decay=-0.8,
+        clip_threshold=1.0,
     )
 
     def __init__(
@@ -257,6 +299,13 @@ class LowRankAdamW(Optimizer):
         min_8bit_size: int = PRESET_DEFAULT,
         proj_bits: int = PRESET_DEFAULT,
         stochastic_rounding: bool | None = PRESET_DEFAULT,
+        rule: str = PRESET_DEFAULT,
+        momentum: float | None = PRESET_DEFAULT,
+        nesterov: bool = PRESET_DEFAULT,
+        orthogonalize: str = PRESET_DEFAULT,
+        ns_steps: int = PRESET_DEFAULT,
+        beta2_decay: float = PRESET_DEFAULT,
+        clip_threshold: float = PRESET_DEFAULT,
         foreach: bool | None = None,
     ) -> None:
         given = dict(
@@ -275,6 +324,13 @@ class LowRankAdamW(Optimizer):
             min_8bit_size=min_8bit_size,
             proj_bits=proj_bits,
             stochastic_rounding=stochastic_rounding,
+            rule=rule,
+            momentum=momentum,
+            nesterov=nesterov,
+            orthogonalize=orthogonalize,
+            ns_steps=ns_steps,
+            beta2_decay=beta2_decay,
+            clip_threshold=clip_threshold,
         )
         method = {**self.method_defaults(), **{k: v for k, v in given.items() if v is not PRESET_DEFAULT}}
         defaults = dict(
@@ -292,7 +348,7 @@ class LowRankAdamW(Optimizer):
         if not any(g["rank"] is not None for g in self.param_groups):
             warnings.warn(
                 f"{type(self).__name__}: no parameter group sets 'rank', so every parameter is "
-                "updated as plain AdamW. Build the groups with lro.param_groups(model, rank=...) "
+                f"updated without projection (plain {'Adafactor' if self.defaults['rule'] == 'adafactor' else 'AdamW'}). Build the groups with lro.param_groups(model, rank=...) "
                 "or pass rank= to the optimizer.",
                 RankFallbackWarning,
                 stacklevel=2,
@@ -340,6 +396,18 @@ class LowRankAdamW(Optimizer):
                     f"{type(self).__name__} param group {index}: parameter {name} is complex; "
                     "only real floating-point parameters are supported"
                 )
+        if merged["rule"] == "orthogonal" and merged["rank"] is not None:
+            for k, item in enumerate(params):
+                tensor = item[1] if isinstance(item, tuple) else item
+                if isinstance(tensor, Tensor) and tensor.dim() == 2 and min(tensor.shape) < merged["rank"]:
+                    name = f"'{item[0]}'" if isinstance(item, tuple) else f"#{k}"
+                    raise ValueError(
+                        f"{type(self).__name__} param group {index}: parameter {name} has shape "
+                        f"{tuple(tensor.shape)}, and rank={merged['rank']} is above its short side "
+                        f"{min(tensor.shape)}: rule='orthogonal' cannot orthogonalize in a subspace larger "
+                        f"than the matrix. Use a rank of at most {min(tensor.shape)}, or leave this "
+                        "parameter out of the rank group"
+                    )
         super().add_param_group(param_group)
 
         group = self.param_groups[-1]
@@ -513,6 +581,9 @@ class LowRankAdamW(Optimizer):
             weight_decay=group["weight_decay"],
             foreach=group["foreach"],
         )
+        if self.rule_of(group, low_rank=False) == "adafactor":
+            self._step_plain_adafactor(group, params)
+            return
         full: list[Tensor] = []
         half: list[Tensor] = []
         eight: list[Tensor] = []
@@ -559,6 +630,38 @@ class LowRankAdamW(Optimizer):
             if write is not None:
                 write()
 
+    def _step_plain_adafactor(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Adafactor on whole parameters (the plain parameters of an ``adafactor`` group): the rule of
+        ``lro.rules.adafactor`` on the gradient itself, W ← (1 − lr·wd)·W − lr·direction."""
+        lr = float(group["lr"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        for p in params:
+            state = self.state[p]
+            sdtype = self._plain_moment_dtype(group, p)
+            if not state:
+                state.update(self._fresh_state(group, p, p.shape, sdtype, "adafactor"))
+            state["step"] += 1
+            direction = self._rule_direction(group, "adafactor", state, p.grad.to(sdtype))
+            work, write = self._writable(group, p)
+            if decay != 1.0:
+                work.mul_(decay)
+            work.add_(direction.to(work.dtype), alpha=-lr)
+            if write is not None:
+                write()
+
+    @staticmethod
+    def _rule_direction(group: dict[str, Any], rule: str, state: dict[str, Any], low: Tensor) -> Tensor:
+        """The direction of a non-Adam rule from the tensor ``low`` (its state already counts the step)."""
+        if rule == "adafactor":
+            return adafactor.direction(
+                low, state, beta2_decay=float(group["beta2_decay"]), eps=float(group["eps"]),
+                clip_threshold=float(group["clip_threshold"]),
+                momentum=None if group["momentum"] is None else float(group["momentum"]),
+            )
+        momentum = orthogonal.DEFAULT_MOMENTUM if group["momentum"] is None else float(group["momentum"])
+        return orthogonal.direction(low, state, momentum=momentum, nesterov=bool(group["nesterov"]),
+                                    method=group["orthogonalize"], ns_steps=int(group["ns_steps"]))
+
     @staticmethod
     def _adam8bit(group: dict[str, Any], state: dict[str, Any], grad: Tensor) -> Tensor:
         beta1, beta2 = group["betas"]
@@ -569,10 +672,22 @@ class LowRankAdamW(Optimizer):
             beta1=beta1, beta2=beta2, eps=float(group["eps"]), step=int(state["step"]),
         ).view(grad.shape)
 
+    @staticmethod
+    def rule_of(group: dict[str, Any], low_rank: bool) -> str:
+        """The inner rule a parameter follows: the group's, except that a parameter the group does not
+        project follows AdamW under ``orthogonal`` (Muon and SUMO keep Adam for embeddings, the head,
+        norms and biases) and Adafactor under ``adafactor`` (factored when 2-D)."""
+        rule = group["rule"]
+        return "adam" if rule == "orthogonal" and not low_rank else rule
+
     def _fresh_state(self, group: dict[str, Any], p: Tensor, shape: tuple[int, ...] | torch.Size,
-                     dtype: torch.dtype) -> dict[str, Tensor]:
-        """A fresh step counter and zero moments of ``shape``: INT8 codes and absmax where the group
-        keeps 8-bit states and the moment is large enough, else ``dtype``."""
+                     dtype: torch.dtype, rule: str = "adam") -> dict[str, Tensor]:
+        """A fresh step counter and zero state of ``shape`` for ``rule``; for Adam, INT8 codes and
+        absmax where the group keeps 8-bit states and the moment is large enough, else ``dtype``."""
+        if rule == "adafactor":
+            return adafactor.fresh_state(shape, dtype, p.device, group["momentum"])
+        if rule == "orthogonal":
+            return orthogonal.fresh_state(shape, dtype, p.device)
         like = torch.empty(shape, dtype=dtype, device=p.device)
         if not uses_8bit(group, like.numel()):
             return _fresh_moments(like, dtype)
@@ -587,6 +702,22 @@ class LowRankAdamW(Optimizer):
 
     def _step_low_rank(self, group: dict[str, Any], items: list[_LowRankItem]) -> None:
         if not items:
+            return
+        rule = self.rule_of(group, low_rank=True)
+        if rule != "adam":
+            for it in items:
+                p, proj = it.param, it.projector
+                state = self.state[p]
+                if it.previous is not None:
+                    self._commit_refresh(group, state, it)
+                    self._projectors[p] = proj
+                    state["projector"] = proj.state_dict()
+                low = proj.project(p.grad).to(state_dtype(p.dtype))
+                if "step" not in state:
+                    state.update(self._fresh_state(group, p, low.shape, low.dtype, rule))
+                state["step"] += 1
+                direction = self._rule_direction(group, rule, state, low)
+                self._apply_update(group, p, proj, low, direction)
             return
         beta1, beta2 = group["betas"]
         for chunk in _chunks(items, lambda it: 8 * math.prod(it.projector.low_rank_shape(it.param.shape))):
@@ -623,7 +754,7 @@ class LowRankAdamW(Optimizer):
         if group["on_refresh"] == "reset":
             policies.reset_moments(state)
         elif group["on_refresh"] == "rotate":
-            policies.rotate_moments(state, old, new)
+            policies.rotate_moments(state, old, new, eps=float(group["eps"]))
         if group["refresh"] == "lazy":
             policies.lazy_refresh_record(state, old, new, group["update_proj_gap"])
 
@@ -696,14 +827,16 @@ class LowRankAdamW(Optimizer):
                 if state:
                     continue
                 if not self.is_low_rank(p, group):
-                    state.update(self._fresh_state(group, p, p.shape, self._plain_moment_dtype(group, p)))
+                    state.update(self._fresh_state(group, p, p.shape, self._plain_moment_dtype(group, p),
+                                                   self.rule_of(group, low_rank=False)))
                     continue
                 sdtype = state_dtype(p.dtype)
                 proj = self._new_projector(group, p)
                 proj.allocate(p.shape, p.dtype, p.device)
                 self._projectors[p] = proj
                 state["projector"] = proj.state_dict()
-                state.update(self._fresh_state(group, p, proj.low_rank_shape(p.shape), sdtype))
+                state.update(self._fresh_state(group, p, proj.low_rank_shape(p.shape), sdtype,
+                                               self.rule_of(group, low_rank=True)))
                 if group["limiter"] is not None:
                     state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
 
@@ -769,9 +902,8 @@ class LowRankAdamW(Optimizer):
         where = f"{type(self).__name__}.load_state_dict: parameter {self._label(group, i)}"
         if not state:
             return
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            if not isinstance(state.get(key), Tensor):
-                raise ValueError(f"{where}: state has no tensor {key!r}")
+        if not isinstance(state.get("step"), Tensor):
+            raise ValueError(f"{where}: state has no tensor 'step'")
         if self.is_low_rank(p, group):
             if "projector" not in state:
                 raise ValueError(
@@ -792,9 +924,21 @@ class LowRankAdamW(Optimizer):
                     "AdamW (check rank and the parameter's shape)"
                 )
             want = tuple(p.shape)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if tuple(state[key].shape) != tuple(want):
-                raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {tuple(want)}")
+        rule = self.rule_of(group, self.is_low_rank(p, group))
+        expected = {k: tuple(v.shape) for k, v in self._fresh_state(
+            group, p.new_empty(0, device="meta"), want, torch.float32, rule).items() if k != "step"}
+        if rule == "adam":
+            expected = {"exp_avg": tuple(want), "exp_avg_sq": tuple(want)}
+        for key, shape in expected.items():
+            if not isinstance(state.get(key), Tensor):
+                raise ValueError(
+                    f"{where}: state has no tensor {key!r}, which rule={rule!r} keeps (was it saved with "
+                    "another rule, or another momentum setting?)"
+                )
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {shape}")
+        if rule != "adam":
+            return
         if state["exp_avg"].dtype == torch.uint8 or state["exp_avg_sq"].dtype == torch.uint8:
             blocks = -(-math.prod(want) // kernels.BLOCK)
             for key in ("exp_avg", "exp_avg_sq"):
@@ -814,7 +958,7 @@ class LowRankAdamW(Optimizer):
             for key, value in state.items():
                 if key == "projector":
                     out["projectors"] += self._projector(p, group_of[p]).nbytes()
-                elif key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+                elif key in policies.MOMENT_KEYS:
                     out["moments"] += _tensor_bytes(value)
                 else:
                     out["other"] += _tensor_bytes(value)

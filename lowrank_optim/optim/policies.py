@@ -24,6 +24,9 @@ ON_REFRESH = ("keep", "reset", "rotate")
 REFRESH = ("fixed", "lazy")
 SCALING = (None, "channel", "tensor")
 RESIDUAL = ("drop", "sign", "sgd", "fira")
+#: Every per-parameter state entry that is a moment (or a moment's quantization scale), for any rule.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "row_var", "col_var", "variance",
+               "momentum_buffer")
 
 # Q-GaLore's lazy refresh: a queue of 5 similarities, doubling the gap when their mean reaches 0.4.
 LAZY_QUEUE = 5
@@ -47,7 +50,8 @@ def change_of_basis(old: Projector, new: Projector, device: torch.device, dtype:
 
 def is_8bit(state: dict[str, Any]) -> bool:
     """Whether the moments are stored as blockwise INT8 (``state_bits=8``)."""
-    return state["exp_avg"].dtype == torch.uint8
+    m = state.get("exp_avg")
+    return m is not None and m.dtype == torch.uint8
 
 
 def load_moments(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -72,19 +76,41 @@ def store_moments(state: dict[str, Any], m: Tensor, v: Tensor) -> None:
         state[f"{key}_absmax"] = absmax
 
 
-def rotate_moments(state: dict[str, Any], old: Projector, new: Projector) -> None:
-    """DCTAdamW's rotation: M ← map(M), V ← |map(V)| (V stays a non-negative second moment)."""
-    m, v = load_moments(state)
-    t = change_of_basis(old, new, m.device, m.dtype)
-    if new.side == "left":
-        store_moments(state, t @ m.to(t.dtype), (t @ v.to(t.dtype)).abs_())
-    else:
-        store_moments(state, m.to(t.dtype) @ t, (v.to(t.dtype) @ t).abs_())
+def rotate_moments(state: dict[str, Any], old: Projector, new: Projector, eps: float = 1e-8) -> None:
+    """Carry the moments into the new subspace (DCTAdamW's rotation), whatever the inner rule keeps:
+
+    * Adam: M ← map(M), V ← |map(V)| (V stays a non-negative second moment), INT8 ones dequantized
+      and requantized;
+    * orthogonal: the momentum M ← map(M);
+    * Adafactor: the first moment, if any, M ← map(M); the factored V̂ = r cᵀ/mean(r) is rebuilt,
+      mapped as |map(V̂)| and factored again into row and column means (a rank-1 factorisation cannot
+      be rotated exactly; this is the statistic Adafactor would keep for the rotated estimate).
+    """
+    if "exp_avg_sq" in state:
+        m, v = load_moments(state)
+        t = change_of_basis(old, new, m.device, m.dtype)
+        store_moments(state, _apply_map(t, m, new.side), _apply_map(t, v, new.side).abs_())
+        return
+    for key in ("momentum_buffer", "exp_avg"):
+        if key in state:
+            x = state[key]
+            t = change_of_basis(old, new, x.device, x.dtype)
+            state[key] = _apply_map(t, x, new.side).to(x.dtype)
+    if "row_var" in state:
+        from ..rules import adafactor
+
+        v_hat = adafactor.estimate(state, eps)
+        t = change_of_basis(old, new, v_hat.device, v_hat.dtype)
+        adafactor.refactor(state, _apply_map(t, v_hat, new.side).abs_())
+
+
+def _apply_map(t: Tensor, x: Tensor, side: str) -> Tensor:
+    return t @ x.to(t.dtype) if side == "left" else x.to(t.dtype) @ t
 
 
 def reset_moments(state: dict[str, Any]) -> None:
-    """Zero moments (INT8 ones: zero codes and a zero absmax, which decode to 0)."""
-    for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+    """Zero every moment the rule keeps (INT8 ones: zero codes and a zero absmax, which decode to 0)."""
+    for key in MOMENT_KEYS:
         if key in state:
             state[key] = torch.zeros_like(state[key])
 
@@ -103,7 +129,7 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     mean is at least 0.4, double this layer's gap. The queue is not cleared, so a layer whose
     subspace keeps still keeps doubling at each refresh, as in the reference.
     """
-    device = state["exp_avg"].device
+    device = next(v.device for k, v in state.items() if k in MOMENT_KEYS)
     cos = torch.nn.functional.cosine_similarity(top_vector(old, device), top_vector(new, device), dim=0).abs()
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
     queue = torch.cat([queue, cos.reshape(1).cpu()])[-LAZY_QUEUE:]

@@ -125,3 +125,39 @@ class Fira(LowRankAdamW):
     """
 
     preset = {"projector": "svd", "residual": "fira", "limiter": 1.01, "scale": 1.0, "update_proj_gap": 200}
+
+
+class GaLoreAdafactor(GaLoreAdamW):
+    """GaLore with the factored Adafactor rule in the subspace (Zhao et al. 2024; Shazeer & Stern 2018).
+
+    GaLore's SVD projection, refresh and scale, with Adafactor instead of Adam on R: the second moment
+    is factored into row and column statistics (r + n floats for an r×n low-rank tensor instead of
+    Adam's 2·r·n), updates are clipped to an RMS of ``clip_threshold`` (1), there is no first moment
+    unless ``momentum`` (β₁) is given, and no relative step (the step is ``lr·scale``, as GaLore runs
+    transformers' Adafactor with ``relative_step=False``). The group's plain parameters (embeddings,
+    head, norms) get Adafactor too, factored when 2-D, so nothing keeps Adam's two full moments. GaLore
+    ships this pairing as ``GaLoreAdafactor``; the rule follows ``torch.optim.Adafactor`` apart from the
+    relative step (``lro.rules.adafactor``).
+    """
+
+    preset = {**GaLoreAdamW.preset, "rule": "adafactor"}
+
+
+class SUMO(LowRankAdamW):
+    """SUMO: the momentum of a low-rank subspace, orthogonalized by an exact SVD (Refael et al. 2025).
+
+    "SUMO: Subspace-Aware Moment-Orthogonalization for Accelerating Memory-Efficient LLM Training",
+    NeurIPS 2025, arXiv:2505.24749. Every ``update_proj_gap`` steps the subspace is refreshed by a
+    randomized SVD of the gradient (``rsvd``) and the momentum is rotated into it (``on_refresh=
+    "rotate"``: M ← Q_newᵀ Q_old M); each step M ← μM + (1 − μ)R on the projected gradient, the update
+    is the orthogonal factor U Vᵀ of M from its exact SVD, scaled by 0.2·√max(r, n) so that its RMS is
+    Adam's (``lro.rules.orthogonal``), projected back, times ``lr·scale``, with decoupled weight decay.
+    State per m×n weight: one r×n momentum and the r×n basis, half of GaLore-Adam's moments.
+    Embeddings, head, norms and biases are stepped by AdamW, as Muon and SUMO do.
+
+    Settings: μ = 0.95 and Muon's RMS matching, so GaLore's learning rate and scale carry over (lr
+    0.01, scale 0.25, gap 200); ``orthogonalize="newton_schulz"`` swaps the SVD for Muon's iteration.
+    """
+
+    preset = {"projector": "rsvd", "rule": "orthogonal", "on_refresh": "rotate", "momentum": 0.95,
+              "orthogonalize": "svd", "scale": 0.25, "update_proj_gap": 200}

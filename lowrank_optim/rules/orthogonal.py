@@ -1,0 +1,103 @@
+"""The orthogonal inner rule: one momentum, orthogonalized (SUMO, Refael et al. 2025; Muon).
+
+On the low-rank tensor R (r×n or m×r), step t::
+
+    M ← μ M + (1 − μ) R                  (Muon's and torch's average; SUMO writes M ← μM + R)
+    X = R + μ M  with Nesterov, else M  (torch.optim.Muon's ``nesterov``; SUMO uses plain M)
+    O = orth(X)                          U Vᵀ of X's SVD (``svd``), or Muon's Newton–Schulz iteration
+    direction = 0.2·√max(rows, cols) · O
+
+The two ways of writing the momentum differ by the constant factor 1/(1 − μ) on every M, and the
+orthogonal factor of a matrix does not change when it is scaled, so both give the same O (the
+refresh rotation is linear and keeps the proportion).
+
+**Shape-aware scaling.** O has r singular values equal to 1, so its RMS is 1/√max(rows, cols):
+a wide low-rank tensor would move by less than a narrow one at the same learning rate. The factor
+0.2·√max(rows, cols) gives O an RMS of 0.2, about the RMS of Adam's update, which is torch.optim.Muon's
+``adjust_lr_fn="match_rms_adamw"`` applied to the low-rank tensor's shape. The learning rate (and
+``scale``) of a low-rank Adam run therefore carries over, and with rank = the short side it is exactly
+Muon's adjustment of the full matrix.
+
+**Exact SVD** (SUMO's choice): the momentum is small (r×n), so its thin SVD costs O(r²n). Singular
+values below max(rows, cols)·ε·σ_max count as zero and get a zero factor instead of an arbitrary unit
+direction (a zero momentum gives a zero update, a rank-deficient one keeps its rank).
+
+**Newton–Schulz** (Muon's choice): five steps of the quintic iteration with coefficients
+(3.4445, −4.775, 2.0315), in bfloat16, normalised by the Frobenius norm first. It produces U S' Vᵀ with
+S' roughly in [0.7, 1.2], not exactly U Vᵀ; :func:`newton_schulz` gives the same bits as torch.optim.Muon's
+own orthogonalization of the same matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+METHODS = ("svd", "newton_schulz")
+#: Muon's quintic coefficients (Keller Jordan's, as torch.optim.Muon ships them).
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+NS_EPS = 1e-7
+#: Target RMS of the orthogonalized update (Moonshot's match of AdamW's update RMS, as torch's Muon).
+RMS = 0.2
+
+KEYS = ("momentum_buffer",)
+DEFAULT_MOMENTUM = 0.95
+
+
+def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    return {
+        "step": torch.tensor(0.0, dtype=torch.float32),
+        "momentum_buffer": torch.zeros(tuple(shape), dtype=dtype, device=device),
+    }
+
+
+def orthogonalize_svd(x: Tensor) -> Tensor:
+    """U Vᵀ of ``x``'s thin SVD (in ``x``'s dtype, float32 at least), with negligible singular
+    values dropped rather than given an arbitrary direction."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    tol = max(x.shape) * torch.finfo(work.dtype).eps * s.amax()
+    keep = (s > tol).to(work.dtype)
+    return (u * keep) @ vh
+
+
+def newton_schulz(x: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = NS_EPS) -> Tensor:
+    """Muon's quintic Newton–Schulz iteration towards U Vᵀ, in bfloat16 (returns bfloat16).
+
+    Written from Jordan et al.'s description: X ← X/‖X‖_F on the wide orientation, then
+    ``steps`` times A = X Xᵀ, B = bA + cA², X ← aX + BX."""
+    if x.dim() != 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(x.shape)}")
+    a, b, c = coefficients
+    y = x.bfloat16()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        y = y.T
+    y.div_(y.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = y @ y.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        y = torch.addmm(y, poly, y, beta=a)
+    return y.T if tall else y
+
+
+def shape_factor(shape: tuple[int, ...] | torch.Size) -> float:
+    """0.2·√max(rows, cols): the orthogonal factor's RMS becomes 0.2 (see the module docstring)."""
+    return RMS * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def direction(low: Tensor, state: dict[str, Any], *, momentum: float, nesterov: bool, method: str,
+              ns_steps: int) -> Tensor:
+    """Update the momentum in ``state`` with ``low`` and return the scaled orthogonal factor."""
+    buf = state["momentum_buffer"]
+    buf.lerp_(low, 1.0 - momentum)
+    x = low.lerp(buf, momentum) if nesterov else buf
+    if method == "svd":
+        o = orthogonalize_svd(x)
+    else:
+        o = newton_schulz(x, ns_steps)
+    return o.to(low.dtype).mul_(shape_factor(low.shape))
