@@ -23,10 +23,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "memory",
         help="memory of training a LLaMA config with an optimizer, beside AdamW",
         description="Weights, gradients, optimizer states (measured on the meta device), projections and "
-        "estimated activations, in GiB, for one of our optimizers beside AdamW.",
+        "estimated activations, in GiB, for one of our optimizers (or the adafactor or muon baseline) beside AdamW.",
     )
     mem.add_argument("--config", required=True, help="a LlamaConfig JSON, e.g. configs/llama_7b.json")
-    mem.add_argument("--optimizer", default="galore", help="adamw or a preset: galore, apollo, apollo_mini, frugal, fira, lowrank")
+    mem.add_argument("--optimizer", default="galore",
+                     help="a baseline (adamw, adafactor, muon) or a preset: galore, apollo, apollo_mini, frugal, fira, lowrank, ...")
     mem.add_argument("--rank", type=int, default=None, help="rank of the projected weights (default 128; apollo_mini 1)")
     mem.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
     mem.add_argument("--weights", choices=["bf16", "fp32", "int8"], default="bf16",
@@ -73,11 +74,13 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser(
         "pretrain",
         help="pretrain a LLaMA (transformers) from a config with one optimizer",
-        description="Pretrain transformers' LlamaForCausalLM from a config with adamw or one of our presets: "
+        description="Pretrain transformers' LlamaForCausalLM from a config with a baseline (adamw, adafactor, muon) "
+        "or one of our presets: "
         "warmup + cosine schedule, clipping, held-out perplexity, DIR/metrics.jsonl, atomic checkpoints "
         "(--resume continues exactly), DDP under torchrun.",
     )
-    pre.add_argument("--optimizer", default="galore", help="adamw or a preset (lowrank-optim list); default galore")
+    pre.add_argument("--optimizer", default="galore",
+                     help="adamw, adafactor, muon (Muon on hidden weights + AdamW) or a preset (lowrank-optim list); default galore")
     pre.add_argument("--rank", type=int, default=None, help="rank of the projected weights (default: hidden size / 4; apollo_mini 1)")
     pre.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the optimizer's, see README)")
     pre.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0)")
@@ -100,7 +103,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         "and DIR/compare.png.",
     )
     cmp.add_argument("--optimizers", required=True,
-                     help="comma-separated names, each optionally with overrides: adamw,galore,apollo_mini:lr=0.02")
+                     help="comma-separated names, each optionally with overrides: adamw,muon,adafactor,galore,apollo_mini:lr=0.02")
     _add_training_flags(cmp)
     cmp.add_argument("--out", default=None, help="folder for the results (default runs/compare-<config>)")
 
@@ -196,6 +199,10 @@ def _list() -> int:
 
     from . import PRESETS, projectors
 
+    print("baselines (pretrain, compare and memory --optimizer):")
+    print(f"  {'adamw':<12} torch.optim.AdamW on every parameter")
+    print(f"  {'adafactor':<12} torch.optim.Adafactor on every parameter (factored second moment)")
+    print(f"  {'muon':<12} torch.optim.Muon on the hidden 2-D weights, torch.optim.AdamW on the rest")
     print("optimizers (lowrank_optim.<Class>):")
     for key, cls in PRESETS.items():
         own = cls.preset or cls.base_defaults

@@ -6,7 +6,12 @@
 Optimizer states are *measured*, not computed from a formula that could drift from the code: the
 model's parameters are recreated on the meta device (no memory), the real optimizer is built on
 them, and ``LowRankAdamW.init_state()`` allocates exactly the state its first step would; AdamW's is
-torch's own, from a real ``torch.optim.AdamW.step()`` on the meta device. Weights and gradients are
+torch's own, from a real ``torch.optim.AdamW.step()`` on the meta device, and so is the ``muon``
+baseline's (``torch.optim.Muon`` on the hidden 2-D weights, AdamW on the rest: one real step of
+:class:`lowrank_optim.train.optimizers.MuonWithAdamW` on the meta device). ``torch.optim.Adafactor``
+cannot step on the meta device (its step reads norms with ``.item()``), so the ``adafactor``
+baseline's state is computed from the shapes its ``_init_group`` allocates (a test checks them
+against a real CPU step). Weights and gradients are
 the parameters' bytes. Activations, given a batch and sequence length, are an estimate for a LLaMA
 block (see :func:`llama_activation_bytes`). On CUDA, :func:`measure_peak` runs real training steps
 and reports the peak memory torch allocated, to set beside the estimate.
@@ -14,6 +19,7 @@ and reports the peak memory torch allocated, to set beside the estimate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,8 @@ from .models import llama_skeleton, load_config
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHT_CHOICES = ("bf16", "fp32", "int8")
+#: torch's own optimizers, measured beside ours: AdamW, Adafactor, and Muon (+ AdamW on the rest).
+BASELINES = {"adamw": "AdamW", "adafactor": "Adafactor", "muon": "Muon"}
 GIB = 2**30
 
 
@@ -122,11 +130,22 @@ def _resolve_optimizer(optimizer: str | type) -> tuple[str, type | None]:
 
     if isinstance(optimizer, type):
         return optimizer.__name__, optimizer
-    if optimizer == "adamw":
-        return "adamw", None
+    if optimizer in BASELINES:
+        return optimizer, None
     if optimizer not in PRESETS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose {', '.join(BASELINES)} or one of {', '.join(PRESETS)}")
     return optimizer, PRESETS[optimizer]
+
+
+def _check_baseline(name: str, int8: bool, state_bits: int | None) -> None:
+    """Refuse what torch's own optimizers cannot do: update INT8 weights, keep 8-bit state (but
+    for AdamW, whose 8-bit column is our plain 8-bit AdamW)."""
+    if int8:
+        raise ValueError(f"{BASELINES[name]} cannot update INT8 weights (no master copy); use --weights bf16 for "
+                         f"{name}, or one of our presets, which update INT8 weights by stochastic rounding")
+    if state_bits == 8 and name != "adamw":
+        raise ValueError(f"state_bits=8 is for adamw and our presets; torch.optim.{BASELINES[name]} keeps its "
+                         "state in the weights' dtype")
 
 
 def estimate(
@@ -149,7 +168,10 @@ def estimate(
         model_or_config: an ``nn.Module`` (its parameters are mirrored on the meta device; nothing
             of it is copied), or a LlamaConfig (JSON path or dict).
         optimizer: a preset name (``galore``, ``apollo``, ``apollo_mini``, ``frugal``, ``fira``,
-            ``lowrank``), ``adamw``, or an optimizer class.
+            ``lowrank``), a baseline (``adamw``; ``adafactor``, torch.optim.Adafactor: a row and a
+            column factor per 2-D weight, a full second moment for the rest; ``muon``: one momentum
+            buffer per hidden 2-D weight, AdamW's two moments for the embeddings, head, norms and
+            biases), or an optimizer class.
         rank: the low-rank groups' rank (default 1 for ``apollo_mini``, else 128).
         weights: ``bf16``, ``fp32`` or ``int8`` (default: bf16 for a config, the module's own
             dtypes for a module). Gradients take the weights' dtype; ``int8`` stores the projected
@@ -169,9 +191,8 @@ def estimate(
     if state_bits not in (None, 32, 8):
         raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
     int8 = weights == "int8"
-    if int8 and cls is None:
-        raise ValueError("AdamW cannot update INT8 weights (no master copy); use --weights bf16 for adamw, "
-                         "or one of our presets, which update INT8 weights by stochastic rounding")
+    if cls is None:
+        _check_baseline(name, int8, state_bits)
     if int8:  # the other parameters: bf16 for a config, their own dtype for a module
         weights = None if isinstance(model_or_config, nn.Module) else "bf16"
     if (batch is None) != (seq is None):
@@ -210,8 +231,12 @@ def estimate(
 
     adamw_states = _adamw_state_bytes(trainable, state_bits == 8)
     adamw = Breakdown(adamw_weight_bytes, grad_bytes, adamw_states, 0, activations)
-    if cls is None:
+    if name == "adamw" and cls is None:
         ours = adamw
+    elif name == "adafactor" and cls is None:
+        ours = Breakdown(weight_bytes, grad_bytes, _adafactor_state_bytes(trainable), 0, activations)
+    elif name == "muon" and cls is None:
+        ours = Breakdown(weight_bytes, grad_bytes, _muon_state_bytes(groups), 0, activations)
     else:
         import warnings
 
@@ -257,6 +282,48 @@ def _adamw_state_bytes(params: list[torch.Tensor], eight_bit: bool = False) -> i
     return sum(_nbytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
 
+def _adafactor_state_bytes(params: list[torch.Tensor]) -> int:
+    """torch.optim.Adafactor's state, from the shapes its ``_init_group`` allocates (it cannot step on
+    the meta device): per parameter a ``step`` scalar (float32; float64 under a float64 default
+    dtype) and, in the gradient's dtype, for 2 or more dimensions a row factor (the shape with the
+    last dimension 1) and a column factor (the shape with the second-to-last 1), else a full
+    ``variance``. tests/test_baselines.py checks this against a real step."""
+    scalar = 8 if torch.get_default_dtype() == torch.float64 else 4
+    total = 0
+    for p in params:
+        if p.dim() > 1:
+            *lead, rows, cols = p.shape
+            total += math.prod(lead) * (rows + cols) * p.element_size()
+        else:
+            total += _nbytes(p)
+        total += scalar
+    return total
+
+
+def _muon_state_bytes(groups: list[dict[str, Any]]) -> int:
+    """The ``muon`` baseline's state from one real step on the meta device: torch.optim.Muon on the
+    weights ``param_groups`` projects (the hidden linear layers), AdamW on the rest, as
+    ``lowrank-optim pretrain --optimizer muon`` splits them."""
+    from .train.optimizers import MuonWithAdamW
+
+    split: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    for g in groups:
+        for item in g["params"]:
+            p = item[1] if isinstance(item, tuple) else item
+            if p.requires_grad:
+                p.grad = torch.empty_like(p)
+                split["rank" in g].append(p)
+    parts = [{"params": ps, "use_muon": use_muon} for use_muon, ps in split.items() if ps]
+    if not parts:
+        return 0
+    opt = MuonWithAdamW(parts)
+    opt.step()
+    for ps in split.values():
+        for p in ps:
+            p.grad = None
+    return sum(_nbytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
 def _shared_dct_bytes(opt: Any) -> int:
     """The float32 DCT bases shared by layers of one size, counted once: d×d per distinct side."""
     sizes = {
@@ -296,9 +363,9 @@ def train_steps(
     name, cls = _resolve_optimizer(optimizer)
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
-    if weights == "int8" and cls is None:
-        raise ValueError("AdamW cannot update INT8 weights; use one of our presets")
     int8 = weights == "int8"
+    if cls is None:
+        _check_baseline(name, int8, state_bits)
     weights = "bf16" if int8 else weights
     cfg = load_config(config)
     if rank is None:
@@ -322,8 +389,12 @@ def train_steps(
         from .optim import LowRankAdamW
 
         opt = LowRankAdamW(model.parameters(), lr=1e-5, state_bits=8)
-    elif cls is None:
+    elif cls is None and name == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    elif cls is None:
+        from .train.optimizers import build_optimizer
+
+        opt = build_optimizer(name, model, lr=1e-5)  # adafactor, or muon (+ AdamW), as pretrain builds them
     else:
         import warnings
 

@@ -59,16 +59,19 @@ def tiny_model():
 
 
 # --------------------------------------------------------------------------- optimizers
-def test_build_optimizer_knows_every_preset_and_adamw():
+def test_build_optimizer_knows_every_preset_and_the_baselines():
+    from lowrank_optim.train.optimizers import MuonWithAdamW
+
     model = tiny_model()
-    assert available() == ["adamw", *lro.PRESETS]
+    assert available() == ["adamw", "adafactor", "muon", *lro.PRESETS]
+    baselines = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor, "muon": MuonWithAdamW}
     for name in available():
         opt = build_optimizer(name, model)
-        expected = torch.optim.AdamW if name == "adamw" else lro.PRESETS[name]
+        expected = baselines.get(name) or lro.PRESETS[name]
         assert type(opt) is expected, name
         settings = optimizer_settings(name, model)
         assert opt.param_groups[0]["lr"] == settings["lr"]
-        if name != "adamw":
+        if name not in baselines:
             # rank: a quarter of the hidden size (128 -> 32); APOLLO-Mini's is 1
             assert opt.param_groups[0]["rank"] == (1 if name == "apollo_mini" else 32), name
             assert any("rank" not in g or g["rank"] is None for g in opt.param_groups)  # embeddings, head, norms

@@ -20,6 +20,24 @@ Two regimes, by width:
 ``rank`` is a quarter of the hidden size in both, the rule the GaLore paper's ranks follow (128/256/
 512/1024 for hidden 512/1024/2048/4096; its 130M model, hidden 768, uses 256 rather than 192, and
 APOLLO uses the same ranks); 32 for llama_tiny.
+
+Two full-rank baselines beside ``adamw``, at every width:
+
+* ``adafactor``: ``torch.optim.Adafactor`` over all parameters, at torch's defaults: lr 1e-2, which
+  is the cap of the Adafactor paper's relative step size (Shazeer & Stern 2018, rho_t = min(1e-2,
+  1/sqrt(t)); each update is scaled by the parameter's RMS, so it is not an AdamW-like lr), no
+  momentum, factored second moment (a row and a column vector) for 2-D weights, full for the rest;
+  weight decay 0.
+* ``muon``: :class:`MuonWithAdamW`: ``torch.optim.Muon`` on the hidden 2-D weights (the linear
+  layers that the low-rank presets project, see :func:`muon_split`) and ``torch.optim.AdamW`` on the
+  embeddings, the output head, the norms and the biases, as Muon's documentation advises. Muon uses
+  ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's scaling, 0.2 * sqrt(max(A, B)), from "Muon is
+  Scalable for LLM Training", arXiv:2502.16982): it gives the orthogonalized update the RMS of an
+  AdamW update, so, as that paper and torch's Muon docs say, AdamW's lr and weight decay carry over.
+  Both halves therefore take ``adamw``'s settings, lr 1e-3 (also torch.optim.Muon's default lr) and
+  weight decay 0; momentum 0.95 with Nesterov and 5 Newton-Schulz steps are torch's (and Keller
+  Jordan's) defaults. ``lr`` and ``weight_decay`` set both halves; ``betas`` and ``eps`` are the
+  AdamW half's (Muon's own eps only guards its normalization and stays at torch's 1e-7).
 """
 
 from __future__ import annotations
@@ -35,6 +53,12 @@ from .errors import TrainError
 
 # Constructor arguments; every other option is a key of the low-rank parameter group.
 _CONSTRUCTOR = ("lr", "weight_decay", "betas", "eps")
+#: The full-rank baselines (torch's own optimizers) and the options each takes.
+BASELINES: dict[str, tuple[str, ...]] = {
+    "adamw": _CONSTRUCTOR,
+    "adafactor": ("lr", "weight_decay", "beta2_decay", "eps", "d"),
+    "muon": ("lr", "weight_decay", "betas", "eps", "momentum", "nesterov", "ns_steps", "adjust_lr_fn"),
+}
 #: Below this hidden size the llama_tiny-tuned values apply (LLaMA-60M, the papers' smallest, has 512).
 SMALL_WIDTH = 512
 
@@ -59,6 +83,11 @@ _LOW_RANK = {"rank": quarter_hidden, "update_proj_gap": 200, "weight_decay": 0.0
 #: Each optimizer's defaults (see the module docstring and README "Pretraining").
 DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-3, "weight_decay": 0.0},
+    # torch's defaults, the paper's relative-step cap (module docstring)
+    "adafactor": {"lr": 1e-2, "weight_decay": 0.0},
+    # Muon with Moonshot's RMS matching takes AdamW's lr and weight decay (module docstring)
+    "muon": {"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
+             "adjust_lr_fn": "match_rms_adamw"},
     "galore": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     # 8-bit GaLore and Q-GaLore: GaLore's settings, as in their papers. Q-GaLore's INT8 weights are not
     # used by the training commands (the model stays in --dtype); its INT4 bases, lazy refresh and
@@ -77,10 +106,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def available() -> list[str]:
-    """Every name :func:`build_optimizer` accepts: ``adamw`` and the keys of ``lro.PRESETS``."""
+    """Every name :func:`build_optimizer` accepts: the baselines ``adamw``, ``adafactor`` and ``muon``,
+    then the keys of ``lro.PRESETS``."""
     from .. import PRESETS
 
-    return ["adamw", *PRESETS]
+    return [*BASELINES, *(k for k in PRESETS if k not in BASELINES)]
 
 
 def _hidden_size(model: nn.Module | None) -> int | None:
@@ -97,36 +127,48 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
     from ``model.config.hidden_size``."""
     from .. import PRESETS
 
-    if name != "adamw" and name not in PRESETS:
+    if name not in BASELINES and name not in PRESETS:
         raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}")
     settings = dict(DEFAULTS.get(name, DEFAULTS["*"]))
     settings.update({k: v for k, v in options.items() if v is not None})
-    if name == "adamw":
-        extra = sorted(set(settings) - set(_CONSTRUCTOR))
+    if name in BASELINES:
+        extra = sorted(set(settings) - set(BASELINES[name]))
         if extra:
-            raise TrainError(f"adamw takes no low-rank options ({', '.join(extra)}); it has lr, weight_decay, betas, eps")
+            raise TrainError(f"{name} takes no low-rank options ({', '.join(extra)}); it has {', '.join(BASELINES[name])}")
     hidden = _hidden_size(model)
     return {k: (v(hidden) if callable(v) else v) for k, v in settings.items()}
 
 
 def build_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (``adamw`` or a key of ``lro.PRESETS``) for ``model``'s parameters.
+    """The optimizer ``name`` (a baseline or a key of ``lro.PRESETS``) for ``model``'s parameters.
 
     Low-rank presets get ``lro.param_groups(model, rank=..., update_proj_gap=..., scale=..., <other
     group keys>)``: every linear layer except the output head is projected; embeddings, norms and the
     head are plain AdamW in the same optimizer, at the same lr. ``adamw`` is ``torch.optim.AdamW``
-    over all parameters. Options override :data:`DEFAULTS` (``lr``, ``weight_decay``, ``betas``,
-    ``eps``, ``rank``, ``update_proj_gap``, ``scale``, ``projector``, ``proj_type``, ...).
+    and ``adafactor`` ``torch.optim.Adafactor`` over all parameters; ``muon`` is
+    :class:`MuonWithAdamW` over :func:`muon_split`'s two sets. Options override :data:`DEFAULTS`
+    (``lr``, ``weight_decay``, ``betas``, ``eps``, ``rank``, ``update_proj_gap``, ``scale``,
+    ``projector``, ``proj_type``, ...; :data:`BASELINES` lists what each baseline takes).
     """
     from .. import PRESETS, param_groups
     from ..optim import RankFallbackWarning
 
     settings = optimizer_settings(name, model, **options)
+    if name in BASELINES:
+        kw = {k: tuple(v) if k in ("betas", "eps") and isinstance(v, list) else v for k, v in settings.items()}
+        try:
+            if name == "adamw":
+                return torch.optim.AdamW(model.parameters(), **kw)
+            if name == "adafactor":
+                return torch.optim.Adafactor(model.parameters(), **kw)
+            hidden, rest = muon_split(model)
+            groups = [{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}]
+            return MuonWithAdamW([g for g in groups if g["params"]], **kw)
+        except (TypeError, ValueError) as err:
+            raise TrainError(f"{name}: {err}") from None
     ctor = {k: settings[k] for k in _CONSTRUCTOR if k in settings}
     if "betas" in ctor:
         ctor["betas"] = tuple(ctor["betas"])
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), **ctor)
     keys = {k: v for k, v in settings.items() if k not in _CONSTRUCTOR}
     rank = keys.pop("rank")
     try:
@@ -137,6 +179,109 @@ def build_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.
             return PRESETS[name](groups, **ctor)
     except (TypeError, ValueError) as err:
         raise TrainError(f"{name}: {err}") from None
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(hidden, rest)``: the parameters Muon updates and those AdamW updates, in model order.
+
+    ``hidden`` is the weight of every ``nn.Linear`` except the output head (``lm_head``) and any
+    weight tied to an embedding: exactly the weights ``lro.param_groups`` projects in the low-rank
+    presets, so every method is compared on the same split. ``rest`` is everything else: embeddings,
+    the head, norms, biases (Muon is for 2-D hidden weights only, as its documentation says)."""
+    from .. import param_groups
+
+    groups = param_groups(model)
+    hidden = [p for g in groups if "rank" in g for _, p in g["params"]]
+    rest = [p for g in groups if "rank" not in g for _, p in g["params"]]
+    return hidden, rest
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on some parameters and ``torch.optim.AdamW`` on the others, as one
+    optimizer (the ``muon`` baseline; see the module docstring for its defaults).
+
+    >>> hidden, rest = muon_split(model)
+    >>> opt = MuonWithAdamW([{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}], lr=1e-3)
+
+    Every parameter group says which rule updates it with ``use_muon`` (the convention of Keller
+    Jordan's ``MuonWithAuxAdam``); a group may override any of its rule's settings (``lr``,
+    ``momentum``, ``betas``...). Each group is completed and checked by the rule's own torch class
+    (Muon refuses parameters that are not 2-D), so a Muon group holds exactly ``torch.optim.Muon``'s
+    keys and an AdamW group ``torch.optim.AdamW``'s, plus ``use_muon``.
+
+    The groups and one ``state`` for all parameters belong to this optimizer, so it is an ordinary
+    single ``torch.optim.Optimizer``: lr schedulers set every group's lr (both halves follow the
+    schedule), and ``state_dict()`` / ``load_state_dict()`` (torch's own, unchanged), ``zero_grad()``
+    and layer-wise stepping (``lro.layerwise`` narrows ``param_groups``) see all parameters.
+    :meth:`step` runs one ``torch.optim.Muon`` and one ``torch.optim.AdamW`` that own nothing: each
+    is handed this optimizer's groups of its rule and the shared ``state`` (the two touch disjoint
+    parameters' entries) just before its ``step()``, so the numbers are torch's own, bit for bit
+    (a test runs the two by hand and compares), and nothing of theirs can go stale after a
+    ``load_state_dict()``. Global optimizer step hooks therefore also see the two inner steps.
+
+    ``lr`` and ``weight_decay`` apply to both rules (with ``adjust_lr_fn="match_rms_adamw"`` Muon
+    takes AdamW's values); ``betas`` and ``eps`` are AdamW's; ``momentum``, ``nesterov``,
+    ``ns_steps`` and ``adjust_lr_fn`` are Muon's.
+    """
+
+    _MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "adjust_lr_fn")
+    _ADAMW_KEYS = ("lr", "weight_decay", "betas", "eps")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = "match_rms_adamw",
+    ) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum,
+                        nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _rule(use_muon: bool) -> type[torch.optim.Optimizer]:
+        return torch.optim.Muon if use_muon else torch.optim.AdamW
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict) or "use_muon" not in param_group:
+            raise ValueError("MuonWithAdamW takes parameter groups with use_muon=True (Muon: the 2-D hidden "
+                             "weights) or use_muon=False (AdamW: everything else)")
+        group = dict(param_group)
+        use_muon = bool(group.pop("use_muon"))
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        keys = self._MUON_KEYS if use_muon else self._ADAMW_KEYS
+        # torch's own class fills in and checks the rule's settings (and Muon's 2-D requirement)
+        full = self._rule(use_muon)([group], **{k: self.defaults[k] for k in keys}).param_groups[0]
+        defaults, self.defaults = self.defaults, {}  # no other rule's keys in this group
+        try:
+            super().add_param_group({**full, "use_muon": use_muon})
+        finally:
+            self.defaults = defaults
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Muon step of the ``use_muon`` groups, then one AdamW step of the others."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        engines = self.__dict__.setdefault("_engines", {})  # not pickled: rebuilt on demand
+        for use_muon in (True, False):
+            groups = [g for g in self.param_groups if bool(g["use_muon"]) is use_muon and g["params"]]
+            if not groups:
+                continue
+            engine = engines.get(use_muon)
+            if engine is None:
+                engine = engines[use_muon] = self._rule(use_muon)([groups[0]["params"][0]])
+            engine.param_groups = groups
+            engine.state = self.state
+            engine.step()
+        return loss
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -153,4 +298,5 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-__all__ = ["DEFAULTS", "available", "build_optimizer", "optimizer_settings", "state_bytes"]
+__all__ = ["BASELINES", "DEFAULTS", "MuonWithAdamW", "available", "build_optimizer", "muon_split", "optimizer_settings",
+           "state_bytes"]
