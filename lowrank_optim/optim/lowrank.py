@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import kernels
+from .. import distributed, kernels
 from .. import projectors as _projectors
 from ..projectors import PROJ_TYPES, NonFiniteGradientError, Projector
 from ..projectors.random_proj import mix_seed
@@ -396,6 +396,15 @@ class LowRankAdamW(Optimizer):
                     f"{type(self).__name__} param group {index}: parameter {name} is complex; "
                     "only real floating-point parameters are supported"
                 )
+        for k, item in enumerate(params):
+            tensor = item[1] if isinstance(item, tuple) else item
+            if distributed.is_sharded(tensor):
+                name = f"'{item[0]}'" if isinstance(item, tuple) else f"#{k}"
+                why = distributed.layout_error(tensor, name)
+                if why is None and (unsupported := self._sharded_unsupported(merged, tensor)):
+                    why = f"parameter {name} is an FSDP2 shard, and {unsupported}"
+                if why:
+                    raise ValueError(f"{type(self).__name__} param group {index}: {why}")
         if merged["rule"] == "orthogonal" and merged["rank"] is not None:
             for k, item in enumerate(params):
                 tensor = item[1] if isinstance(item, tuple) else item
@@ -423,6 +432,29 @@ class LowRankAdamW(Optimizer):
                     RankFallbackWarning,
                     stacklevel=3,
                 )
+
+    def _sharded_unsupported(self, group: dict[str, Any], p: Tensor) -> str | None:
+        """Why ``group``'s options cannot step the row-sharded ``p`` (None: they can)."""
+        low = self.is_low_rank(p, group)
+        parts = []
+        if group["state_bits"] == 8:
+            parts.append("state_bits=8")
+        if group["stochastic_rounding"]:
+            parts.append("stochastic_rounding=True")
+        if group["rule"] == "adafactor":
+            parts.append("rule='adafactor'")
+        if low:
+            if group["projector"] not in distributed.SHARDED_PROJECTORS:
+                parts.append(f"projector={group['projector']!r}")
+            if group["proj_bits"] == 4:
+                parts.append("proj_bits=4")
+            if group["refresh"] == "lazy":
+                parts.append("refresh='lazy'")
+        if not parts:
+            return None
+        return (f"{', '.join(parts)} {'is' if len(parts) == 1 else 'are'} not built for FSDP2 shards yet; on "
+                f"FSDP2 use 32-bit states, projectors {', '.join(distributed.SHARDED_PROJECTORS)}, the adam or "
+                "orthogonal rule and the fixed refresh (or train without FSDP2)")
 
     def _label(self, group: dict[str, Any], i: int) -> str:
         """The parameter's name where the groups carry names, else its position."""
@@ -486,12 +518,35 @@ class LowRankAdamW(Optimizer):
         except TypeError as err:
             raise ValueError(f"projector {group['projector']!r} does not take these options: {err}") from None
 
+    def _shard(self, p: Tensor) -> distributed.RowShard | None:
+        """Where this rank's rows of an FSDP2 parameter lie (None for an ordinary tensor)."""
+        if not distributed.is_sharded(p):
+            return None
+        shards = self.__dict__.setdefault("_shards", {})
+        shard = shards.get(p)
+        if shard is None:
+            shard = shards[p] = distributed.row_shard(p)
+        return shard
+
+    def _export_projector(self, p: Tensor, proj: Projector) -> dict[str, Any]:
+        """The projector's state for ``self.state``: on shards, this rank's rows of a left-side basis
+        become a DTensor sharded like the parameter (so distributed checkpoints keep every rank's)."""
+        out = proj.state_dict()
+        shard = self._shard(p)
+        if shard is not None and isinstance(out.get("P"), Tensor):
+            if proj.side == "left":
+                out["P"] = shard.wrap(out["P"], shard.shape[0])
+            else:
+                out["P"] = shard.wrap_cols(out["P"], shard.shape[1])
+        return out
+
     def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
         proj = self._projectors.get(p)
         if proj is None:
             proj = self._new_projector(group, p)
             saved = self.state.get(p, {}).get("projector")
             if saved is not None:
+                saved = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in saved.items()}
                 proj.load_state_dict(saved)
             self._projectors[p] = proj
         return proj
@@ -558,7 +613,8 @@ class LowRankAdamW(Optimizer):
             if refresh:
                 previous = proj
                 try:
-                    proj = proj.refreshed(grad)
+                    shard = self._shard(p)
+                    proj = proj.refreshed(grad) if shard is None else distributed.refresh_sharded(proj, grad.to_local(), shard)
                 except NonFiniteGradientError as err:
                     raise NonFiniteGradientError(
                         f"{type(self).__name__}: parameter {self._label(group, i)} has a non-finite "
@@ -684,6 +740,8 @@ class LowRankAdamW(Optimizer):
                      dtype: torch.dtype, rule: str = "adam") -> dict[str, Tensor]:
         """A fresh step counter and zero state of ``shape`` for ``rule``; for Adam, INT8 codes and
         absmax where the group keeps 8-bit states and the moment is large enough, else ``dtype``."""
+        if distributed.is_sharded(p) and tuple(shape) == tuple(p.shape):
+            return _fresh_moments(p, dtype)  # a plain parameter on FSDP2: moments sharded like it (Adam only)
         if rule == "adafactor":
             return adafactor.fresh_state(shape, dtype, p.device, group["momentum"])
         if rule == "orthogonal":
@@ -704,6 +762,13 @@ class LowRankAdamW(Optimizer):
         if not items:
             return
         rule = self.rule_of(group, low_rank=True)
+        sharded = [it for it in items if distributed.is_sharded(it.param)]
+        if sharded:
+            for it in sharded:
+                self._step_sharded(group, it, rule)
+            items = [it for it in items if not distributed.is_sharded(it.param)]
+            if not items:
+                return
         if rule != "adam":
             for it in items:
                 p, proj = it.param, it.projector
@@ -745,6 +810,178 @@ class LowRankAdamW(Optimizer):
                 state = self.state[it.param]
                 direction = self._adam8bit(group, state, low) if policies.is_8bit(state) else next(directions)
                 self._apply_update(group, it.param, it.projector, low, direction)
+
+    # ------------------------------------------------------------------ FSDP2 shards
+    #: Rule state entries that follow W's rows on the right side (the rest is replicated).
+    _ROW_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "row_var")
+    #: Rule state entries kept sharded by the columns of R on the left side (gathered for the step).
+    _COL_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "col_var")
+
+    def _sharded_fresh_state(self, group: dict[str, Any], p: Tensor, shard: distributed.RowShard, side: str,
+                             low_shape: tuple[int, ...], dtype: torch.dtype, rule: str) -> dict[str, Any]:
+        """Fresh rule state for a row-sharded parameter: ``low_shape`` is this rank's piece of R (its rows
+        of m×r on the right side, all of r×n on the left); row-following entries become DTensors."""
+        if side == "left":
+            start, stop = shard.cols(low_shape[1])
+            local = self._fresh_state(group, p.to_local(), (low_shape[0], stop - start), dtype, rule)
+            for key in self._COL_KEYS:
+                if key in local:
+                    local[key] = shard.wrap_cols(local[key], low_shape[1])
+            return local
+        local = self._fresh_state(group, p.to_local(), low_shape, dtype, rule)
+        for key in self._ROW_KEYS:
+            if key in local:
+                local[key] = shard.wrap(local[key], shard.shape[0])
+        return local
+
+    def _step_sharded(self, group: dict[str, Any], it: _LowRankItem, rule: str) -> None:
+        """One low-rank step of an FSDP2 parameter from this rank's rows (``lro.distributed`` has the
+        table of what is communicated). Same numbers as one process up to the order of the sums."""
+        p, proj = it.param, it.projector
+        shard = self._shard(p)
+        state = self.state[p]
+        if it.previous is not None:
+            if int(state.get("step", 0)) and group["on_refresh"] == "reset":
+                policies.reset_moments(state)
+            elif int(state.get("step", 0)) and group["on_refresh"] == "rotate":
+                self._rotate_sharded(state, shard, it.previous, proj)
+            self._projectors[p] = proj
+            state["projector"] = self._export_projector(p, proj)
+        g = p.grad.to_local()
+        w = p.to_local()
+        sdtype = state_dtype(p.dtype)
+        basis = distributed.local_basis(proj, shard, g.device, g.dtype)
+        side = proj.side
+        if side == "left":
+            low = shard.all_reduce_((basis.t() @ g).to(sdtype), "project")  # Σ_k P_kᵀ G_k, r×n on every rank
+        else:
+            low = (g @ basis.t()).to(sdtype)  # this rank's rows of G Qᵀ
+        if "step" not in state:
+            state.update(self._sharded_fresh_state(group, p, shard, side, tuple(low.shape), sdtype, rule))
+        state["step"] += 1
+        local = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in state.items() if k != "projector"}
+        if side == "left":
+            # R is whole on every rank; the rule's state is kept by columns: gather it, step, keep ours
+            n = low.shape[1]
+            start, stop = shard.cols(n)
+            full = {k: shard.gather_cols(v, n, "rule") for k, v in local.items() if k in self._COL_KEYS}
+            direction = self._local_rule(group, rule, {**local, **full}, low)
+            for k, v in full.items():
+                local[k].copy_(v[:, start:stop])
+        elif rule == "adam":
+            direction = self._local_rule(group, rule, local, low)
+        else:
+            # the orthogonal factor needs the whole m×r momentum: gather the rows, orthogonalize, keep ours
+            full = {k: self._gather_rows(shard, v) for k, v in local.items() if k in self._ROW_KEYS}
+            direction = self._rule_direction(group, rule, {**local, **full}, self._gather_rows(shard, low))
+            for k, v in full.items():
+                local[k].copy_(v[shard.start:shard.stop])
+            direction = direction[shard.start:shard.stop]
+        self._update_sharded(group, state, shard, w, g, basis, side, low, direction)
+
+    def _local_rule(self, group: dict[str, Any], rule: str, state: dict[str, Any], low: Tensor) -> Tensor:
+        if rule == "adam":
+            beta1, beta2 = group["betas"]
+            (direction,) = adam_direction([low], [state["exp_avg"]], [state["exp_avg_sq"]], [int(state["step"])],
+                                          beta1, beta2, group["eps"])
+            return direction
+        return self._rule_direction(group, rule, state, low)
+
+    @staticmethod
+    def _rotate_sharded(state: dict[str, Any], shard: distributed.RowShard, old: Projector, new: Projector) -> None:
+        """``on_refresh="rotate"`` on shards: the r×r change of basis (an all-reduce of Σ_k P_new,kᵀ P_old,k on
+        the left side, local from the replicated Q on the right), applied to this rank's moments."""
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if key not in state:
+                continue
+            x = state[key].to_local() if distributed.is_sharded(state[key]) else state[key]
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            a = distributed.local_basis(old, shard, x.device, dtype)
+            b = distributed.local_basis(new, shard, x.device, dtype)
+            t = shard.all_reduce_(b.T @ a, "refresh") if new.side == "left" else a @ b.T
+            mapped = t @ x.to(dtype) if new.side == "left" else x.to(dtype) @ t
+            x.copy_(mapped.abs_() if key == "exp_avg_sq" else mapped)
+
+    @staticmethod
+    def _gather_rows(shard: distributed.RowShard, t: Tensor) -> Tensor:
+        """All ranks' rows of a row-sharded low-rank tensor (m×r, torch.chunk's layout), in order."""
+        import torch.distributed as dist
+
+        chunk = -(-shard.shape[0] // shard.world)
+        padded = t.new_zeros((chunk, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        out = [torch.empty_like(padded) for _ in range(shard.world)]
+        distributed.COMM_BYTES["rule"] += padded.numel() * padded.element_size() * (shard.world - 1)
+        dist.all_gather(out, padded, group=shard.group)
+        return torch.cat(out)[: shard.shape[0]]
+
+    def _update_sharded(self, group: dict[str, Any], state: dict[str, Any], shard: distributed.RowShard, w: Tensor,
+                        g: Tensor, basis: Tensor, side: str, low: Tensor, direction: Tensor) -> None:
+        """:meth:`_update_weight` on this rank's rows: norms summed over the ranks, everything else local."""
+        lr = float(group["lr"])
+        scale = float(group["scale"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        limiter = group["limiter"]
+        # R and N are whole on every rank on the left side, row pieces on the right
+        piece = shard if side == "right" else None
+
+        def apply_back(n: Tensor, alpha: float, beta: float) -> None:
+            n = n.to(w.dtype)
+            if side == "left":
+                w.addmm_(basis.to(w.dtype), n, beta=beta, alpha=alpha)
+            else:
+                w.addmm_(n, basis.to(w.dtype), beta=beta, alpha=alpha)
+
+        if group["scaling"] is not None:
+            if group["scaling"] == "tensor":
+                factors = distributed.sum_sq(direction, piece).sqrt() / (distributed.sum_sq(low, piece).sqrt() + 1e-8)
+            else:
+                factors = policies.scale_factors(direction, low, side, "channel")
+            if limiter is not None:
+                norm = distributed.sum_sq(g.to(factors.dtype) * factors, shard).sqrt()
+                factors = factors * policies.growth_factor(norm, state, float(limiter))
+            if decay != 1.0:
+                w.mul_(decay)
+            w.addcmul_(g.to(w.dtype), factors.to(w.dtype), value=-lr * math.sqrt(scale))
+            return
+        residual = group["residual"]
+        if residual == "drop":
+            apply_back(direction, -lr * scale, decay)
+            return
+        back = basis.to(low.dtype) @ low if side == "left" else low @ basis.to(low.dtype)
+        rest = torch.sub(g.to(low.dtype), back, out=back)
+        if residual == "fira":
+            rest.mul_(policies.scale_factors(direction, low, side, "channel"))
+            rest_alpha = -lr * scale
+        else:
+            if residual == "sign":
+                rest.sign_()
+            rest_alpha = -lr * float(group["residual_lr_scale"])
+        apply_back(direction, -lr * scale, decay)
+        if limiter is not None:
+            factor = policies.growth_factor(distributed.sum_sq(rest, shard).sqrt(), state, float(limiter))
+            w.addcmul_(rest.to(w.dtype), factor.to(w.dtype), value=rest_alpha)
+        else:
+            w.add_(rest.to(w.dtype), alpha=rest_alpha)
+
+    def _init_sharded(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        """:meth:`init_state` for a row-sharded low-rank parameter: this rank's pieces, as a step builds them."""
+        from ..projectors.base import choose_side
+
+        shard = self._shard(p)
+        proj = self._new_projector(group, p)
+        side = choose_side(shard.shape, proj.proj_type)
+        proj._state = {"side": side}
+        start, stop = shard.cols(shard.shape[1])
+        local_shape = (shard.rows, shard.shape[1]) if side == "left" else (shard.rows, stop - start)
+        proj.allocate(shard.shape if proj.name == "random" else local_shape, p.dtype, p.device)
+        self._projectors[p] = proj
+        state["projector"] = self._export_projector(p, proj)
+        sdtype = state_dtype(p.dtype)
+        low_shape = (proj.rank, shard.shape[1]) if side == "left" else (shard.rows, proj.rank)
+        state.update(self._sharded_fresh_state(group, p, shard, side, low_shape, sdtype, self.rule_of(group, True)))
+        if group["limiter"] is not None:
+            state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
 
     def _commit_refresh(self, group: dict[str, Any], state: dict[str, Any], it: _LowRankItem) -> None:
         """Moment policy and refresh schedule, for a subspace that changed this step."""
@@ -829,6 +1066,9 @@ class LowRankAdamW(Optimizer):
                 if not self.is_low_rank(p, group):
                     state.update(self._fresh_state(group, p, p.shape, self._plain_moment_dtype(group, p),
                                                    self.rule_of(group, low_rank=False)))
+                    continue
+                if distributed.is_sharded(p):
+                    self._init_sharded(group, p, state)
                     continue
                 sdtype = state_dtype(p.dtype)
                 proj = self._new_projector(group, p)

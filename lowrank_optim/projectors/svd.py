@@ -29,13 +29,20 @@ class SVDProjector(Projector):
     #: Whether the basis may be stored as INT4 (``bits=4``).
     quantizable: ClassVar[bool] = True
 
-    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, bits: int = 32) -> None:
+    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, bits: int = 32,
+                 canonical_signs: bool = False) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed)
         if bits not in (32, 4) or isinstance(bits, bool):
             raise ValueError(f"bits must be 32 or 4 (INT4-stored basis), got {bits!r}")
         if bits == 4 and not self.quantizable:
             raise ValueError(f"the {self.name} projector cannot store its basis as INT4")
+        if canonical_signs not in (True, False):
+            raise ValueError(f"canonical_signs must be True or False, got {canonical_signs!r}")
         self.bits = bits
+        #: Fix each singular pair's sign so that the largest entry of its right singular vector is
+        #: positive, as a refresh on FSDP2 shards does (``lro.distributed``); off by default, which keeps
+        #: LAPACK's signs and galore-torch's basis.
+        self.canonical_signs = canonical_signs
 
     @classmethod
     def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +64,12 @@ class SVDProjector(Projector):
     def _refresh(self, grad: Tensor, side: str) -> None:
         work = grad if grad.dtype == torch.float64 else grad.float()
         u, _, vh = torch.linalg.svd(work, full_matrices=False)
+        if self.canonical_signs:
+            from ..distributed import canonical_signs
+
+            v = canonical_signs(vh[: self.rank].t())
+            sign = torch.sign((v * vh[: self.rank].t()).sum(0))  # +1 where kept, -1 where flipped
+            u, vh = u[:, : self.rank] * sign, v.t()
         # clone: keep r vectors, not the whole factorization they are views of
         basis = u[:, : self.rank] if side == "left" else vh[: self.rank]
         self._store_basis(basis.to(self.basis_dtype(grad.dtype), copy=True).contiguous())

@@ -99,6 +99,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # FRUGAL's signSGD residual moves every coordinate by lr per step, so it takes AdamW's lr
     "frugal": {**_LOW_RANK, "lr": 1e-3, "scale": 1.0},
     "fira": {**_LOW_RANK, "lr": 1e-2, "scale": 0.25},
+    # GaLore's settings: the Adafactor and orthogonal rules are scaled so GaLore's lr and scale carry over
+    "galore_adafactor": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
+    "sumo": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     "lowrank": {**_LOW_RANK, "lr": 1e-2},
     # any preset without an entry of its own
     "*": {**_LOW_RANK, "lr": 1e-2},

@@ -1,0 +1,236 @@
+"""FSDP2 (``fully_shard``, DTensor rows) on CPU: 2 processes with gloo, against one process.
+
+Each worker trains a small transformers LLaMA (hidden 64, MLP 96, so the MLP's down projection takes
+the left side and every other weight the right) on its half of a global batch of 4 sequences; rank 0
+also trains the unsharded model on the whole batch and compares. Tolerance: rtol 1e-4, atol 1e-5 on the
+weights after 5 steps (3 refreshes). The sharded run sums gradients and projections in another order
+and refreshes from the Gram matrix's eigenvectors instead of LAPACK's SVD: float32 rounding of order
+1e-6 relative, amplified by Adam's division in the first steps; anything structural (a wrong shard, a
+wrong sign, a missing reduction) is off by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import lowrank_optim as lro  # noqa: E402
+
+CASES = {
+    "galore": (lro.GaLoreAdamW, {"projector_options": {"canonical_signs": True}}),
+    "apollo": (lro.APOLLO, {}),
+    "apollo_mini": (lro.APOLLOMini, {"rank": 1}),
+    "frugal": (lro.FRUGAL, {"projector_options": {"canonical_signs": True}}),
+    "fira": (lro.Fira, {"projector_options": {"canonical_signs": True}}),
+    "sumo": (lro.SUMO, {"projector": "svd", "projector_options": {"canonical_signs": True}}),
+}
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                         num_hidden_layers=2, vocab_size=97, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def global_batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 97, (4, 17), generator=g) for _ in range(n)]
+
+
+def build(model, name):
+    cls, keys = CASES[name]
+    keys = {"rank": 8, "update_proj_gap": 2, **keys}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lro.RankFallbackWarning)
+        return cls(lro.param_groups(model, **keys), lr=3e-3, weight_decay=0.01)
+
+
+def train(model, opt, batches):
+    for tokens in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
+        loss.backward()
+        opt.step()
+
+
+def shard_model(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in list(state.values()) + list(state.get("projector", {}).values()):
+            if isinstance(v, torch.Tensor):
+                t = v.to_local() if hasattr(v, "to_local") else v
+                total += t.numel() * t.element_size()
+    return total
+
+
+def refusals() -> list[str]:
+    """Layouts and options we do not step on shards: each must be refused when the optimizer is built."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    mesh2d = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    cases = [
+        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(1)]), {}, "Shard\\(0\\) \\(rows\\) only"),
+        (distribute_tensor(torch.randn(16, 8), mesh, [Replicate()]), {}, "not tensor parallelism"),
+        (distribute_tensor(torch.randn(16, 8), mesh2d, [Replicate(), Shard(0)]), {}, "2-D device mesh"),
+        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"state_bits": 8}, "state_bits=8 is not built for FSDP2"),
+        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"projector": "dct"}, "projector='dct'"),
+    ]
+    import re
+
+    messages = []
+    for tensor, keys, pattern in cases:
+        p = torch.nn.Parameter(tensor)
+        try:
+            lro.GaLoreAdamW([{"params": [("layers.0.w", p)], "rank": 2, **keys}], lr=1e-3)
+        except ValueError as err:
+            assert re.search(pattern, str(err)) and "'layers.0.w'" in str(err), (pattern, str(err))
+            messages.append(str(err))
+        else:
+            raise AssertionError(f"not refused: {keys} {tensor.placements}")
+    return messages
+
+
+def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        report = {"refused": refusals()}
+        for name in names:
+            batches = global_batches(5)
+            model = shard_model(tiny_llama())
+            opt = build(model, name)
+            train(model, opt, [b[2 * rank: 2 * rank + 2] for b in batches])
+            got = full_params(model)
+            ours = state_bytes(opt)
+            single = state_bytes_single = None
+            if rank == 0:
+                ref_model = tiny_llama()
+                ref_opt = build(ref_model, name)
+                train(ref_model, ref_opt, batches)
+                want = full_params(ref_model)
+                worst = max(((got[k] - want[k]).abs() / (want[k].abs() + 1e-2)).max().item() for k in want)
+                ok = all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5) for k in want)
+                single = state_bytes(ref_opt)
+                report[name] = {"ok": ok, "worst": worst, "state": ours, "single": single}
+            else:
+                report[name] = {"state": ours}
+            del state_bytes_single
+        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(tmp_path, names):
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(2, init, str(tmp_path), names), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_every_preset_on_two_fsdp2_ranks_equals_one_process(tmp_path):
+    r0, r1 = run_workers(tmp_path, list(CASES))
+    assert len(r0["refused"]) == len(r1["refused"]) == 5
+    for name in CASES:
+        assert r0[name]["ok"], (name, r0[name])
+        ratio = max(r0[name]["state"], r1[name]["state"]) / r0[name]["single"]
+        assert ratio <= 0.55, (name, ratio, r0[name], r1[name])
+
+
+def _dcp_worker(rank: int, world: int, init: str, out: str, name: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        batches = [b[2 * rank: 2 * rank + 2] for b in global_batches(5)]
+        model = shard_model(tiny_llama())
+        opt = build(model, name)
+        train(model, opt, batches[:3])  # refreshes at steps 1 and 3
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=str(Path(out, "ckpt")))
+        train(model, opt, batches[3:])
+        straight = full_params(model)
+
+        model2 = shard_model(tiny_llama(seed=1))  # other weights: all must come from the checkpoint
+        opt2 = build(model2, name)
+        opt2.init_state()  # the template DCP loads into (and no zero-gradient step from torch's DSD)
+        state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+        dcp.load(state, checkpoint_id=str(Path(out, "ckpt")))
+        set_model_state_dict(model2, state["model"])
+        set_optimizer_state_dict(model2, opt2, state["optim"])
+        train(model2, opt2, batches[3:])
+        resumed = full_params(model2)
+        if rank == 0:
+            torch.save({"straight": straight, "resumed": resumed}, Path(out, "dcp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
+    """Save after 3 steps on 2 ranks; load on 2 ranks and, in this process, on one; 2 more steps each
+    equal the uninterrupted 2-rank run (2 ranks: bit for bit; 1 process: to the tolerance above)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.multiprocessing as mp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    name = "fira"
+    mp.spawn(_dcp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path), name), nprocs=2, join=True)
+    out = torch.load(tmp_path / "dcp.pt", weights_only=True)
+    for k, want in out["straight"].items():
+        assert torch.equal(out["resumed"][k], want), k
+
+    model = tiny_llama(seed=2)
+    opt = build(model, name)
+    opt.init_state()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert all(not hasattr(v, "to_local") for s in opt.state.values() for v in s.values())
+    train(model, opt, global_batches(5)[3:])
+    got = full_params(model)
+    for k, want in out["straight"].items():
+        torch.testing.assert_close(got[k], want, rtol=1e-4, atol=1e-5, msg=k)
