@@ -9,9 +9,13 @@ W's size is ever gathered. Per parameter and projector side (W m×n, rank r):
 =====================  ==========================================  ==================================
 piece                  right side, R = G Qᵀ (m×r)                    left side, R = Pᵀ G (r×n)
 =====================  ==========================================  ==================================
-basis                  Q r×n, replicated                           P m×r, sharded by rows like W
-moments (rule state)   m×r, sharded by rows like W                 r×n, replicated (identical)
-project, per step      local, nothing sent                         Σ_k P_kᵀ G_k: all-reduce of r×n
+basis                  Q r×n, sharded by columns; all-gather       P m×r, sharded by rows like W
+                       of r×n when used
+moments (rule state)   m×r, sharded by rows like W                 r×n, sharded by columns
+project, per step      local                                       Σ_k P_kᵀ G_k: all-reduce of r×n
+rule (Adam)            local                                       local on its columns, then an
+                                                                   all-gather of N (r×n)
+rule (orthogonal)      all-gather of R and M (m×r)                 all-gather of M (r×n)
 project back           local                                       local (every rank holds N)
 svd / rsvd refresh     Gram GᵀG = Σ_k G_kᵀ G_k: all-reduce of n×n, then eigh (exact top r; P_k = G_k V Σ⁻¹)
 random refresh         nothing: every rank draws the same matrix from the shared seed
@@ -27,8 +31,12 @@ singular vector is positive (``canonical_signs``). A single-process run with
 
 Supported: HF/torch FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with
 an error naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
-parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (INT8 states, INT4
-bases, Q-GaLore's lazy refresh, the ``dct``, ``sparse`` and ``online_pca`` projectors).
+parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (INT4 bases, Q-GaLore's
+lazy refresh, the ``dct``, ``sparse`` and ``online_pca`` projectors, the ``adafactor`` rule).
+
+INT8 moments (``state_bits=8``) work on shards with their blocks of 256 inside each rank's piece; the
+absmax vector is padded to the largest piece's block count, so such a checkpoint resumes on the same
+number of ranks (float states reshard freely: saved on 2 ranks, loaded on 1).
 """
 
 from __future__ import annotations

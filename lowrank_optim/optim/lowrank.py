@@ -437,8 +437,6 @@ class LowRankAdamW(Optimizer):
         """Why ``group``'s options cannot step the row-sharded ``p`` (None: they can)."""
         low = self.is_low_rank(p, group)
         parts = []
-        if group["state_bits"] == 8:
-            parts.append("state_bits=8")
         if group["stochastic_rounding"]:
             parts.append("stochastic_rounding=True")
         if group["rule"] == "adafactor":
@@ -677,12 +675,18 @@ class LowRankAdamW(Optimizer):
             # 8-bit AdamW: N from the INT8 moments (updated in place), then the decoupled step
             state = self.state[p]
             state["step"] += 1
-            direction = self._adam8bit(group, state, p.grad)
-            work, write = self._writable(group, p)
+            if distributed.is_sharded(p):
+                local = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in state.items()}
+                grad = p.grad.to_local()
+                direction = self._adam8bit_local(group, local, grad).view(grad.shape)
+                work, write = p.to_local(), None
+            else:
+                direction = self._adam8bit(group, state, p.grad)
+                work, write = self._writable(group, p)
             lr = float(group["lr"])
             if group["weight_decay"]:
                 work.mul_(1.0 - lr * float(group["weight_decay"]))
-            work.add_(direction.view(p.shape).to(work.dtype), alpha=-lr)
+            work.add_(direction.view(work.shape).to(work.dtype), alpha=-lr)
             if write is not None:
                 write()
 
@@ -741,7 +745,10 @@ class LowRankAdamW(Optimizer):
         """A fresh step counter and zero state of ``shape`` for ``rule``; for Adam, INT8 codes and
         absmax where the group keeps 8-bit states and the moment is large enough, else ``dtype``."""
         if distributed.is_sharded(p) and tuple(shape) == tuple(p.shape):
-            return _fresh_moments(p, dtype)  # a plain parameter on FSDP2: moments sharded like it (Adam only)
+            # a plain parameter on FSDP2: moments sharded like it
+            shard = self._shard(p)
+            local = p.to_local()
+            return self._sharded_moments(group, shard, tuple(local.shape), tuple(p.shape), 0, dtype, local.device)
         if rule == "adafactor":
             return adafactor.fresh_state(shape, dtype, p.device, group["momentum"])
         if rule == "orthogonal":
@@ -821,6 +828,11 @@ class LowRankAdamW(Optimizer):
                              low_shape: tuple[int, ...], dtype: torch.dtype, rule: str) -> dict[str, Any]:
         """Fresh rule state for a row-sharded parameter: ``low_shape`` is this rank's piece of R (its rows
         of m×r on the right side, all of r×n on the left); row-following entries become DTensors."""
+        if rule == "adam":
+            if side == "left":
+                start, stop = shard.cols(low_shape[1])
+                return self._sharded_moments(group, shard, (low_shape[0], stop - start), tuple(low_shape), 1, dtype, p.device)
+            return self._sharded_moments(group, shard, tuple(low_shape), (shard.shape[0], low_shape[1]), 0, dtype, p.device)
         if side == "left":
             start, stop = shard.cols(low_shape[1])
             local = self._fresh_state(group, p.to_local(), (low_shape[0], stop - start), dtype, rule)
@@ -860,8 +872,13 @@ class LowRankAdamW(Optimizer):
             state.update(self._sharded_fresh_state(group, p, shard, side, tuple(low.shape), sdtype, rule))
         state["step"] += 1
         local = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in state.items() if k != "projector"}
-        if side == "left":
-            # R is whole on every rank; the rule's state is kept by columns: gather it, step, keep ours
+        if side == "left" and rule == "adam":
+            # R is whole on every rank, the moments are kept by columns: Adam on ours, then gather N
+            n = low.shape[1]
+            start, stop = shard.cols(n)
+            direction = shard.gather_cols(self._local_rule(group, rule, local, low[:, start:stop].contiguous()), n, "project")
+        elif side == "left":
+            # the other rules need whole rows of R: gather their state, step on every rank, keep ours
             n = low.shape[1]
             start, stop = shard.cols(n)
             full = {k: shard.gather_cols(v, n, "rule") for k, v in local.items() if k in self._COL_KEYS}
@@ -880,12 +897,42 @@ class LowRankAdamW(Optimizer):
         self._update_sharded(group, state, shard, w, g, basis, side, low, direction)
 
     def _local_rule(self, group: dict[str, Any], rule: str, state: dict[str, Any], low: Tensor) -> Tensor:
+        if rule == "adam" and policies.is_8bit(state):
+            return self._adam8bit_local(group, state, low)
         if rule == "adam":
             beta1, beta2 = group["betas"]
             (direction,) = adam_direction([low], [state["exp_avg"]], [state["exp_avg_sq"]], [int(state["step"])],
                                           beta1, beta2, group["eps"])
             return direction
         return self._rule_direction(group, rule, state, low)
+
+    @classmethod
+    def _adam8bit_local(cls, group: dict[str, Any], state: dict[str, Any], low: Tensor) -> Tensor:
+        """8-bit Adam on this rank's piece: its blocks of 256 start at the piece's first element, and
+        the absmax vector is padded to the same length on every rank (only the first blocks are used)."""
+        blocks = -(-low.numel() // kernels.BLOCK)
+        view = {**state, "exp_avg_absmax": state["exp_avg_absmax"][:blocks],
+                "exp_avg_sq_absmax": state["exp_avg_sq_absmax"][:blocks]}
+        return cls._adam8bit(group, view, low)
+
+    def _sharded_moments(self, group: dict[str, Any], shard: distributed.RowShard, local_shape: tuple[int, ...],
+                         global_shape: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        """Fresh Adam moments of a piece of a sharded tensor (rows, ``dim`` 0, or columns, 1), as DTensors:
+        float, or INT8 codes (sharded like the piece) with an absmax vector padded to the largest piece's
+        block count on every rank (so it is an even ``Shard(0)`` of world × that many blocks)."""
+        wrap = (lambda t: shard.wrap(t, global_shape[0])) if dim == 0 else (lambda t: shard.wrap_cols(t, global_shape[1]))
+        out: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        if not uses_8bit(group, math.prod(global_shape)):
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[key] = wrap(torch.zeros(local_shape, dtype=dtype, device=device))
+            return out
+        largest = list(global_shape)
+        largest[dim] = -(-global_shape[dim] // shard.world)
+        blocks = -(-math.prod(largest) // kernels.BLOCK)
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[key] = wrap(torch.zeros(local_shape, dtype=torch.uint8, device=device))
+            out[f"{key}_absmax"] = shard.wrap(torch.zeros(blocks, dtype=torch.float32, device=device), shard.world * blocks)
+        return out
 
     @staticmethod
     def _rotate_sharded(state: dict[str, Any], shard: distributed.RowShard, old: Projector, new: Projector) -> None:
@@ -1183,6 +1230,12 @@ class LowRankAdamW(Optimizer):
             blocks = -(-math.prod(want) // kernels.BLOCK)
             for key in ("exp_avg", "exp_avg_sq"):
                 absmax = state.get(f"{key}_absmax")
+                if distributed.is_sharded(absmax) and state[key].dtype == torch.uint8:
+                    # a piece of a sharded parameter: the absmax is padded to the same length on every rank
+                    local = absmax.to_local().numel()
+                    if absmax.numel() == local * absmax.device_mesh.size() and \
+                            local * kernels.BLOCK >= state[key].to_local().numel():
+                        continue
                 if state[key].dtype != torch.uint8 or not isinstance(absmax, Tensor) or absmax.numel() != blocks:
                     raise ValueError(
                         f"{where}: INT8 moments need uint8 {key!r} and {blocks} float32 '{key}_absmax' "
