@@ -32,7 +32,7 @@ singular vector is positive (``canonical_signs``). A single-process run with
 Supported: HF/torch FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with
 an error naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
 parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (INT4 bases, Q-GaLore's
-lazy refresh, the ``dct``, ``sparse`` and ``online_pca`` projectors, the ``adafactor`` rule).
+lazy refresh, the ``dct``, ``sparse`` and ``online_pca`` projectors).
 
 INT8 moments (``state_bits=8``) work on shards with their blocks of 256 inside each rank's piece; the
 absmax vector is padded to the largest piece's block count, so such a checkpoint resumes on the same

@@ -37,6 +37,7 @@ CASES = {
     "frugal": (lro.FRUGAL, {"residual": "sgd", "projector_options": {"canonical_signs": True}}),
     "fira": (lro.Fira, {"projector_options": {"canonical_signs": True}}),
     "sumo": (lro.SUMO, {"projector": "svd", "projector_options": {"canonical_signs": True}}),
+    "galore_adafactor": (lro.GaLoreAdafactor, {"momentum": 0.9, "projector_options": {"canonical_signs": True}}),
     # INT8 moments, blocks of 256 inside each rank's piece: with right-side projections and a vocabulary
     # of 128 every piece of this model starts at a multiple of 256 elements and the 64-element norms stay
     # float32 (min 256), so the blocks are one process's blocks

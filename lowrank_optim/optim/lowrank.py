@@ -439,8 +439,6 @@ class LowRankAdamW(Optimizer):
         parts = []
         if group["stochastic_rounding"]:
             parts.append("stochastic_rounding=True")
-        if group["rule"] == "adafactor":
-            parts.append("rule='adafactor'")
         if low:
             if group["projector"] not in distributed.SHARDED_PROJECTORS:
                 parts.append(f"projector={group['projector']!r}")
@@ -451,8 +449,8 @@ class LowRankAdamW(Optimizer):
         if not parts:
             return None
         return (f"{', '.join(parts)} {'is' if len(parts) == 1 else 'are'} not built for FSDP2 shards yet; on "
-                f"FSDP2 use 32-bit states, projectors {', '.join(distributed.SHARDED_PROJECTORS)}, the adam or "
-                "orthogonal rule and the fixed refresh (or train without FSDP2)")
+                f"FSDP2 use projectors {', '.join(distributed.SHARDED_PROJECTORS)}, float bases and the "
+                "fixed refresh (or train without FSDP2)")
 
     def _label(self, group: dict[str, Any], i: int) -> str:
         """The parameter's name where the groups carry names, else its position."""
@@ -701,8 +699,19 @@ class LowRankAdamW(Optimizer):
             if not state:
                 state.update(self._fresh_state(group, p, p.shape, sdtype, "adafactor"))
             state["step"] += 1
-            direction = self._rule_direction(group, "adafactor", state, p.grad.to(sdtype))
-            work, write = self._writable(group, p)
+            shard = self._shard(p)
+            if shard is not None:
+                local = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in state.items()}
+                direction = adafactor.direction(
+                    p.grad.to_local().to(sdtype), local, beta2_decay=float(group["beta2_decay"]),
+                    eps=float(group["eps"]), clip_threshold=float(group["clip_threshold"]),
+                    momentum=None if group["momentum"] is None else float(group["momentum"]),
+                    reduce=lambda t: shard.all_reduce_(t, "norms"), rows=p.shape[0],
+                )
+                work, write = p.to_local(), None
+            else:
+                direction = self._rule_direction(group, "adafactor", state, p.grad.to(sdtype))
+                work, write = self._writable(group, p)
             if decay != 1.0:
                 work.mul_(decay)
             work.add_(direction.to(work.dtype), alpha=-lr)
@@ -748,6 +757,12 @@ class LowRankAdamW(Optimizer):
             # a plain parameter on FSDP2: moments sharded like it
             shard = self._shard(p)
             local = p.to_local()
+            if rule == "adafactor":
+                out = adafactor.fresh_state(local.shape, dtype, local.device, group["momentum"])
+                for key in ("row_var", "variance", "exp_avg"):
+                    if key in out:
+                        out[key] = shard.wrap(out[key], p.shape[0])
+                return out
             return self._sharded_moments(group, shard, tuple(local.shape), tuple(p.shape), 0, dtype, local.device)
         if rule == "adafactor":
             return adafactor.fresh_state(shape, dtype, p.device, group["momentum"])

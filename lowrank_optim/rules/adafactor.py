@@ -32,6 +32,7 @@ the clipped update Û, no bias correction; off by default (β₁ = None), as in 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,25 +59,39 @@ def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device:
 
 
 def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: float, clip_threshold: float,
-              momentum: float | None) -> Tensor:
+              momentum: float | None, reduce: Callable[[Tensor], Tensor] | None = None,
+              rows: int | None = None) -> Tensor:
     """Update the statistics in ``state`` with ``x`` and return the direction (Û, or M with a first
     moment). ``state["step"]`` must already count this step. No host synchronisation: the clipping
-    divisor stays a tensor."""
+    divisor stays a tensor.
+
+    For a tensor sharded by rows (FSDP2), ``x`` and the row statistics are this rank's rows, ``rows``
+    the whole tensor's row count and ``reduce`` sums a tensor over the ranks in place: the column
+    statistics, the mean of the row statistics and the RMS are then the whole tensor's."""
     t = float(state["step"])
     weight = t**beta2_decay  # 1 − β̂₂ₜ
+    total = reduce or (lambda z: z)
     if "row_var" in state:
         row_var, col_var = state["row_var"], state["col_var"]
+        m = x.size(-2) if rows is None else rows
         # mean of squares along one side, as a squared norm (no m×n temporary of X²)
         row_var.lerp_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)), weight)
-        col_var.lerp_(torch.linalg.vector_norm(x, dim=-2, keepdim=True).square_().div_(x.size(-2)), weight)
+        col_var.lerp_(total(torch.linalg.vector_norm(x, dim=-2, keepdim=True).square_()).div_(m), weight)
         v_hat = row_var @ col_var
-        v_hat.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps))
+        if reduce is None:
+            v_hat.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps))
+        else:
+            v_hat.div_(total(row_var.sum(dim=-2, keepdim=True)).div_(m).clamp_(min=eps))
     else:
         variance = state["variance"]
         variance.lerp_(x * x, weight)
         v_hat = variance.clone()
     update = v_hat.clamp_(min=eps * eps).rsqrt_().mul_(x)
-    rms = torch.linalg.vector_norm(update) / math.sqrt(max(update.numel(), 1))
+    if reduce is None:
+        rms = torch.linalg.vector_norm(update) / math.sqrt(max(update.numel(), 1))
+    else:
+        numel = update.numel() if rows is None else update[..., :1, :].numel() * rows if update.dim() > 1 else rows
+        rms = total(update.square().sum()).div_(max(numel, 1)).sqrt_()
     update.div_(torch.clamp(rms / clip_threshold, min=1.0))
     if momentum is None:
         return update
