@@ -149,10 +149,12 @@ def row_shard(p: Tensor) -> RowShard:
 def top_right_singular(grad: Tensor, shard: RowShard, rank: int) -> tuple[Tensor, Tensor]:
     """(V n×r, σ r) of the top-r singular triplets of the row-sharded G, from its Gram matrix.
 
-    GᵀG = Σ_k G_kᵀ G_k (an n×n all-reduce in float32, float64 for float64), then ``eigh``; signs are
+    GᵀG = Σ_k G_kᵀ G_k (an n×n all-reduce, in float64), then ``eigh``; signs are
     canonical (:func:`canonical_signs`). Every rank gets the same V and σ: the same reduced input and
     the same deterministic eigensolver."""
-    work = grad if grad.dtype == torch.float64 else grad.float()
+    # float64: the Gram matrix squares the condition number, and an fp32 one loses the small singular
+    # directions that an fp32 SVD of G keeps (ill-conditioned gradients at initialization)
+    work = grad.double()
     gram = work.t() @ work
     shard.all_reduce_(gram, "refresh")
     evals, evecs = torch.linalg.eigh(gram)
@@ -194,8 +196,7 @@ def refresh_sharded(proj: Any, grad: Tensor, shard: RowShard) -> Any:
             start, stop = shard.cols(n)
             basis = v.t()[:, start:stop]  # Q is kept sharded by columns, gathered when used
         else:
-            work = grad if grad.dtype == torch.float64 else grad.float()
-            basis = (work @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
+            basis = (grad.double() @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
         new._store_basis(basis.to(grad.dtype).contiguous())
         if "refreshes" in new._state or new.name == "rsvd":
             new._state["refreshes"] = int(new._state.get("refreshes", 0)) + 1
