@@ -77,7 +77,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         description="Pretrain transformers' LlamaForCausalLM from a config with a baseline (adamw, adafactor, muon) "
         "or one of our presets: "
         "warmup + cosine schedule, clipping, held-out perplexity, DIR/metrics.jsonl, atomic checkpoints "
-        "(--resume continues exactly), DDP under torchrun.",
+        "(--resume continues exactly), DDP under torchrun, or FSDP2 with --fsdp.",
     )
     pre.add_argument("--optimizer", default="galore",
                      help="adamw, adafactor, muon (Muon on hidden weights + AdamW) or a preset (lowrank-optim list); default galore")
@@ -88,12 +88,21 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--scale", type=float, default=None, help="the low-rank update's scale (default: the preset's)")
     pre.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
     _add_training_flags(pre)
-    pre.add_argument("--out", default=None, help="folder for metrics.jsonl and checkpoint.pt (default runs/<config>-<optimizer>)")
+    pre.add_argument("--out", default=None, help="folder for metrics.jsonl and checkpoint.pt (checkpoint.dcp/ with --fsdp) "
+                     "(default runs/<config>-<optimizer>)")
     pre.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     pre.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds a checkpoint")
     pre.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: as --eval-every; 0: at the end only)")
     pre.add_argument("--stop-at", type=int, default=None,
                      help="stop after this step with a checkpoint (the schedule still spans --max-steps); --resume goes on")
+    pre.add_argument("--fsdp", action="store_true",
+                     help="shard weights, gradients and optimizer states over the ranks with FSDP2 (fully_shard per "
+                          "decoder layer, then the root) instead of DDP: run under torchrun, e.g. torchrun "
+                          "--nproc-per-node 8 -m lowrank_optim.cli pretrain --fsdp ...; without torchrun, one process "
+                          "(a 1-rank mesh). Checkpoints are torch.distributed.checkpoint folders (DIR/checkpoint.dcp), "
+                          "--resume needs the same number of ranks. Not with --layerwise or the adafactor baseline; "
+                          "optimizer options not built for shards yet (e.g. Q-GaLore's INT4 bases and lazy refresh, "
+                          "the dct/sparse/online_pca projectors) are refused when the optimizer is built")
 
     cmp = sub.add_parser(
         "compare",
@@ -132,7 +141,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{args.optimizer}")
     a = _train_args(args, optimizer=args.optimizer, options={k: v for k, v in options.items() if v is not None},
                     out=out, resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
-                    stop_at=args.stop_at)
+                    stop_at=args.stop_at, fsdp=args.fsdp)
     result = pretrain(a)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.optimizer}: step {result.steps}, held-out loss {result.final_eval_loss:.4f}, perplexity "

@@ -17,12 +17,23 @@ Saving writes a temporary file in the same folder (``.checkpoint.pt.<random>.tmp
 fsyncs it, then ``os.replace``-s it over ``checkpoint.pt``: a reader sees the old file or the new
 one, never a partial one, and a save that fails (full disk, an exception midway) removes its
 temporary file and leaves the existing checkpoint as it was.
+
+Under ``--fsdp`` the checkpoint is a folder, ``DIR/checkpoint.dcp/``, written by
+``torch.distributed.checkpoint`` from every rank: ``model`` and ``optim`` (``get_model_state_dict`` /
+``get_optimizer_state_dict``, each rank writing its own rows, ``__<rank>_0.distcp`` and
+``.metadata``), plus ``meta.pt`` from rank 0 with everything else above (``step``, ``position``,
+``scheduler``, ``rng``, ``run``, ``format``, ``version``). Every rank writes into a temporary folder
+``.checkpoint.dcp.<step>.tmp``; after a barrier rank 0 moves the previous folder aside
+(``.checkpoint.dcp.old``), renames the new one into place and deletes the old one
+(:func:`replace_dir`). A reader (:func:`dcp_path`) takes the aside copy if a crash left no
+``checkpoint.dcp``, so there is always one complete checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 import zipfile
 from contextlib import suppress
@@ -35,7 +46,11 @@ import torch
 from .errors import CheckpointError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The folder of an ``--fsdp`` run's distributed checkpoint, and its rank-0 file of everything else.
+DCP_NAME = "checkpoint.dcp"
+DCP_META = "meta.pt"
 FORMAT = "lowrank-optim pretrain checkpoint"
+DCP_FORMAT = "lowrank-optim pretrain checkpoint (FSDP2, torch.distributed.checkpoint)"
 VERSION = 1
 
 
@@ -97,13 +112,75 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         with suppress(OSError):
             os.unlink(tmp)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _fsync_dir(folder: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):  # make a rename durable (POSIX)
         with suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+def save_file(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to ``path``, flushed and fsynced (into a folder not yet in place)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def replace_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Put the complete folder ``tmp`` in place of ``final`` (a folder, or nothing yet).
+
+    A folder cannot be renamed over a non-empty one, so the previous ``final`` is first renamed
+    aside (``.<name>.old``), then ``tmp`` renamed to ``final``, then the aside copy deleted. At every
+    moment ``final`` or its aside copy is a complete checkpoint (:func:`dcp_path` reads either)."""
+    tmp, final = Path(tmp), Path(final)
+    old = _aside(final)
+    if old.exists():
+        if final.is_dir():
+            shutil.rmtree(old)
+        else:  # a crash left only the aside copy: keep it until the new folder is in place
+            old = old.with_name(old.name + "2")
+            shutil.rmtree(old, ignore_errors=True)
+    if final.is_dir():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(_aside(final), ignore_errors=True)
+
+
+def dcp_path(folder: str | os.PathLike[str]) -> Path:
+    """The distributed checkpoint of an ``--fsdp`` run in ``folder``: ``checkpoint.dcp``, or its aside
+    copy when a crash in :func:`replace_dir` left only that."""
+    final = Path(folder) / DCP_NAME
+    old = _aside(final)
+    return old if not final.is_dir() and (old / DCP_META).is_file() else final
+
+
+def has_checkpoint(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a checkpoint of either kind (``checkpoint.pt``, ``checkpoint.dcp``)."""
+    return (Path(folder) / CHECKPOINT_NAME).exists() or dcp_path(folder).exists()
+
+
+def remove_other(folder: str | os.PathLike[str], fsdp: bool) -> None:
+    """After a save, delete the other kind's checkpoint (of an earlier run, overwritten) from ``folder``."""
+    folder = Path(folder)
+    if fsdp:
+        with suppress(OSError):
+            (folder / CHECKPOINT_NAME).unlink()
+    else:
+        for d in (folder / DCP_NAME, _aside(folder / DCP_NAME)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def umask() -> int:
@@ -137,6 +214,32 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
+def load_dcp_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.pt`` of the distributed checkpoint folder ``path`` (see the module doc), checked for
+    our format; the model and optimizer are read by ``torch.distributed.checkpoint.load``."""
+    path = Path(path)
+    meta_path = path / DCP_META
+    if not path.is_dir():
+        raise CheckpointError(f"--resume: no checkpoint at {str(path)!r} (nothing to resume; drop --resume to start)")
+    if not meta_path.is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is incomplete (no {DCP_META} or .metadata)")
+    try:
+        meta = torch.load(meta_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt or unreadable ({reason[:160]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != DCP_FORMAT:
+        raise CheckpointError(f"--resume: {str(path)!r} is not a lowrank-optim pretrain --fsdp checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"--resume: {str(path)!r} has checkpoint version {meta.get('version')!r}; this "
+                              f"lowrank-optim reads version {VERSION}")
+    missing = [k for k in ("scheduler", "step", "position", "rng", "run") if k not in meta]
+    if missing:
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} lacks {', '.join(missing)}")
+    return meta
+
+
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Refuse to resume a checkpoint whose trajectory-defining settings differ from this run's."""
     diffs: list[str] = []
@@ -161,4 +264,6 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "check_same_run", "load", "rng_state", "save_atomic", "set_rng_state"]
+__all__ = ["CHECKPOINT_NAME", "DCP_FORMAT", "DCP_META", "DCP_NAME", "FORMAT", "VERSION", "check_same_run", "dcp_path",
+           "has_checkpoint", "load", "load_dcp_meta", "remove_other", "replace_dir", "rng_state", "save_atomic",
+           "save_file", "set_rng_state"]

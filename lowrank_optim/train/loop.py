@@ -3,14 +3,24 @@
 :func:`pretrain` runs ``lowrank-optim pretrain`` (and each run of ``compare``): warmup then cosine
 decay to ``min_lr_ratio`` of the peak, gradient clipping, gradient accumulation, held-out
 perplexity every ``eval_every`` steps, ``DIR/metrics.jsonl`` (one JSON object a step), atomic
-checkpoints that resume bit for bit on CPU, DDP under ``torchrun``, layer-wise updates, activation
-checkpointing and bf16 weights.
+checkpoints that resume bit for bit on CPU, DDP (or FSDP2 with ``fsdp``) under ``torchrun``,
+layer-wise updates, activation checkpointing and bf16 weights.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes ``batch_size`` sequences of every
 micro-batch: step ``t`` consumes the global sequences ``position .. position + batch_size *
 grad_accum * world_size - 1``, micro-batch ``m`` of rank ``r`` the ``batch_size`` of them starting at
 ``position + (m * world_size + r) * batch_size``; the loss is averaged over ranks for logging;
 evaluation is sharded over ranks and summed; rank 0 writes the metrics and checkpoints.
+
+With ``fsdp`` (``--fsdp``) the model is wrapped with FSDP2 instead of DDP: ``fully_shard`` on each
+decoder layer, then on the root, over a 1-D mesh of all ranks (gloo on CPU, nccl on CUDA; without
+torchrun a 1-rank group of this process). Every parameter, gradient and optimizer state is a DTensor
+holding this rank's rows (``lowrank_optim.distributed``); the data, the schedule and the logged loss
+are as under DDP. Gradients are reduce-scattered after every micro-batch's backward and accumulate
+sharded (no unsharded gradient is kept between micro-batches); clipping takes the global norm of the
+sharded gradients. Evaluation runs the same number of forward passes on every rank (FSDP2's forward is
+collective). Checkpoints are ``torch.distributed.checkpoint`` folders (see :mod:`.checkpoint`), which
+``--resume`` continues exactly. Not with ``layerwise``.
 """
 
 from __future__ import annotations
@@ -40,6 +50,12 @@ from .optimizers import build_optimizer, optimizer_settings, state_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METRICS_NAME = "metrics.jsonl"
+#: Optimizers --fsdp refuses, and why (every other one steps FSDP2's row shards).
+FSDP_REFUSED: dict[str, str] = {
+    "adafactor": "the adafactor baseline (torch.optim.Adafactor) cannot step FSDP2's sharded (DTensor) parameters: its "
+                 "factored second moment runs an in-place op that DTensor refuses; use adamw, muon or a low-rank preset, "
+                 "or train adafactor without --fsdp",
+}
 
 
 @dataclass
@@ -59,6 +75,7 @@ class TrainArgs:
     data: str | None = None
     tokenizer: str | None = None
     layerwise: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard per decoder layer, then the root) instead of DDP
     checkpointing: bool = False
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None: cuda (this process's LOCAL_RANK) when available, else cpu
@@ -121,6 +138,11 @@ def _check_args(a: TrainArgs) -> None:
         raise TrainError(f"--dtype must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
     if a.resume and a.overwrite:
         raise TrainError("--resume and --overwrite contradict each other: pick one")
+    if a.fsdp and a.layerwise:
+        raise TrainError("--fsdp and --layerwise cannot be combined: FSDP2 reduce-scatters a layer's gradients "
+                         "after its backward, where layer-wise updates would already have stepped; pick one")
+    if a.fsdp and a.optimizer in FSDP_REFUSED:
+        raise TrainError(f"--fsdp: {FSDP_REFUSED[a.optimizer]}")
 
 
 def schedule(warmup: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -186,15 +208,22 @@ def distributed() -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def process_group() -> Any:
-    """Initialise torch.distributed under torchrun (nccl with CUDA, gloo without) for the block, if
-    it is not already; tear it down after if this block started it."""
+def process_group(single: bool = False) -> Any:
+    """Initialise torch.distributed under torchrun (nccl for CUDA tensors, gloo for CPU ones) for the
+    block, if it is not already; tear it down after if this block started it. ``single``: without
+    torchrun too, as a group of this one process (FSDP2 needs a process group for its mesh)."""
     _, world, local = distributed()
-    own = world > 1 and not (dist.is_available() and dist.is_initialized())
+    own = (world > 1 or single) and not (dist.is_available() and dist.is_initialized())
     if own:
+        if not dist.is_available():
+            raise TrainError("this torch is built without torch.distributed, which --fsdp and torchrun need")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if world > 1:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
@@ -227,7 +256,7 @@ def _prepare_out(out: Path, a: TrainArgs) -> None:
             pass
     except OSError as err:
         raise TrainError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
-    if a.save and not a.resume and not a.overwrite and (out / ckpt_io.CHECKPOINT_NAME).exists():
+    if a.save and not a.resume and not a.overwrite and ckpt_io.has_checkpoint(out):
         raise TrainError(f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue that run, "
                          "--overwrite to start a new one there, or choose another --out")
 
@@ -259,17 +288,136 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 def evaluate(model: torch.nn.Module, heldout: torch.Tensor, batch: int, device: torch.device) -> float:
     """Mean next-token loss over the held-out windows (sharded over ranks under torchrun)."""
     rank, world, _ = distributed() if dist.is_available() and dist.is_initialized() else (0, 1, 0)
+    collective = _is_fsdp(model)  # every rank must run every forward: a rank without windows runs a dummy one
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(rank * batch, len(heldout), world * batch):
-        x = heldout[i: i + batch].to(device)
-        total[0] += lm_loss(model, x, reduction="sum").double()
-        total[1] += x[:, 1:].numel()
+    for start in range(0, len(heldout), world * batch):
+        x = heldout[start + rank * batch: start + (rank + 1) * batch]
+        if len(x) == 0 and not collective:
+            continue
+        loss = lm_loss(model, (x if len(x) else heldout[:1]).to(device), reduction="sum").double()
+        if len(x):
+            total[0] += loss
+            total[1] += x[:, 1:].numel()
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
     return float(total[0] / total[1])
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (embeddings, final norm, head), over a
+    1-D mesh of every rank of the process group. In place; returns ``model``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    for layer in layers if layers is not None else ():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(t: Any) -> Any:
+    """A DTensor's global value (a clipped gradient norm under FSDP2); anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _agree(error: str | None) -> None:
+    """Raise ``error`` of rank 0 on every rank (a save that rank 0 finishes alone)."""
+    box = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise TrainError(box[0])
+
+
+def _check_kind(out: Path, fsdp: bool) -> None:
+    """Refuse ``--resume`` of the other kind's checkpoint with a message that says which flag to use."""
+    has_pt, has_dcp = (out / ckpt_io.CHECKPOINT_NAME).exists(), ckpt_io.dcp_path(out).exists()
+    if fsdp and has_pt and not has_dcp:
+        raise ckpt_io.CheckpointError(f"--resume: {str(out)!r} holds the checkpoint of a run without --fsdp "
+                                      f"({ckpt_io.CHECKPOINT_NAME}); resume it without --fsdp")
+    if not fsdp and has_dcp and not has_pt:
+        raise ckpt_io.CheckpointError(f"--resume: {str(out)!r} holds the checkpoint of an --fsdp run "
+                                      f"({ckpt_io.DCP_NAME}); resume it with --fsdp, under the same torchrun")
+
+
+def _dcp_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def _save_fsdp(out: Path, at: int, position: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               sched: Any, run_spec: dict[str, Any]) -> None:
+    """Every rank writes its shards into ``.checkpoint.dcp.<step>.tmp``, rank 0 adds ``meta.pt``;
+    after a barrier rank 0 puts the folder in place (:func:`.checkpoint.replace_dir`)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    is_main = dist.get_rank() == 0
+    final = out / ckpt_io.DCP_NAME
+    tmp = out / f".{ckpt_io.DCP_NAME}.{at}.tmp"
+    error = None
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+    dist.barrier()
+    try:
+        dcp.save(_dcp_state(model, opt), checkpoint_id=str(tmp))
+    except Exception as err:  # raised on every rank: DCP gathers the ranks' write results
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        error = f"could not save the checkpoint to {str(final)!r} ({first[:200]}); the previous checkpoint is unchanged"
+    if error is None and is_main:
+        meta = {"format": ckpt_io.DCP_FORMAT, "version": ckpt_io.VERSION, "step": at, "position": position,
+                "scheduler": sched.state_dict(), "rng": ckpt_io.rng_state(), "run": run_spec}
+        try:
+            ckpt_io.save_file(meta, tmp / ckpt_io.DCP_META)
+            ckpt_io.replace_dir(tmp, final)
+            ckpt_io.remove_other(out, fsdp=True)
+        except OSError as err:
+            error = (f"could not save the checkpoint to {str(final)!r} ({err.strerror or err}); "
+                     "the previous checkpoint is unchanged")
+    if is_main and error is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error)  # also the barrier: no rank goes on before the checkpoint is in place
+
+
+def _load_fsdp(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+               run_spec: dict[str, Any]) -> tuple[int, int]:
+    """Restore an ``--fsdp`` checkpoint into the sharded ``model``, ``opt`` and ``sched`` and the global
+    generators; returns (step, position)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    meta = ckpt_io.load_dcp_meta(path)
+    ckpt_io.check_same_run(meta["run"], run_spec, path)
+    init = getattr(opt, "init_state", None)
+    if callable(init):  # the template DCP loads into; torch's DSD would otherwise run a zero-gradient step
+        init()
+    try:
+        state = _dcp_state(model, opt)
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        sched.load_state_dict(meta["scheduler"])
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ckpt_io.CheckpointError(f"--resume: the checkpoint {str(path)!r} does not fit this model and "
+                                      f"optimizer ({first[:160]})") from None
+    ckpt_io.set_rng_state(meta["rng"])
+    return int(meta["step"]), int(meta["position"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -282,7 +430,7 @@ def pretrain(a: TrainArgs, *, corpus: Corpus | None = None, log: Callable[[str],
     from ..models import load_config
 
     _check_args(a)
-    with process_group():
+    with process_group(single=a.fsdp):
         return _pretrain(a, load_config(a.config), corpus, log)
 
 
@@ -325,6 +473,8 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     model.train()
+    if a.fsdp:
+        shard_model(model, device)
     opt = build_optimizer(a.optimizer, model, **a.options)
     settings = _jsonable(optimizer_settings(a.optimizer, model, **a.options))
     warmup = a.warmup if a.warmup is not None else a.max_steps // 10
@@ -347,11 +497,20 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
         "max_grad_norm": a.max_grad_norm,
         "dtype": dtype_name,
     }
+    if a.fsdp:  # only then, so that checkpoints of earlier DDP runs still resume
+        run_spec["fsdp"] = True
 
     # ---- resume
     step, position = 0, 0
     ckpt_path = out / ckpt_io.CHECKPOINT_NAME if out is not None else None
+    if a.fsdp and out is not None:
+        ckpt_path = out / ckpt_io.DCP_NAME
     if a.resume:
+        _check_kind(out, a.fsdp)
+    if a.resume and a.fsdp:
+        step, position = _load_fsdp(ckpt_io.dcp_path(out), model, opt, sched, run_spec)
+        say(f"resumed from {ckpt_path} at step {step}")
+    elif a.resume:
         saved = ckpt_io.load(ckpt_path)
         ckpt_io.check_same_run(saved["run"], run_spec, ckpt_path)
         try:
@@ -377,7 +536,7 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
     # ---- wrappers: DDP, layer-wise
     ddp = None
     forward_model: Any = model
-    if world > 1:
+    if world > 1 and not a.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -410,6 +569,10 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
     metrics_file = open(metrics_path, "a") if metrics_path is not None and is_main else None  # noqa: SIM115
 
     def save(at: int) -> None:
+        if a.fsdp:
+            if a.save and ckpt_path is not None:
+                _save_fsdp(out, at, position, model, opt, sched, run_spec)
+            return
         if not (a.save and is_main and ckpt_path is not None):
             return
         obj = {
@@ -422,6 +585,7 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
         except OSError as err:
             raise TrainError(f"could not save the checkpoint to {str(ckpt_path)!r} ({err.strerror or err}); "
                              "the previous checkpoint is unchanged") from None
+        ckpt_io.remove_other(out, fsdp=False)
 
     try:
         while step < last:
@@ -444,7 +608,7 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
                         (loss / a.grad_accum).backward()
                 loss_sum += loss.detach().double()
             if handle is None:
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None)
+                grad_norm = (_full(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)) if a.max_grad_norm > 0 else None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             else:
@@ -509,4 +673,5 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
     )
 
 
-__all__ = ["DTYPES", "RunResult", "TrainArgs", "build_model", "evaluate", "lm_loss", "pretrain", "process_group", "schedule"]
+__all__ = ["DTYPES", "RunResult", "TrainArgs", "build_model", "evaluate", "lm_loss", "pretrain", "process_group", "schedule",
+           "shard_model"]
