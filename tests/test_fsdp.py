@@ -145,6 +145,12 @@ def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> Non
             train(model, opt, [b[2 * rank: 2 * rank + 2] for b in batches])
             got = full_params(model)
             ours = state_bytes(opt)
+            # the optimizer reports this rank's bytes, not the global tensors'
+            moments = sum((v.to_local() if hasattr(v, "to_local") else v).numel() * v.element_size()
+                          for st in opt.state.values() for k, v in st.items()
+                          if k in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "row_var",
+                                   "col_var", "variance", "momentum_buffer"))
+            assert opt.state_nbytes()["moments"] == moments
             single = state_bytes_single = None
             if rank == 0:
                 ref_model = tiny_llama(vocab=VOCAB.get(name, 97))

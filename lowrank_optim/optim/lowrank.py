@@ -1283,6 +1283,9 @@ def _fresh_moments(like: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def _tensor_bytes(value: Any) -> int:
+    """Bytes this process keeps: a DTensor counts its local piece."""
+    if distributed.is_sharded(value):
+        value = value.to_local()
     if isinstance(value, Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):

@@ -297,7 +297,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     for state in opt.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+                local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor: this rank's piece
+                total += local.numel() * local.element_size()
     return total
 
 
