@@ -146,7 +146,10 @@ def test_adafactor_clips_large_updates():
 @pytest.mark.parametrize("shape", [(12, 7), (9,)], ids=["factored-2d", "full-1d"])
 def test_adafactor_direction_equals_torch_adafactor(shape):
     """The group's plain parameters run Adafactor on the whole gradient; its direction is
-    torch.optim.Adafactor's to rounding. The step differs, on purpose: torch multiplies the direction by
+    torch.optim.Adafactor's to rounding. This is also the case of "a projector that keeps the whole short
+    side": a weight whose rank is not below its short side is not projected and gets the group's rule on
+    its whole gradient (any projection onto a full orthonormal basis would rotate G, and Adafactor is not
+    rotation-invariant, so only the identity can equal torch). The step differs, on purpose: torch multiplies the direction by
     the relative step α = max(ε₂, RMS(W))·min(lr, 1/√t), we by lr (no relative step, as GaLore's
     Adafactor). So each step's weight change is compared after dividing by each one's step size."""
     g = torch.Generator().manual_seed(3)
