@@ -132,6 +132,19 @@ def dequantize_blockwise(
     return (values * scale).to(dtype)
 
 
+def second_moment_book(code: str = "dynamic", device: torch.device | str | None = None) -> Tensor:
+    """The unsigned book with which the 8-bit Adam step reads V: code 0 stands for half the smallest
+    level (the middle of the values that round to it) instead of 0.
+
+    An element whose V fell below the smallest level of its block (V is a square: it underflows long
+    before M does) would otherwise be read as V = 0 while M is not, and a step where its gradient is
+    exactly 0 (an embedding row absent from the batch) would divide M by ε alone: updates of 100× lr.
+    A block whose absmax is 0 still reads 0."""
+    book = code_book(code, False, device)
+    book[0] = book[1] / 2
+    return book
+
+
 def adam8bit_direction(
     low: Tensor,
     m_codes: Tensor, m_absmax: Tensor,
@@ -140,13 +153,14 @@ def adam8bit_direction(
 ) -> Tensor:
     """One Adam step on INT8 moments, in place, returning N = M̂/(√V̂ + ε) (float32, flat).
 
-    M (signed book) and V (unsigned book) are dequantized, updated in float32 as
+    M (signed book) and V (unsigned book, code 0 read as half the smallest level:
+    :func:`second_moment_book`) are dequantized, updated in float32 as
     M ← β₁M + (1 − β₁)g, V ← β₂V + (1 − β₂)g², N is computed from these float32 values, and the
     moments are requantized with fresh absmax per block. ``step`` counts this step (1 on the first).
     """
     g = low.float().view(-1)
     m = dequantize_blockwise(m_codes, m_absmax, code=code, signed=True, block=block)
-    v = dequantize_blockwise(v_codes, v_absmax, code=code, signed=False, block=block)
+    v = second_moment_book(code, v_codes.device)[v_codes.long()] * v_absmax.repeat_interleave(block)[: v_codes.numel()]
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * (g * g)
     bias1 = 1.0 - beta1**step

@@ -357,6 +357,8 @@ def _stochastic_round_bf16_kernel(x_ptr, out_ptr, n, seed, TILE: tl.constexpr, W
 @functools.cache
 def _table(kind: str, code: str, signed: bool, device: torch.device) -> Tensor:
     """The code book or midpoints on ``device``, built once (the reference builds them per call)."""
+    if kind == "adam_v_book":
+        return reference.second_moment_book(code, device).contiguous()
     make = reference.code_book if kind == "book" else reference.code_midpoints
     return make(code, signed, device).contiguous()
 
@@ -482,7 +484,8 @@ def adam8bit_direction(
     """
     _check_size("block", block)
     sbook, smid = _tables(code, True, low.device)
-    ubook, umid = _tables(code, False, low.device)
+    _, umid = _tables(code, False, low.device)
+    ubook = _table("adam_v_book", code, False, low.device)  # code 0 read as half the smallest level
     g, bf16 = _as_input(low)
     n = g.numel()
     for name, codes in (("m_codes", m_codes), ("v_codes", v_codes)):
