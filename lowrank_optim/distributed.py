@@ -31,12 +31,14 @@ singular vector is positive (``canonical_signs``). A single-process run with
 
 Supported: HF/torch FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with
 an error naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
-parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (INT4 bases, Q-GaLore's
-lazy refresh, the ``dct``, ``sparse`` and ``online_pca`` projectors).
+parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (the ``dct``, ``sparse``
+and ``online_pca`` projectors, stochastic rounding into bf16 or INT8 weights).
 
-INT8 moments (``state_bits=8``) work on shards with their blocks of 256 inside each rank's piece; the
-absmax vector is padded to the largest piece's block count, so such a checkpoint resumes on the same
-number of ranks (float states reshard freely: saved on 2 ranks, loaded on 1).
+INT8 moments (``state_bits=8``) and INT4 bases (``proj_bits=4``) work on shards with their blocks and
+groups of 256 inside each rank's piece; their scale vectors (and the packed codes) are padded to the
+largest piece's length, so such a checkpoint resumes on the same number of ranks (float states reshard
+freely: saved on 2 ranks, loaded on 1). Q-GaLore's lazy schedule takes the cosine of the top basis
+vectors from three all-reduced sums on the left side.
 """
 
 from __future__ import annotations

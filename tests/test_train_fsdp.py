@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
         for extra in (["--out", out + "/fsdp"], ["--out", out + "/part", "--stop-at", "2"],
                       ["--out", out + "/part", "--resume"]):
             assert main(["pretrain", *flags, "--fsdp", *extra]) == 0, extra
-        assert main(["pretrain", *flags, "--fsdp", "--optimizer", "qgalore", "--out", out + "/bad"]) == 2
+        assert main(["pretrain", *flags, "--fsdp", "--projector", "dct", "--out", out + "/bad"]) == 2
 """)
 
 
@@ -98,7 +98,7 @@ def test_torchrun_fsdp_two_processes(tmp_path, capsys):
     assert res.stdout.count("held-out loss") == 3  # rank 0 reports each run, rank 1 does not
     # the unsupported option: refused when the optimizer is built, one line per rank, no traceback
     bad = [ln for ln in res.stderr.splitlines() if ln.startswith("lowrank-optim pretrain: error:")]
-    assert len(bad) == 2 and bad[0].startswith("lowrank-optim pretrain: error: qgalore:") and "FSDP2" in bad[0], res.stderr[-3000:]
+    assert len(bad) == 2 and bad[0].startswith("lowrank-optim pretrain: error: galore:") and "FSDP2" in bad[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "bad" / checkpoint.DCP_NAME).exists()
 

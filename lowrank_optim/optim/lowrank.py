@@ -442,15 +442,11 @@ class LowRankAdamW(Optimizer):
         if low:
             if group["projector"] not in distributed.SHARDED_PROJECTORS:
                 parts.append(f"projector={group['projector']!r}")
-            if group["proj_bits"] == 4:
-                parts.append("proj_bits=4")
-            if group["refresh"] == "lazy":
-                parts.append("refresh='lazy'")
         if not parts:
             return None
         return (f"{', '.join(parts)} {'is' if len(parts) == 1 else 'are'} not built for FSDP2 shards yet; on "
-                f"FSDP2 use projectors {', '.join(distributed.SHARDED_PROJECTORS)}, float bases and the "
-                "fixed refresh (or train without FSDP2)")
+                f"FSDP2 use the projectors {', '.join(distributed.SHARDED_PROJECTORS)} and no stochastic rounding "
+                "(or train without FSDP2)")
 
     def _label(self, group: dict[str, Any], i: int) -> str:
         """The parameter's name where the groups carry names, else its position."""
@@ -534,7 +530,40 @@ class LowRankAdamW(Optimizer):
                 out["P"] = shard.wrap(out["P"], shard.shape[0])
             else:
                 out["P"] = shard.wrap_cols(out["P"], shard.shape[1])
+        elif shard is not None and isinstance(out.get("P_packed"), Tensor):
+            # an INT4 basis quantized in groups inside this rank's piece: its arrays padded to the largest
+            # piece's lengths on every rank (an even Shard(0)), its shape the whole basis's
+            m, n = shard.shape
+            r = proj.rank
+            largest = (-(-m // shard.world), r) if proj.side == "left" else (r, -(-n // shard.world))
+            numel = math.prod(largest)
+            group = int(out["P_group"])
+            for key, length in (("P_packed", -(-numel // 2)), ("P_scale", -(-numel // group)), ("P_zero", -(-numel // group))):
+                padded = out[key].new_zeros(length)
+                padded[: out[key].numel()] = out[key]
+                out[key] = shard.wrap(padded, shard.world * length)
+            out["P_shape"] = [m, r] if proj.side == "left" else [r, n]
         return out
+
+    def _import_projector(self, p: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`_export_projector`: this rank's piece of a saved projector state."""
+        shard = self._shard(p)
+        saved = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in saved.items()}
+        if shard is not None and isinstance(saved.get("P_packed"), Tensor) and saved.get("side") in ("left", "right"):
+            m, n = shard.shape
+            rows, cols = saved["P_shape"]
+            if saved["side"] == "left":
+                local = (shard.rows, cols)
+            else:
+                start, stop = shard.cols(n)
+                local = (rows, stop - start)
+            numel = math.prod(local)
+            group = int(saved["P_group"])
+            saved["P_packed"] = saved["P_packed"][: -(-numel // 2)]
+            saved["P_scale"] = saved["P_scale"][: -(-numel // group)]
+            saved["P_zero"] = saved["P_zero"][: -(-numel // group)]
+            saved["P_shape"] = list(local)
+        return saved
 
     def _projector(self, p: Tensor, group: dict[str, Any]) -> Projector:
         proj = self._projectors.get(p)
@@ -542,8 +571,7 @@ class LowRankAdamW(Optimizer):
             proj = self._new_projector(group, p)
             saved = self.state.get(p, {}).get("projector")
             if saved is not None:
-                saved = {k: (v.to_local() if distributed.is_sharded(v) else v) for k, v in saved.items()}
-                proj.load_state_dict(saved)
+                proj.load_state_dict(self._import_projector(p, saved))
             self._projectors[p] = proj
         return proj
 
@@ -872,6 +900,8 @@ class LowRankAdamW(Optimizer):
                 policies.reset_moments(state)
             elif int(state.get("step", 0)) and group["on_refresh"] == "rotate":
                 self._rotate_sharded(state, shard, it.previous, proj)
+            if int(state.get("step", 0)) and group["refresh"] == "lazy":
+                self._lazy_sharded(state, shard, it.previous, proj, group["update_proj_gap"])
             self._projectors[p] = proj
             state["projector"] = self._export_projector(p, proj)
         g = p.grad.to_local()
@@ -948,6 +978,21 @@ class LowRankAdamW(Optimizer):
             out[key] = wrap(torch.zeros(local_shape, dtype=torch.uint8, device=device))
             out[f"{key}_absmax"] = shard.wrap(torch.zeros(blocks, dtype=torch.float32, device=device), shard.world * blocks)
         return out
+
+    @staticmethod
+    def _lazy_sharded(state: dict[str, Any], shard: distributed.RowShard, old: Projector, new: Projector, gap: int) -> None:
+        """Q-GaLore's lazy schedule on shards: |cos| of the old and new top basis vectors, a column of P
+        split over the ranks (three sums all-reduced) or a row of the gathered Q."""
+        device = next((v.to_local() if distributed.is_sharded(v) else v).device
+                      for k, v in state.items() if k in policies.MOMENT_KEYS)
+        a = distributed.local_basis(old, shard, device, torch.float32)
+        b = distributed.local_basis(new, shard, device, torch.float32)
+        a, b = (a[:, 0], b[:, 0]) if new.side == "left" else (a[0], b[0])
+        sums = torch.stack([a @ b, a @ a, b @ b])
+        if new.side == "left":
+            shard.all_reduce_(sums, "refresh")
+        cos = (sums[0] / torch.clamp(sums[1].sqrt() * sums[2].sqrt(), min=1e-8)).abs()
+        policies.lazy_push(state, cos, gap)
 
     @staticmethod
     def _rotate_sharded(state: dict[str, Any], shard: distributed.RowShard, old: Projector, new: Projector) -> None:
@@ -1214,8 +1259,13 @@ class LowRankAdamW(Optimizer):
                 )
             proj = self._new_projector(group, p)
             try:
-                proj.load_state_dict(state["projector"])
-                proj.check_fits(p.shape)
+                shard = self._shard(p)
+                proj.load_state_dict(self._import_projector(p, state["projector"]))
+                if shard is not None and hasattr(proj, "basis_shape"):
+                    start, stop = shard.cols(shard.shape[1])
+                    proj.check_fits((shard.rows, shard.shape[1] if proj.side == "left" else stop - start))
+                else:
+                    proj.check_fits(p.shape)
             except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"{where}: {err}") from None
             want = proj.low_rank_shape(p.shape)

@@ -131,6 +131,11 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     """
     device = next(v.device for k, v in state.items() if k in MOMENT_KEYS)
     cos = torch.nn.functional.cosine_similarity(top_vector(old, device), top_vector(new, device), dim=0).abs()
+    lazy_push(state, cos, gap)
+
+
+def lazy_push(state: dict[str, Any], cos: Tensor, gap: int) -> None:
+    """Q-GaLore's queue and gap update from one refresh's |cos| (see :func:`lazy_refresh_record`)."""
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
     queue = torch.cat([queue, cos.reshape(1).cpu()])[-LAZY_QUEUE:]
     state["lazy_queue"] = queue
