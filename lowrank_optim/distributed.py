@@ -19,6 +19,10 @@ rule (orthogonal)      all-gather of R and M (m×r)                 all-gather o
 project back           local                                       local (every rank holds N)
 svd / rsvd refresh     Gram GᵀG = Σ_k G_kᵀ G_k: all-reduce of n×n, then eigh (exact top r; P_k = G_k V Σ⁻¹)
 random refresh         nothing: every rank draws the same matrix from the shared seed
+sparse refresh         all-reduce of the n column norms²       all-reduce of the m row norms² (each
+                                                                   rank fills its rows)
+dct refresh            all-reduce of the n ℓ1 scores of G D    refused: the scores need Dᵀ G whole,
+                                                                   an m×n all-reduce
 norms                  APOLLO's tensor-wise ratio, the limiter, Fira's residual: all-reduce of scalars;
                        channel-wise ratios are local (right side) or from the replicated R (left side)
 =====================  ==========================================  ==================================
@@ -31,8 +35,8 @@ singular vector is positive (``canonical_signs``). A single-process run with
 
 Supported: HF/torch FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with
 an error naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
-parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (the ``dct``, ``sparse``
-and ``online_pca`` projectors, stochastic rounding into bf16 or INT8 weights).
+parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (the ``online_pca``
+projector, ``dct`` on the left side, stochastic rounding into bf16 or INT8 weights).
 
 INT8 moments (``state_bits=8``) and INT4 bases (``proj_bits=4``) work on shards with their blocks and
 groups of 256 inside each rank's piece; their scale vectors (and the packed codes) are padded to the
@@ -59,7 +63,7 @@ except ImportError:  # a torch built without distributed support
     Shard = None  # type: ignore[assignment]
 
 #: Projectors whose refresh is built for row shards.
-SHARDED_PROJECTORS = ("svd", "rsvd", "random")
+SHARDED_PROJECTORS = ("svd", "rsvd", "random", "sparse", "dct")
 
 #: Bytes this process sent through the optimizer's collectives, by purpose ("project", "refresh", "norms").
 COMM_BYTES: Counter[str] = Counter()
@@ -187,10 +191,28 @@ def refresh_sharded(proj: Any, grad: Tensor, shard: RowShard) -> Any:
     new = copy.copy(proj)
     new._state = dict(proj._state)
     side = new.side or choose_side(shard.shape, new.proj_type)
+    m, n = shard.shape
+    d = m if side == "left" else n
+    if new.name in ("sparse", "dct") and new.rank > d:
+        raise ValueError(f"{new.name} projector of rank {new.rank} cannot select from {d} {'rows' if side == 'left' else 'columns'}")
     if new.name == "random":
         new._refresh(torch.empty(shard.shape, device="meta"), side)
+    elif new.name in ("sparse", "dct"):
+        work = grad.double() if grad.dtype == torch.float64 else grad.float()
+        if new.name == "sparse" and side == "right":
+            scores = work.square().sum(dim=0)  # ‖G[:, j]‖², summed over the ranks' rows
+        elif new.name == "sparse":
+            scores = work.new_zeros(m)
+            scores[shard.start:shard.stop] = work.square().sum(dim=1)  # each rank fills its rows
+        else:  # dct, right side: ℓ1 scores of the columns of G D, summed over the ranks' rows
+            from .projectors.dct import dct_basis
+
+            scores = (work @ dct_basis(n, work.dtype, work.device)).abs().sum(dim=0)
+        shard.all_reduce_(scores, "refresh")
+        new._state["idx"] = torch.topk(scores, new.rank, sorted=False).indices.sort().values
+        new._state["dim"] = d
+        new._seen_dtype = grad.dtype
     else:
-        m, n = shard.shape
         if new.rank > min(m, n):
             raise ValueError(f"{new.name} projector of rank {new.rank} cannot refresh from a {m}x{n} matrix")
         v, sigma = top_right_singular(grad, shard, new.rank)

@@ -43,6 +43,8 @@ CASES = {
     # float32 (min 256), so the blocks are one process's blocks
     "galore8bit": (lro.GaLoreAdamW8bit, {"min_8bit_size": 256, "proj_type": "right",
                                         "projector_options": {"canonical_signs": True}}),
+    "galore-sparse": (lro.GaLoreAdamW, {"projector": "sparse"}),
+    "galore-dct-right": (lro.GaLoreAdamW, {"projector": "dct", "proj_type": "right"}),
     # Q-GaLore: INT4 bases quantized in groups of 256 inside each rank's piece, the lazy schedule, INT8
     # moments. Left-side bases at rank 16 put every rank's rows of P at a multiple of 256 elements (so
     # the INT4 groups are one process's), and the low-rank moments stay float32 (min 2048: their column
@@ -124,7 +126,7 @@ def refusals() -> list[str]:
         (distribute_tensor(torch.randn(16, 8), mesh, [Replicate()]), {}, "not tensor parallelism"),
         (distribute_tensor(torch.randn(16, 8), mesh2d, [Replicate(), Shard(0)]), {}, "2-D device mesh"),
         (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"projector": "online_pca"}, "projector='online_pca' is not built for FSDP2"),
-        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"projector": "dct"}, "projector='dct'"),
+        (distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)]), {"projector": "dct"}, "projector='dct' on the left side"),
     ]
     import re
 

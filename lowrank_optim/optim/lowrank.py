@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from .. import distributed, kernels
 from .. import projectors as _projectors
 from ..projectors import PROJ_TYPES, NonFiniteGradientError, Projector
+from ..projectors.base import choose_side
 from ..projectors.random_proj import mix_seed
 from ..quant.weights import Int8Weight
 from ..rules import RULES, adafactor, adam_direction, adamw_plain, orthogonal
@@ -442,6 +443,9 @@ class LowRankAdamW(Optimizer):
         if low:
             if group["projector"] not in distributed.SHARDED_PROJECTORS:
                 parts.append(f"projector={group['projector']!r}")
+            elif group["projector"] == "dct" and choose_side(tuple(p.shape), group["proj_type"]) == "left":
+                parts.append(f"projector='dct' on the left side of a {tuple(p.shape)} weight (its scores need "
+                             "the DCT of every row: an m×n all-reduce; use proj_type='right' or 'sparse')")
         if not parts:
             return None
         return (f"{', '.join(parts)} {'is' if len(parts) == 1 else 'are'} not built for FSDP2 shards yet; on "
