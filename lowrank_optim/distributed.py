@@ -23,6 +23,7 @@ sparse refresh         all-reduce of the n column norms²       all-reduce of th
                                                                    rank fills its rows)
 dct refresh            all-reduce of the n ℓ1 scores of G D    refused: the scores need Dᵀ G whole,
                                                                    an m×n all-reduce
+online_pca, each step  ‖G‖², n×r and r×r all-reduces           ‖G‖², n×r and r×r all-reduces
 norms                  APOLLO's tensor-wise ratio, the limiter, Fira's residual: all-reduce of scalars;
                        channel-wise ratios are local (right side) or from the replicated R (left side)
 =====================  ==========================================  ==================================
@@ -35,8 +36,8 @@ singular vector is positive (``canonical_signs``). A single-process run with
 
 Supported: HF/torch FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with
 an error naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
-parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (the ``online_pca``
-projector, ``dct`` on the left side, stochastic rounding into bf16 or INT8 weights).
+parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (``dct`` on the left
+side, stochastic rounding into bf16 or INT8 weights).
 
 INT8 moments (``state_bits=8``) and INT4 bases (``proj_bits=4``) work on shards with their blocks and
 groups of 256 inside each rank's piece; their scale vectors (and the packed codes) are padded to the
@@ -63,7 +64,7 @@ except ImportError:  # a torch built without distributed support
     Shard = None  # type: ignore[assignment]
 
 #: Projectors whose refresh is built for row shards.
-SHARDED_PROJECTORS = ("svd", "rsvd", "random", "sparse", "dct")
+SHARDED_PROJECTORS = ("svd", "rsvd", "random", "sparse", "dct", "online_pca")
 
 #: Bytes this process sent through the optimizer's collectives, by purpose ("project", "refresh", "norms").
 COMM_BYTES: Counter[str] = Counter()
@@ -197,6 +198,8 @@ def refresh_sharded(proj: Any, grad: Tensor, shard: RowShard) -> Any:
         raise ValueError(f"{new.name} projector of rank {new.rank} cannot select from {d} {'rows' if side == 'left' else 'columns'}")
     if new.name == "random":
         new._refresh(torch.empty(shard.shape, device="meta"), side)
+    elif new.name == "online_pca" and "P" in new._state:
+        _online_pca_step(new, grad, shard, side)
     elif new.name in ("sparse", "dct"):
         work = grad.double() if grad.dtype == torch.float64 else grad.float()
         if new.name == "sparse" and side == "right":
@@ -226,6 +229,33 @@ def refresh_sharded(proj: Any, grad: Tensor, shard: RowShard) -> Any:
             new._state["refreshes"] = int(new._state.get("refreshes", 0)) + 1
     new._state["side"] = side
     return new
+
+
+def _online_pca_step(proj: Any, grad: Tensor, shard: RowShard, side: str) -> None:
+    """Online PCA's step on P (``lro.projectors.online_pca``) from row shards of G: the products that
+    run over W's rows are all-reduced (‖G‖², then n×r or r×r), the rest stays local."""
+    m, n = shard.shape
+    work = grad.double() if grad.dtype == torch.float64 else grad.float()
+    stored = proj._state["P"].to(work.dtype)
+    norm_sq = work.square().sum()
+    shard.all_reduce_(norm_sq, "refresh")
+    inv_norm = 1.0 / norm_sq.sqrt().clamp_min(torch.finfo(work.dtype).tiny)
+    eye = torch.eye(proj.rank, dtype=work.dtype, device=work.device)
+    if side == "left":  # x = G (rows here), p = P (rows here)
+        p = stored
+        w = shard.all_reduce_(work.t() @ p, "refresh") * inv_norm  # n×r
+        ap = (work @ w) * inv_norm  # this rank's rows
+        gram = shard.all_reduce_(p.t() @ p, "refresh")
+        new = p - (2 * proj.lr) * (ap @ (gram - 2 * eye) + p @ (w.t() @ w))
+    else:  # x = Gᵀ, p = Qᵀ (n×r, gathered from its column pieces)
+        p = shard.gather_cols(stored, n, "refresh").t()
+        w = (work @ p) * inv_norm  # this rank's rows of G Qᵀ / ‖G‖
+        ap = shard.all_reduce_(work.t() @ w, "refresh") * inv_norm  # n×r
+        wtw = shard.all_reduce_(w.t() @ w, "refresh")
+        full = p - (2 * proj.lr) * (ap @ (p.t() @ p - 2 * eye) + p @ wtw)
+        start, stop = shard.cols(n)
+        new = full.t()[:, start:stop]
+    proj._state["P"] = new.to(proj.basis_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
 
 
 def local_basis(proj: Any, shard: RowShard, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -45,6 +45,7 @@ CASES = {
                                         "projector_options": {"canonical_signs": True}}),
     "galore-sparse": (lro.GaLoreAdamW, {"projector": "sparse"}),
     "galore-dct-right": (lro.GaLoreAdamW, {"projector": "dct", "proj_type": "right"}),
+    "galore-online_pca": (lro.GaLoreAdamW, {"projector": "online_pca", "projector_options": {"canonical_signs": True}}),
     # Q-GaLore: INT4 bases quantized in groups of 256 inside each rank's piece, the lazy schedule, INT8
     # moments. Left-side bases at rank 16 put every rank's rows of P at a multiple of 256 elements (so
     # the INT4 groups are one process's), and the low-rank moments stay float32 (min 2048: their column
@@ -125,7 +126,7 @@ def refusals() -> list[str]:
         (distribute_tensor(torch.randn(16, 8), mesh, [Shard(1)]), {}, "Shard\\(0\\) \\(rows\\) only"),
         (distribute_tensor(torch.randn(16, 8), mesh, [Replicate()]), {}, "not tensor parallelism"),
         (distribute_tensor(torch.randn(16, 8), mesh2d, [Replicate(), Shard(0)]), {}, "2-D device mesh"),
-        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"projector": "online_pca"}, "projector='online_pca' is not built for FSDP2"),
+        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"stochastic_rounding": True}, "stochastic_rounding=True is not built for FSDP2"),
         (distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)]), {"projector": "dct"}, "projector='dct' on the left side"),
     ]
     import re

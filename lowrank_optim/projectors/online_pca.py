@@ -40,8 +40,9 @@ class OnlinePCAProjector(SVDProjector):
     refresh_every_step = True
     quantizable = False  # P takes a small gradient step every step: INT4 would round them away
 
-    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, lr: float = 0.005) -> None:
-        super().__init__(rank, proj_type=proj_type, seed=seed)
+    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, lr: float = 0.005,
+                 canonical_signs: bool = False) -> None:
+        super().__init__(rank, proj_type=proj_type, seed=seed, canonical_signs=canonical_signs)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         self.lr = float(lr)
