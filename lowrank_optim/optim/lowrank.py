@@ -825,33 +825,15 @@ class LowRankAdamW(Optimizer):
                 return
         if rule != "adam":
             for it in items:
-                p, proj = it.param, it.projector
-                state = self.state[p]
-                if it.previous is not None:
-                    self._commit_refresh(group, state, it)
-                    self._projectors[p] = proj
-                    state["projector"] = proj.state_dict()
-                low = proj.project(p.grad).to(state_dtype(p.dtype))
-                if "step" not in state:
-                    state.update(self._fresh_state(group, p, low.shape, low.dtype, rule))
-                state["step"] += 1
+                state, low = self._begin_low_rank(group, it, rule)
                 direction = self._rule_direction(group, rule, state, low)
-                self._apply_update(group, p, proj, low, direction)
+                self._apply_update(group, it.param, it.projector, low, direction)
             return
         beta1, beta2 = group["betas"]
         for chunk in _chunks(items, lambda it: 8 * math.prod(it.projector.low_rank_shape(it.param.shape))):
             lows, exp_avgs, exp_avg_sqs, steps = [], [], [], []
             for it in chunk:
-                p, proj = it.param, it.projector
-                state = self.state[p]
-                if it.previous is not None:
-                    self._commit_refresh(group, state, it)
-                    self._projectors[p] = proj
-                    state["projector"] = proj.state_dict()
-                low = proj.project(p.grad).to(state_dtype(p.dtype))
-                if "step" not in state:
-                    state.update(self._fresh_state(group, p, low.shape, low.dtype))
-                state["step"] += 1
+                state, low = self._begin_low_rank(group, it, rule)
                 lows.append(low)
                 if policies.is_8bit(state):
                     continue
@@ -1093,6 +1075,21 @@ class LowRankAdamW(Optimizer):
         state.update(self._sharded_fresh_state(group, p, shard, side, low_shape, sdtype, self.rule_of(group, True)))
         if group["limiter"] is not None:
             state["limiter_norm"] = torch.full((), float("nan"), dtype=sdtype, device=p.device)
+
+    def _begin_low_rank(self, group: dict[str, Any], it: _LowRankItem, rule: str) -> tuple[dict[str, Any], Tensor]:
+        """Commit a refresh, project the gradient, create the state on the first step and count the
+        step: the parameter's state and R, for the rule to run on."""
+        p, proj = it.param, it.projector
+        state = self.state[p]
+        if it.previous is not None:
+            self._commit_refresh(group, state, it)
+            self._projectors[p] = proj
+            state["projector"] = proj.state_dict()
+        low = proj.project(p.grad).to(state_dtype(p.dtype))
+        if "step" not in state:
+            state.update(self._fresh_state(group, p, low.shape, low.dtype, rule))
+        state["step"] += 1
+        return state, low
 
     def _commit_refresh(self, group: dict[str, Any], state: dict[str, Any], it: _LowRankItem) -> None:
         """Moment policy and refresh schedule, for a subspace that changed this step."""
