@@ -267,11 +267,3 @@ def local_basis(proj: Any, shard: RowShard, device: torch.device, dtype: torch.d
     if proj.side == "right" and b.shape[1] != shard.shape[1]:
         b = shard.gather_cols(b, shard.shape[1], "project")
     return b
-
-
-def sum_sq(t: Tensor, shard: RowShard | None, purpose: str = "norms") -> Tensor:
-    """‖t‖² over all ranks' pieces (a scalar all-reduce), or of ``t`` alone without a shard."""
-    s = t.double().square().sum() if t.dtype == torch.float64 else t.float().square().sum()
-    if shard is not None:
-        shard.all_reduce_(s, purpose)
-    return s

@@ -925,7 +925,21 @@ class LowRankAdamW(Optimizer):
             for k, v in full.items():
                 local[k].copy_(v[shard.start:shard.stop])
             direction = direction[shard.start:shard.stop]
-        self._update_sharded(group, state, shard, w, g, basis, side, low, direction)
+        def apply_back(n: Tensor, alpha: float, beta: float) -> None:
+            n, b = n.to(w.dtype), basis.to(w.dtype)
+            if side == "left":
+                w.addmm_(b, n, beta=beta, alpha=alpha)
+            else:
+                w.addmm_(n, b, beta=beta, alpha=alpha)
+
+        def project_back(n: Tensor) -> Tensor:
+            b = basis.to(n.dtype)
+            return b @ n if side == "left" else n @ b
+
+        rows = lambda t: shard.all_reduce_(t, "norms")  # noqa: E731  sums over W's rows, from every rank
+        # R and N are whole on every rank on the left side, this rank's rows on the right
+        self._update(group, state, w, g, side, low, direction, apply_back, project_back,
+                     grad_rows=rows, low_rows=rows if side == "right" else None)
 
     def _local_rule(self, group: dict[str, Any], rule: str, state: dict[str, Any], low: Tensor) -> Tensor:
         if rule == "adam" and policies.is_8bit(state):
@@ -1008,55 +1022,6 @@ class LowRankAdamW(Optimizer):
         dist.all_gather(out, padded, group=shard.group)
         return torch.cat(out)[: shard.shape[0]]
 
-    def _update_sharded(self, group: dict[str, Any], state: dict[str, Any], shard: distributed.RowShard, w: Tensor,
-                        g: Tensor, basis: Tensor, side: str, low: Tensor, direction: Tensor) -> None:
-        """:meth:`_update_weight` on this rank's rows: norms summed over the ranks, everything else local."""
-        lr = float(group["lr"])
-        scale = float(group["scale"])
-        decay = 1.0 - lr * float(group["weight_decay"])
-        limiter = group["limiter"]
-        # R and N are whole on every rank on the left side, row pieces on the right
-        piece = shard if side == "right" else None
-
-        def apply_back(n: Tensor, alpha: float, beta: float) -> None:
-            n = n.to(w.dtype)
-            if side == "left":
-                w.addmm_(basis.to(w.dtype), n, beta=beta, alpha=alpha)
-            else:
-                w.addmm_(n, basis.to(w.dtype), beta=beta, alpha=alpha)
-
-        if group["scaling"] is not None:
-            if group["scaling"] == "tensor":
-                factors = distributed.sum_sq(direction, piece).sqrt() / (distributed.sum_sq(low, piece).sqrt() + 1e-8)
-            else:
-                factors = policies.scale_factors(direction, low, side, "channel")
-            if limiter is not None:
-                norm = distributed.sum_sq(g.to(factors.dtype) * factors, shard).sqrt()
-                factors = factors * policies.growth_factor(norm, state, float(limiter))
-            if decay != 1.0:
-                w.mul_(decay)
-            w.addcmul_(g.to(w.dtype), factors.to(w.dtype), value=-lr * math.sqrt(scale))
-            return
-        residual = group["residual"]
-        if residual == "drop":
-            apply_back(direction, -lr * scale, decay)
-            return
-        back = basis.to(low.dtype) @ low if side == "left" else low @ basis.to(low.dtype)
-        rest = torch.sub(g.to(low.dtype), back, out=back)
-        if residual == "fira":
-            rest.mul_(policies.scale_factors(direction, low, side, "channel"))
-            rest_alpha = -lr * scale
-        else:
-            if residual == "sign":
-                rest.sign_()
-            rest_alpha = -lr * float(group["residual_lr_scale"])
-        apply_back(direction, -lr * scale, decay)
-        if limiter is not None:
-            factor = policies.growth_factor(distributed.sum_sq(rest, shard).sqrt(), state, float(limiter))
-            w.addcmul_(rest.to(w.dtype), factor.to(w.dtype), value=rest_alpha)
-        else:
-            w.add_(rest.to(w.dtype), alpha=rest_alpha)
-
     def _init_sharded(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         """:meth:`init_state` for a row-sharded low-rank parameter: this rank's pieces, as a step builds them."""
         from ..projectors.base import choose_side
@@ -1112,24 +1077,39 @@ class LowRankAdamW(Optimizer):
 
     def _update_weight(self, group: dict[str, Any], p: Tensor, weight: Tensor, proj: Projector, low: Tensor,
                        direction: Tensor) -> None:
+        self._update(group, self.state[p], weight, p.grad, proj.side, low, direction,
+                     lambda n, alpha, beta: proj.apply_back(weight, n, alpha=alpha, beta=beta), proj.project_back)
+
+    @staticmethod
+    def _update(group: dict[str, Any], state: dict[str, Any], weight: Tensor, grad: Tensor, side: str, low: Tensor,
+                direction: Tensor, apply_back: Callable[[Tensor, float, float], None],
+                project_back: Callable[[Tensor], Tensor], grad_rows: Callable[[Tensor], Tensor] | None = None,
+                low_rows: Callable[[Tensor], Tensor] | None = None) -> None:
+        """W ← (1 − lr·wd)·W − lr·(the method's update), from G, R (``low``) and N (``direction``).
+
+        ``apply_back(N, α, β)`` does W ← β·W + α·project_back(N) in place. On FSDP2 shards ``weight`` and
+        ``grad`` are this rank's rows, and ``grad_rows`` / ``low_rows`` sum a tensor over the ranks in
+        place, for the sums that run over G's rows and over R's rows (None: R is whole here)."""
         lr = float(group["lr"])
         scale = float(group["scale"])
         decay = 1.0 - lr * float(group["weight_decay"])
-        grad = p.grad
-        state = self.state[p]
         limiter = group["limiter"]
         if group["scaling"] is not None:
             # APOLLO: the raw gradient, rescaled per channel (or tensor) by what Adam did in the
             # subspace; √scale as apollo-torch applies it, so its settings carry over. The scaled
             # gradient is never built: its norm comes from G's channel norms, and the update is one
             # addcmul_ of G with the (limited) factors.
-            factors = policies.scale_factors(direction, low, proj.side, group["scaling"])
+            if group["scaling"] == "tensor" and low_rows is not None:
+                factors = _norm(direction, low_rows) / (_norm(low, low_rows) + 1e-8)
+            else:
+                factors = policies.scale_factors(direction, low, side, group["scaling"])
             if limiter is not None:
                 if factors.dim() == 0:
-                    norm = factors * grad.norm(dtype=factors.dtype)
-                else:
-                    dim = 1 if proj.side == "right" else 0
-                    norm = (factors * grad.norm(dim=dim, keepdim=True, dtype=factors.dtype)).norm()
+                    norm = factors * _norm(grad, grad_rows, dtype=factors.dtype)
+                elif side == "right":  # channels are G's rows: their norms are local, the sum is not
+                    norm = _norm(factors * _norm(grad, None, dim=1, dtype=factors.dtype), grad_rows)
+                else:  # channels are G's columns: their norms run over the rows
+                    norm = _norm(factors * _norm(grad, grad_rows, dim=0, dtype=factors.dtype), None)
                 factors = factors * policies.growth_factor(norm, state, float(limiter))
             if decay != 1.0:
                 weight.mul_(decay)
@@ -1137,21 +1117,21 @@ class LowRankAdamW(Optimizer):
             return
         residual = group["residual"]
         if residual == "drop":
-            proj.apply_back(weight, direction, alpha=-lr * scale, beta=decay)
+            apply_back(direction, -lr * scale, decay)
             return
-        back = proj.project_back(low)
+        back = project_back(low)
         rest = torch.sub(grad.to(low.dtype), back, out=back)  # G − project_back(R), in place
         if residual == "fira":
             # Fira: the residual scaled per channel by the subspace's Adam ratio, both parts × scale
-            rest.mul_(policies.scale_factors(direction, low, proj.side, "channel"))
+            rest.mul_(policies.scale_factors(direction, low, side, "channel"))
             rest_alpha = -lr * scale
         else:
             if residual == "sign":
                 rest.sign_()
             rest_alpha = -lr * float(group["residual_lr_scale"])
-        proj.apply_back(weight, direction, alpha=-lr * scale, beta=decay)
+        apply_back(direction, -lr * scale, decay)
         if limiter is not None:
-            factor = policies.growth_factor(rest.norm(), state, float(limiter))
+            factor = policies.growth_factor(_norm(rest, grad_rows), state, float(limiter))
             weight.addcmul_(rest.to(weight.dtype), factor.to(weight.dtype), value=rest_alpha)
         else:
             weight.add_(rest.to(weight.dtype), alpha=rest_alpha)
@@ -1322,6 +1302,17 @@ class LowRankAdamW(Optimizer):
                 else:
                     out["other"] += _tensor_bytes(value)
         return out
+
+
+def _norm(x: Tensor, total: Callable[[Tensor], Tensor] | None, dim: int | None = None,
+          dtype: torch.dtype | None = None) -> Tensor:
+    """The 2-norm of ``x`` (along ``dim``, kept), or, with ``total``, of the tensor whose pieces the
+    ranks hold: the squares summed locally, summed over the ranks by ``total``, then the root."""
+    if total is None:
+        return x.norm(dtype=dtype) if dim is None else x.norm(dim=dim, keepdim=True, dtype=dtype)
+    sq = x.to(dtype or x.dtype).square()
+    sq = sq.sum() if dim is None else sq.sum(dim=dim, keepdim=True)
+    return total(sq).sqrt_()
 
 
 def _fresh_moments(like: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
