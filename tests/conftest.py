@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -119,3 +122,22 @@ PRESET_CASES = [
     ("sumo-newton-schulz", lro.SUMO, {"orthogonalize": "newton_schulz", "nesterov": True}),
     ("apollo-adafactor", lro.APOLLO, {"rule": "adafactor"}),
 ]
+
+
+# ---------------------------------------------------------------- the training CLI under torchrun
+ROOT = Path(__file__).resolve().parent.parent
+#: A 4-step llama_tiny run of `lowrank-optim pretrain` small enough for 2 CPU processes.
+TRAIN_FLAGS = ["--config", str(ROOT / "configs" / "llama_tiny.json"), "--seq-len", "32", "--eval-tokens", "256",
+               "--no-progress", "--optimizer", "galore", "--lr", "0.01", "--update-proj-gap", "2", "--grad-accum", "2",
+               "--max-steps", "4", "--eval-every", "2", "--device", "cpu"]
+
+
+def torchrun(tmp_path: Path, worker: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the script ``worker`` under ``torchrun`` with 2 CPU processes, in ``tmp_path``, with this
+    checkout first on the path; returns the finished process (stdout and stderr captured)."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

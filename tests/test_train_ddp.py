@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,15 +12,12 @@ import torch.distributed as dist
 
 from lowrank_optim.cli import main
 from lowrank_optim.train import checkpoint
+from conftest import TRAIN_FLAGS as FLAGS, torchrun
 
 pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "llama_tiny.json")
-FLAGS = ["--config", TINY, "--seq-len", "32", "--eval-tokens", "256", "--no-progress", "--optimizer", "galore", "--lr", "0.01",
-         "--update-proj-gap", "2", "--grad-accum", "2", "--max-steps", "4", "--eval-every", "2", "--device", "cpu"]
 
 # One torchrun launch runs the command line three times (the process group is set up once): plain
 # DDP for 4 steps; layer-wise DDP stopped after step 2; the same resumed.
@@ -48,13 +42,7 @@ def test_torchrun_two_processes(tmp_path):
     """DDP with 2 sequences per process equals one process with 4 (to float tolerance: the gradient
     is summed in another order); layer-wise DDP stopped at step 2 and resumed equals plain DDP bit
     for bit."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           *FLAGS, "--batch-size", "2", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    res = torchrun(tmp_path, WORKER, *FLAGS, "--batch-size", "2", str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout.count("held-out loss") == 3  # rank 0 reports each run, rank 1 does not
     ddp, lw, single = tmp_path / "ddp", tmp_path / "lw", tmp_path / "single"
