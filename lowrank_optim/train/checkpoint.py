@@ -189,6 +189,27 @@ def umask() -> int:
     return mask
 
 
+def _read_checked(file: Path, where: Path, format_: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of ``file``, checked for our ``format_``, version and ``keys``;
+    every failure a CheckpointError naming the checkpoint ``where``."""
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's weights-only refusals put the reason on a line of its own
+        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
+        raise CheckpointError(f"--resume: the checkpoint {str(where)!r} is corrupt or unreadable ({reason[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != format_:
+        raise CheckpointError(f"--resume: {str(where)!r} is not a lowrank-optim {what} checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"--resume: {str(where)!r} has checkpoint version {ckpt.get('version')!r}; this "
+                              f"lowrank-optim reads version {VERSION}")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume: the checkpoint {str(where)!r} lacks {', '.join(missing)}")
+    return ckpt
+
+
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A checkpoint written by :func:`save_atomic` from a training run, checked for our format."""
     path = Path(path)
@@ -196,48 +217,20 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"--resume: no checkpoint at {str(path)!r} (nothing to resume; drop --resume to start)")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt (truncated, or not a torch.save file)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # torch's weights-only refusals put the reason on a line of its own
-        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
-        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt or unreadable ({reason[:160]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"--resume: {str(path)!r} is not a lowrank-optim pretrain checkpoint")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"--resume: {str(path)!r} has checkpoint version {ckpt.get('version')!r}; this "
-                              f"lowrank-optim reads version {VERSION}")
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "position", "rng", "run") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} lacks {', '.join(missing)}")
-    return ckpt
+    return _read_checked(path, path, FORMAT, "pretrain",
+                         ("model", "optimizer", "scheduler", "step", "position", "rng", "run"))
 
 
 def load_dcp_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``meta.pt`` of the distributed checkpoint folder ``path`` (see the module doc), checked for
     our format; the model and optimizer are read by ``torch.distributed.checkpoint.load``."""
     path = Path(path)
-    meta_path = path / DCP_META
     if not path.is_dir():
         raise CheckpointError(f"--resume: no checkpoint at {str(path)!r} (nothing to resume; drop --resume to start)")
-    if not meta_path.is_file() or not (path / ".metadata").is_file():
+    if not (path / DCP_META).is_file() or not (path / ".metadata").is_file():
         raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is incomplete (no {DCP_META} or .metadata)")
-    try:
-        meta = torch.load(meta_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
-        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt or unreadable ({reason[:160]})") from None
-    if not isinstance(meta, dict) or meta.get("format") != DCP_FORMAT:
-        raise CheckpointError(f"--resume: {str(path)!r} is not a lowrank-optim pretrain --fsdp checkpoint")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"--resume: {str(path)!r} has checkpoint version {meta.get('version')!r}; this "
-                              f"lowrank-optim reads version {VERSION}")
-    missing = [k for k in ("scheduler", "step", "position", "rng", "run") if k not in meta]
-    if missing:
-        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} lacks {', '.join(missing)}")
-    return meta
+    return _read_checked(path / DCP_META, path, DCP_FORMAT, "pretrain --fsdp",
+                         ("scheduler", "step", "position", "rng", "run"))
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike[str]) -> None:
