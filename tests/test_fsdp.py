@@ -178,6 +178,7 @@ def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> Non
                 report[name] = {"state": ours}
             del state_bytes_single
         Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -232,6 +233,7 @@ def _dcp_worker(rank: int, world: int, init: str, out: str, name: str) -> None:
         resumed = full_params(model2)
         if rank == 0:
             torch.save({"straight": straight, "resumed": resumed}, Path(out, "dcp.pt"))
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -226,6 +226,8 @@ def process_group(single: bool = False) -> Any:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
+        if own and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # on success, no rank tears the group down while another still talks to it
     finally:
         if own and dist.is_initialized():
             dist.destroy_process_group()
