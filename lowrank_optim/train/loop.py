@@ -437,25 +437,140 @@ def pretrain(a: TrainArgs, *, corpus: Corpus | None = None, log: Callable[[str],
 
 
 def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: Callable[[str], None] | None) -> RunResult:
-    rank, world, local = distributed()
-    is_main = rank == 0
-    say = log if log is not None else (lambda s: print(s, file=sys.stderr))
-    say = say if is_main else (lambda s: None)
+    """:func:`pretrain` inside its process group: build the run, resume it if asked, train, report."""
+    run = _build_run(a, config, corpus, log)
+    step, position = _resume(run)
+    run.say(f"data: {run.data_name}")
+    _start_metrics(run, step)
+    wrapped = _wrap_model(run)
+    progress = _Progress(step=step, position=position)
+    _train(run, progress, wrapped)
+    return _result(run, progress)
 
-    # ---- device, dtype, output folder
+
+@dataclass
+class _Run:
+    """What one run fixes before its first step: the arguments, this process's place among the ranks,
+    the data, the model with its optimizer and schedule, and where the files go."""
+
+    a: TrainArgs
+    rank: int
+    world: int
+    say: Callable[[str], None]  # prints on rank 0 only
+    device: torch.device
+    out: Path | None
+    vocab: int
+    seqs: Any
+    heldout: torch.Tensor
+    data_name: str
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    settings: dict[str, Any]
+    run_spec: dict[str, Any]  # what a resumed run must match (checkpoint.check_same_run)
+    eval_every: int
+    save_every: int
+    ckpt_path: Path | None
+    metrics_path: Path | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> int:
+        """The step this invocation stops after (``stop_at`` cuts the run short, not its schedule)."""
+        a = self.a
+        return min(a.max_steps, a.stop_at) if a.stop_at is not None else a.max_steps
+
+    @property
+    def per_step(self) -> int:
+        """Sequences one step consumes, over all ranks and micro-batches."""
+        return self.a.batch_size * self.a.grad_accum * self.world
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.per_step * self.a.seq_len
+
+    @property
+    def eval_batch(self) -> int:
+        return max(1, self.a.batch_size)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the last step taken, the next sequence, and what this invocation measured."""
+
+    step: int
+    position: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    trained_tokens: int = 0
+
+
+@dataclass
+class _Wrapped:
+    """The model as the step loop drives it: ``forward`` is the module called (the DDP wrapper under
+    DDP), ``handle`` the layer-wise updates' handle (None without ``layerwise``), ``params`` the
+    optimizer's parameters in its order (the order layerwise clips them in)."""
+
+    forward: Any
+    ddp: Any
+    handle: Any
+    params: list[torch.nn.Parameter]
+
+
+# ----------------------------------------------------------------- building the run
+def _build_run(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None,
+               log: Callable[[str], None] | None) -> _Run:
+    """Check the output folder and the data against the config, then build the model, optimizer and
+    schedule; every check runs before the (slow) model is built."""
+    rank, world, local = distributed()
+    say = log if log is not None else (lambda s: print(s, file=sys.stderr))
+    say = say if rank == 0 else (lambda s: None)
+    device, dtype_name = _device_and_dtype(a, local)
+    out = _output_folder(a)
+    vocab, seqs, heldout, data_spec, data_name = _load_checked_data(a, config, corpus)
+    model, opt, sched, settings, warmup = _build_training(a, config, DTYPES[dtype_name], device)
+    eval_every = a.eval_every or max(1, a.max_steps // 10)
+    save_every = a.save_every if a.save_every is not None else eval_every
+    run_spec = _run_spec(a, config, settings, data_spec, world, warmup, dtype_name)
+    ckpt_path = out / ckpt_io.CHECKPOINT_NAME if out is not None else None
+    if a.fsdp and out is not None:
+        ckpt_path = out / ckpt_io.DCP_NAME
+    return _Run(
+        a=a, rank=rank, world=world, say=say, device=device, out=out, vocab=vocab, seqs=seqs, heldout=heldout,
+        data_name=data_name, model=model, opt=opt, sched=sched, settings=settings, run_spec=run_spec,
+        eval_every=eval_every, save_every=save_every, ckpt_path=ckpt_path,
+        metrics_path=out / METRICS_NAME if out is not None else None,
+    )
+
+
+def _device_and_dtype(a: TrainArgs, local_rank: int) -> tuple[torch.device, str]:
+    """The device (``--device``, else this process's GPU, else the CPU) and the name of the weights'
+    dtype (``--dtype``, else bf16 on CUDA and fp32 on the CPU)."""
     if a.device is not None:
         device = torch.device(a.device)
     else:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    dtype_name = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = DTYPES[dtype_name]
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return device, a.dtype or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def _output_folder(a: TrainArgs) -> Path | None:
+    """``--out`` checked and created (None without it); a run that saves or resumes needs one."""
     out = Path(a.out) if a.out is not None else None
     if out is None and (a.save or a.resume):
         raise TrainError("give --out DIR for the metrics and checkpoints")
     if out is not None:
         _prepare_out(out, a)
+    return out
 
-    # ---- config and data
+
+def _load_checked_data(a: TrainArgs, config: dict[str, Any],
+                       corpus: Corpus | None) -> tuple[int, Any, torch.Tensor, dict[str, Any], str]:
+    """(the config's vocab size, training sequences, held-out windows, data spec, description), once
+    the sequence length, the optimizer's name and the tokenizer's ids fit the config."""
     vocab = int(config["vocab_size"])
     max_pos = config.get("max_position_embeddings")
     if max_pos is not None and a.seq_len > int(max_pos):
@@ -466,8 +581,13 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
         raise TrainError(f"the config's vocab_size {vocab} does not fit the tokenizer "
                          f"({data_spec.get('tokenizer')}: ids up to {vocab_needed - 1}); use a config with "
                          f"vocab_size >= {vocab_needed}")
+    return vocab, seqs, heldout, data_spec, data_name
 
-    # ---- model, optimizer, schedule (every generator seeded, so every optimizer starts alike)
+
+def _build_training(a: TrainArgs, config: dict[str, Any], dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, dict[str, Any], int]:
+    """(model, optimizer, lr scheduler, the optimizer's settings, warmup steps). Every generator is
+    seeded from ``--seed`` first, so that every optimizer starts from the same model and data."""
     random.seed(a.seed)
     np.random.seed(a.seed)
     model = build_model(config, a.seed, dtype, device)
@@ -481,8 +601,12 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
     settings = _jsonable(optimizer_settings(a.optimizer, model, **a.options))
     warmup = a.warmup if a.warmup is not None else a.max_steps // 10
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(warmup, a.max_steps, a.min_lr_ratio))
-    eval_every = a.eval_every or max(1, a.max_steps // 10)
-    save_every = a.save_every if a.save_every is not None else eval_every
+    return model, opt, sched, settings, warmup
+
+
+def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], data_spec: dict[str, Any],
+              world: int, warmup: int, dtype_name: str) -> dict[str, Any]:
+    """What a checkpoint records of its run, for ``--resume`` to refuse a different one."""
     run_spec = {
         "config": json.dumps(config, sort_keys=True),
         "optimizer": a.optimizer,
@@ -501,177 +625,257 @@ def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: 
     }
     if a.fsdp:  # only then, so that checkpoints of earlier DDP runs still resume
         run_spec["fsdp"] = True
+    return run_spec
 
-    # ---- resume
-    step, position = 0, 0
-    ckpt_path = out / ckpt_io.CHECKPOINT_NAME if out is not None else None
-    if a.fsdp and out is not None:
-        ckpt_path = out / ckpt_io.DCP_NAME
-    if a.resume:
-        _check_kind(out, a.fsdp)
-    if a.resume and a.fsdp:
-        step, position = _load_fsdp(ckpt_io.dcp_path(out), model, opt, sched, run_spec)
-        say(f"resumed from {ckpt_path} at step {step}")
-    elif a.resume:
-        saved = ckpt_io.load(ckpt_path)
-        ckpt_io.check_same_run(saved["run"], run_spec, ckpt_path)
-        try:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ckpt_io.CheckpointError(f"--resume: the checkpoint {str(ckpt_path)!r} does not fit this model and "
-                                          f"optimizer ({first[:160]})") from None
-        step, position = int(saved["step"]), int(saved["position"])
-        ckpt_io.set_rng_state(saved["rng"])
-        say(f"resumed from {ckpt_path} at step {step}")
-        del saved
-    say(f"data: {data_name}")
-    metrics_path = out / METRICS_NAME if out is not None else None
-    if metrics_path is not None and is_main:
-        if a.resume:
-            _rewrite_metrics(metrics_path, step)
+
+# ----------------------------------------------------------------- resuming, wrapping
+def _resume(run: _Run) -> tuple[int, int]:
+    """(step, position) to start from: (0, 0), or with ``--resume`` those of the checkpoint in
+    ``--out``, whose model, optimizer, schedule and generators it restores."""
+    a = run.a
+    if not a.resume:
+        return 0, 0
+    _check_kind(run.out, a.fsdp)
+    if a.fsdp:
+        step, position = _load_fsdp(ckpt_io.dcp_path(run.out), run.model, run.opt, run.sched, run.run_spec)
+    else:
+        step, position = _load_single_file(run.ckpt_path, run.model, run.opt, run.sched, run.run_spec)
+    run.say(f"resumed from {run.ckpt_path} at step {step}")
+    return step, position
+
+
+def _load_single_file(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                      run_spec: dict[str, Any]) -> tuple[int, int]:
+    """Restore a single-file checkpoint into ``model``, ``opt`` and ``sched`` and the global generators;
+    returns (step, position)."""
+    saved = ckpt_io.load(path)
+    ckpt_io.check_same_run(saved["run"], run_spec, path)
+    try:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ckpt_io.CheckpointError(f"--resume: the checkpoint {str(path)!r} does not fit this model and "
+                                      f"optimizer ({first[:160]})") from None
+    ckpt_io.set_rng_state(saved["rng"])
+    return int(saved["step"]), int(saved["position"])
+
+
+def _start_metrics(run: _Run, step: int) -> None:
+    """Rank 0 empties the metrics file, or on ``--resume`` keeps its records up to ``step``."""
+    if run.metrics_path is not None and run.is_main:
+        if run.a.resume:
+            _rewrite_metrics(run.metrics_path, step)
         else:
-            metrics_path.write_text("")
+            run.metrics_path.write_text("")
 
-    # ---- wrappers: DDP, layer-wise
+
+def _wrap_model(run: _Run) -> _Wrapped:
+    """DDP around the model under torchrun (not with FSDP2, which sharded it already), then the
+    layer-wise updates' hooks with ``layerwise``."""
+    a = run.a
     ddp = None
-    forward_model: Any = model
-    if world > 1 and not a.fsdp:
+    forward_model: Any = run.model
+    if run.world > 1 and not a.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        device = run.device
+        ddp = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         forward_model = ddp
     handle = None
     if a.layerwise:
         from ..layerwise import layerwise
 
-        handle = layerwise(forward_model, opt, accumulation_steps=a.grad_accum,
+        handle = layerwise(forward_model, run.opt, accumulation_steps=a.grad_accum,
                            max_grad_norm=a.max_grad_norm if a.max_grad_norm > 0 else None)
-    params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's order (as layerwise)
+    params = [p for g in run.opt.param_groups for p in g["params"]]
+    return _Wrapped(forward=forward_model, ddp=ddp, handle=handle, params=params)
 
-    # ---- loop
-    last = min(a.max_steps, a.stop_at) if a.stop_at is not None else a.max_steps
-    per_step = a.batch_size * a.grad_accum * world
-    tokens_per_step = per_step * a.seq_len
-    eval_batch = max(1, a.batch_size)
-    curve: list[tuple[int, float]] = []
-    evals: list[tuple[int, float]] = []
-    train_seconds = 0.0
-    trained_tokens = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = None
-    show = a.progress if a.progress is not None else sys.stderr.isatty()
-    if is_main and show and last > step:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=last, initial=step, desc=a.label or a.optimizer, dynamic_ncols=True, leave=True)
-    metrics_file = open(metrics_path, "a") if metrics_path is not None and is_main else None  # noqa: SIM115
-
-    def save(at: int) -> None:
-        if a.fsdp:
-            if a.save and ckpt_path is not None:
-                _save_fsdp(out, at, position, model, opt, sched, run_spec)
-            return
-        if not (a.save and is_main and ckpt_path is not None):
-            return
-        obj = {
-            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": at, "position": position,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": ckpt_io.rng_state(), "run": run_spec,
-        }
-        try:
-            ckpt_io.save_atomic(obj, ckpt_path)
-        except OSError as err:
-            raise TrainError(f"could not save the checkpoint to {str(ckpt_path)!r} ({err.strerror or err}); "
-                             "the previous checkpoint is unchanged") from None
-        ckpt_io.remove_other(out, fsdp=False)
-
+# ----------------------------------------------------------------- the step loop
+def _train(run: _Run, progress: _Progress, wrapped: _Wrapped) -> None:
+    """Step until ``run.last``: a metrics record a step (rank 0), held-out evaluation every
+    ``eval_every`` steps and checkpoints every ``save_every`` (both at the last step too), and the
+    progress bar. The layer-wise hooks are removed however it ends."""
+    last = run.last
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    bar = _progress_bar(run, progress.step)
+    metrics_file = open(run.metrics_path, "a") if run.metrics_path is not None and run.is_main else None  # noqa: SIM115
     try:
-        while step < last:
-            t0 = time.perf_counter()
-            lr = float(opt.param_groups[0]["lr"])
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for m in range(a.grad_accum):
-                x = seqs.get(position + (m * world + rank) * a.batch_size, a.batch_size)
-                if int(x.max()) >= vocab:
-                    raise TrainError(f"the data holds token id {int(x.max())}, outside the config's vocab_size {vocab}")
-                x = x.to(device, non_blocking=True)
-                if handle is not None:
-                    with handle.no_sync():
-                        loss = lm_loss(forward_model, x)
-                        handle.backward(loss / a.grad_accum)
-                else:
-                    sync = ddp is None or m == a.grad_accum - 1
-                    with contextlib.nullcontext() if sync else ddp.no_sync():
-                        loss = lm_loss(forward_model, x)
-                        (loss / a.grad_accum).backward()
-                loss_sum += loss.detach().double()
-            if handle is None:
-                grad_norm = (_full(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)) if a.max_grad_norm > 0 else None)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                grad_norm = handle.last_grad_norm
-            sched.step()
-            step += 1
-            position += per_step
-            mean_loss = loss_sum / a.grad_accum
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            loss_value = float(mean_loss)
-            if not math.isfinite(loss_value):
-                raise TrainError(f"the training loss is {loss_value} at step {step}; lower --lr (now {a.options.get('lr') or settings.get('lr')})")
-            elapsed = time.perf_counter() - t0
-            train_seconds += elapsed
-            trained_tokens += tokens_per_step
-            peak, mem_text = _memory_now(device)
-            rec: dict[str, Any] = {
-                "step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / elapsed,
-                "tokens": step * tokens_per_step,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-            }
-            if peak is not None:
-                rec["peak_memory_bytes"] = peak
-            curve.append((step, loss_value))
-            if step % eval_every == 0 or step == last:
-                ev = evaluate(model, heldout, eval_batch, device)
-                evals.append((step, ev))
-                rec["eval_loss"] = ev
-                rec["eval_ppl"] = math.exp(ev) if ev < 700 else float("inf")
-                msg = f"{a.label or a.optimizer} step {step}: loss {loss_value:.4f}, held-out loss {ev:.4f}, perplexity {rec['eval_ppl']:.2f}"
-                if bar is not None:
-                    bar.write(msg)
-                else:
-                    say(msg)
+        while progress.step < last:
+            rec, mem_text = _train_step(run, progress, wrapped)
+            step = progress.step
+            if step % run.eval_every == 0 or step == last:
+                _evaluate_now(run, progress, rec, bar)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
             if bar is not None:
-                bar.set_postfix_str(f"loss {loss_value:.3f} | {tokens_per_step / elapsed:,.0f} tok/s | mem {mem_text}", refresh=False)
+                bar.set_postfix_str(f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | mem {mem_text}",
+                                    refresh=False)
                 bar.update(1)
-            if (save_every and step % save_every == 0) or step == last:
-                save(step)
+            if (run.save_every and step % run.save_every == 0) or step == last:
+                _save(run, step, progress.position)
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
-        if handle is not None:
-            handle.remove()
+        if wrapped.handle is not None:
+            wrapped.handle.remove()
 
-    if not evals:  # resumed at the end, or stopped before any evaluation
-        evals.append((step, evaluate(model, heldout, eval_batch, device)))
-    peak, _ = _memory_now(device)
+
+def _progress_bar(run: _Run, step: int) -> Any:
+    """Rank 0's tqdm bar from ``step`` to ``run.last`` when ``--progress`` asks for one (by default when
+    stderr is a terminal) and a step is left to run; else None."""
+    a = run.a
+    show = a.progress if a.progress is not None else sys.stderr.isatty()
+    if not (run.is_main and show and run.last > step):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.last, initial=step, desc=a.label or a.optimizer, dynamic_ncols=True, leave=True)
+
+
+def _train_step(run: _Run, progress: _Progress, wrapped: _Wrapped) -> tuple[dict[str, Any], str]:
+    """One optimizer step over ``grad_accum`` micro-batches, advancing ``progress``; returns the
+    step's metrics record and the memory text for the progress bar."""
+    t0 = time.perf_counter()
+    lr = float(run.opt.param_groups[0]["lr"])
+    loss_sum = _accumulate_gradients(run, wrapped, progress.position)
+    grad_norm = _update(run, wrapped)
+    run.sched.step()
+    progress.step += 1
+    progress.position += run.per_step
+    loss_value = _step_loss(run, loss_sum, progress.step)
+    elapsed = time.perf_counter() - t0
+    progress.train_seconds += elapsed
+    progress.trained_tokens += run.tokens_per_step
+    peak, mem_text = _memory_now(run.device)
+    rec: dict[str, Any] = {
+        "step": progress.step, "loss": loss_value, "lr": lr, "tokens_per_s": run.tokens_per_step / elapsed,
+        "tokens": progress.step * run.tokens_per_step,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+    }
+    if peak is not None:
+        rec["peak_memory_bytes"] = peak
+    progress.curve.append((progress.step, loss_value))
+    return rec, mem_text
+
+
+def _accumulate_gradients(run: _Run, wrapped: _Wrapped, position: int) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of the step starting at sequence
+    ``position`` (each loss divided by ``grad_accum``); returns the sum of their losses.
+
+    Under DDP only the last micro-batch all-reduces; with layer-wise updates the handle steps inside
+    the last backward."""
+    a, handle, ddp = run.a, wrapped.handle, wrapped.ddp
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for m in range(a.grad_accum):
+        x = run.seqs.get(position + (m * run.world + run.rank) * a.batch_size, a.batch_size)
+        if int(x.max()) >= run.vocab:
+            raise TrainError(f"the data holds token id {int(x.max())}, outside the config's vocab_size {run.vocab}")
+        x = x.to(run.device, non_blocking=True)
+        if handle is not None:
+            with handle.no_sync():
+                loss = lm_loss(wrapped.forward, x)
+                handle.backward(loss / a.grad_accum)
+        else:
+            sync = ddp is None or m == a.grad_accum - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                loss = lm_loss(wrapped.forward, x)
+                (loss / a.grad_accum).backward()
+        loss_sum += loss.detach().double()
+    return loss_sum
+
+
+def _update(run: _Run, wrapped: _Wrapped) -> Any:
+    """Clip the gradients and step the optimizer, unless the layer-wise handle already did inside the
+    backward; returns the gradient norm before clipping (None without clipping)."""
+    if wrapped.handle is not None:
+        return wrapped.handle.last_grad_norm
+    max_norm = run.a.max_grad_norm
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(wrapped.params, max_norm)) if max_norm > 0 else None
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _step_loss(run: _Run, loss_sum: torch.Tensor, step: int) -> float:
+    """The step's training loss, averaged over micro-batches and ranks; a non-finite one stops the run."""
+    a = run.a
+    mean_loss = loss_sum / a.grad_accum
+    if run.world > 1:
+        dist.all_reduce(mean_loss)
+        mean_loss /= run.world
+    loss_value = float(mean_loss)
+    if not math.isfinite(loss_value):
+        raise TrainError(f"the training loss is {loss_value} at step {step}; lower --lr (now {a.options.get('lr') or run.settings.get('lr')})")
+    return loss_value
+
+
+def _evaluate_now(run: _Run, progress: _Progress, rec: dict[str, Any], bar: Any) -> None:
+    """Held-out loss after this step: added to ``progress.evals`` and the step's record, and reported
+    (through the progress bar when there is one, so that the bar stays whole)."""
+    a, step = run.a, progress.step
+    ev = evaluate(run.model, run.heldout, run.eval_batch, run.device)
+    progress.evals.append((step, ev))
+    rec["eval_loss"] = ev
+    rec["eval_ppl"] = math.exp(ev) if ev < 700 else float("inf")
+    msg = f"{a.label or a.optimizer} step {step}: loss {rec['loss']:.4f}, held-out loss {ev:.4f}, perplexity {rec['eval_ppl']:.2f}"
+    if bar is not None:
+        bar.write(msg)
+    else:
+        run.say(msg)
+
+
+# ----------------------------------------------------------------- saving, the report
+def _save(run: _Run, at: int, position: int) -> None:
+    """Checkpoint step ``at`` (next sequence ``position``), if the run saves: every rank writes its
+    shards under FSDP2, else rank 0 writes the single file."""
+    a = run.a
+    if a.fsdp:
+        if a.save and run.ckpt_path is not None:
+            _save_fsdp(run.out, at, position, run.model, run.opt, run.sched, run.run_spec)
+        return
+    if a.save and run.is_main and run.ckpt_path is not None:
+        _save_single_file(run.out, run.ckpt_path, at, position, run.model, run.opt, run.sched, run.run_spec)
+
+
+def _save_single_file(out: Path, path: Path, at: int, position: int, model: torch.nn.Module,
+                      opt: torch.optim.Optimizer, sched: Any, run_spec: dict[str, Any]) -> None:
+    """Write the checkpoint of step ``at`` to ``path`` atomically, then delete an earlier run's
+    ``--fsdp`` checkpoint from ``out``."""
+    obj = {
+        "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": at, "position": position,
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "rng": ckpt_io.rng_state(), "run": run_spec,
+    }
+    try:
+        ckpt_io.save_atomic(obj, path)
+    except OSError as err:
+        raise TrainError(f"could not save the checkpoint to {str(path)!r} ({err.strerror or err}); "
+                         "the previous checkpoint is unchanged") from None
+    ckpt_io.remove_other(out, fsdp=False)
+
+
+def _result(run: _Run, progress: _Progress) -> RunResult:
+    """What the run measured; evaluates once more if this invocation did not (it resumed at the end,
+    or stopped before any evaluation)."""
+    a = run.a
+    evals = progress.evals
+    if not evals:
+        evals.append((progress.step, evaluate(run.model, run.heldout, run.eval_batch, run.device)))
+    peak, _ = _memory_now(run.device)
+    train_seconds = progress.train_seconds
     return RunResult(
-        label=a.label or a.optimizer, optimizer=a.optimizer, settings=settings, steps=step, curve=curve,
-        evals=evals, final_eval_loss=evals[-1][1],
-        tokens_per_s=trained_tokens / train_seconds if train_seconds > 0 else float("nan"),
-        state_bytes=state_bytes(opt), peak_memory=peak, train_seconds=train_seconds,
-        out=str(out) if out is not None else None,
+        label=a.label or a.optimizer, optimizer=a.optimizer, settings=run.settings, steps=progress.step,
+        curve=progress.curve, evals=evals, final_eval_loss=evals[-1][1],
+        tokens_per_s=progress.trained_tokens / train_seconds if train_seconds > 0 else float("nan"),
+        state_bytes=state_bytes(run.opt), peak_memory=peak, train_seconds=train_seconds,
+        out=str(run.out) if run.out is not None else None,
     )
 
 
