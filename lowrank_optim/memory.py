@@ -186,32 +186,67 @@ def estimate(
         target_modules, **keys: passed to ``lro.param_groups`` (``update_proj_gap``, ``projector``...).
     """
     name, cls = _resolve_optimizer(optimizer)
+    _check_estimate_args(name, cls, weights, state_bits, batch, seq)
+    int8 = weights == "int8"
+    # INT8 holds only the projected weights: the others keep bf16 for a config, their own dtype for a module
+    model, config, dtype = _estimated_model(model_or_config, None if int8 else weights)
+    if rank is None:
+        rank = _default_rank(name)
+
+    groups = _meta_groups(param_groups(model, rank=rank, target_modules=target_modules, **keys), dtype)
+    trainable, weight_bytes, adamw_weight_bytes, grad_bytes = _weight_and_gradient_bytes(groups, int8, layerwise)
+    activations = _estimated_activations(config, batch, seq, checkpointing, dtype)
+
+    adamw_states = _adamw_state_bytes(trainable, state_bits == 8)
+    adamw = Breakdown(adamw_weight_bytes, grad_bytes, adamw_states, 0, activations)
+    if name == "adamw" and cls is None:
+        ours = adamw
+    else:
+        states, projections = _optimizer_state_bytes(name, cls, groups, trainable, state_bits)
+        ours = Breakdown(weight_bytes, grad_bytes, states, projections, activations)
+    settings = dict(rank=rank if cls is not None else None,
+                    weights="int8" if int8 else (weights or ("bf16" if config else None)), state_bits=state_bits,
+                    layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
+    return MemoryReport(ours, adamw, name, settings)
+
+
+def _default_rank(name: str) -> int:
+    """The low-rank groups' rank when none is given: 1 for APOLLO-Mini, else 128."""
+    return 1 if name == "apollo_mini" else 128
+
+
+def _check_estimate_args(name: str, cls: type | None, weights: str | None, state_bits: int | None,
+                         batch: int | None, seq: int | None) -> None:
+    """Refuse, before anything is built, what :func:`estimate` cannot estimate."""
     if weights is not None and weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     if state_bits not in (None, 32, 8):
         raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
-    int8 = weights == "int8"
     if cls is None:
-        _check_baseline(name, int8, state_bits)
-    if int8:  # the other parameters: bf16 for a config, their own dtype for a module
-        weights = None if isinstance(model_or_config, nn.Module) else "bf16"
+        _check_baseline(name, weights == "int8", state_bits)
     if (batch is None) != (seq is None):
         raise ValueError("give both batch and seq for an activation estimate, or neither")
     for arg, value in (("batch", batch), ("seq", seq)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-    dtype = WEIGHT_DTYPES[weights] if weights else None
-    config = None
-    if isinstance(model_or_config, nn.Module):
-        model = model_or_config
-    else:
-        config = load_config(model_or_config)
-        dtype = dtype or torch.bfloat16
-        model = llama_skeleton(config, dtype=dtype)
-    if rank is None:
-        rank = 1 if name == "apollo_mini" else 128
 
-    groups = _meta_groups(param_groups(model, rank=rank, target_modules=target_modules, **keys), dtype)
+
+def _estimated_model(model_or_config: nn.Module | str | Path | dict[str, Any],
+                     weights: str | None) -> tuple[nn.Module, dict[str, Any] | None, torch.dtype | None]:
+    """(the model to mirror, its LlamaConfig, the weights' dtype): a module as it is (no config; dtype
+    None keeps its own dtypes), or a config's meta-device skeleton (bf16 unless ``weights`` says)."""
+    dtype = WEIGHT_DTYPES[weights] if weights else None
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config, None, dtype
+    config = load_config(model_or_config)
+    dtype = dtype or torch.bfloat16
+    return llama_skeleton(config, dtype=dtype), config, dtype
+
+
+def _weight_and_gradient_bytes(groups: list[dict[str, Any]], int8: bool,
+                               layerwise: bool) -> tuple[list[nn.Parameter], int, int, int]:
+    """(the trainable parameters, our weights' bytes, AdamW's weights' bytes, gradient bytes). With
+    ``layerwise`` only the largest gradient exists at a time."""
     flat = [p for g in groups for p in (x[1] if isinstance(x, tuple) else x for x in g["params"])]
     trainable = [p for p in flat if p.requires_grad]
     weight_bytes = adamw_weight_bytes = sum(_nbytes(p) for p in flat)
@@ -222,37 +257,38 @@ def estimate(
         quantized = [x[1] if isinstance(x, tuple) else x for g in groups if "rank" in g for x in g["params"]]
         weight_bytes += sum(Int8Weight.stored_bytes(p.numel()) - _nbytes(p) for p in quantized)
     grad_bytes = max((_nbytes(p) for p in trainable), default=0) if layerwise else sum(_nbytes(p) for p in trainable)
-    activations = 0
-    if batch is not None and config is not None:
-        itemsize = torch.finfo(dtype).bits // 8
-        activations = llama_activation_bytes(config, batch, seq, checkpointing, itemsize)
-    elif batch is not None:
+    return trainable, weight_bytes, adamw_weight_bytes, grad_bytes
+
+
+def _estimated_activations(config: dict[str, Any] | None, batch: int | None, seq: int | None,
+                           checkpointing: bool, dtype: torch.dtype | None) -> int:
+    """:func:`llama_activation_bytes` in the weights' dtype; 0 without ``batch`` (and ``seq``)."""
+    if batch is None:
+        return 0
+    if config is None:
         raise ValueError("activation estimates need a LlamaConfig; pass the config rather than a module")
+    itemsize = torch.finfo(dtype).bits // 8
+    return llama_activation_bytes(config, batch, seq, checkpointing, itemsize)
 
-    adamw_states = _adamw_state_bytes(trainable, state_bits == 8)
-    adamw = Breakdown(adamw_weight_bytes, grad_bytes, adamw_states, 0, activations)
-    if name == "adamw" and cls is None:
-        ours = adamw
-    elif name == "adafactor" and cls is None:
-        ours = Breakdown(weight_bytes, grad_bytes, _adafactor_state_bytes(trainable), 0, activations)
-    elif name == "muon" and cls is None:
-        ours = Breakdown(weight_bytes, grad_bytes, _muon_state_bytes(groups), 0, activations)
-    else:
-        import warnings
 
-        from .optim import RankFallbackWarning
+def _optimizer_state_bytes(name: str, cls: type | None, groups: list[dict[str, Any]],
+                           trainable: list[nn.Parameter], state_bits: int | None) -> tuple[int, int]:
+    """(optimizer states, projections) of the ``adafactor`` or ``muon`` baseline, or of our optimizer
+    ``cls`` built on the meta-device ``groups`` and measured after ``init_state()``."""
+    if cls is None and name == "adafactor":
+        return _adafactor_state_bytes(trainable), 0
+    if cls is None and name == "muon":
+        return _muon_state_bytes(groups), 0
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RankFallbackWarning)
-            opt = cls(groups, **({} if state_bits is None else {"state_bits": state_bits}))
-        opt.init_state()
-        nb = opt.state_nbytes()
-        ours = Breakdown(weight_bytes, grad_bytes, nb["moments"] + nb["other"],
-                         nb["projectors"] + _shared_dct_bytes(opt), activations)
-    settings = dict(rank=rank if cls is not None else None,
-                    weights="int8" if int8 else (weights or ("bf16" if config else None)), state_bits=state_bits,
-                    layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
-    return MemoryReport(ours, adamw, name, settings)
+    from .optim import RankFallbackWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankFallbackWarning)
+        opt = cls(groups, **({} if state_bits is None else {"state_bits": state_bits}))
+    opt.init_state()
+    nb = opt.state_nbytes()
+    return nb["moments"] + nb["other"], nb["projectors"] + _shared_dct_bytes(opt)
 
 
 def _adamw_state_bytes(params: list[torch.Tensor], eight_bit: bool = False) -> int:
@@ -354,8 +390,8 @@ def train_steps(
     """Real training steps of transformers' LlamaForCausalLM built from ``config`` (random tokens),
     set up as :func:`estimate` describes it; returns the losses. The model is created on ``device``
     directly, in the weights' dtype."""
-    try:
-        import transformers
+    try:  # only whether it is installed: _real_model imports it where it builds the model
+        import transformers  # noqa: F401
     except ImportError:
         raise RuntimeError("real steps need transformers' LlamaForCausalLM: pip install 'lowrank-optim[train]'") from None
     from .layerwise import layerwise as make_layerwise
@@ -369,9 +405,26 @@ def train_steps(
     weights = "bf16" if int8 else weights
     cfg = load_config(config)
     if rank is None:
-        rank = 1 if name == "apollo_mini" else 128
+        rank = _default_rank(name)
+    model = _real_model(cfg, WEIGHT_DTYPES[weights], int8, checkpointing, device)
+    opt = _real_optimizer(model, name, cls, rank, state_bits, keys)
+    handle = make_layerwise(model, opt) if layerwise else None
+    try:
+        return _random_token_steps(model, opt, handle, cfg["vocab_size"], batch, seq, steps, device)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _real_model(cfg: dict[str, Any], dtype: torch.dtype, int8: bool, checkpointing: bool,
+                device: str | torch.device) -> nn.Module:
+    """transformers' LlamaForCausalLM of ``cfg``, created on ``device`` in ``dtype``; with ``int8`` its
+    linear weights quantized as ``lro.quantize_model_int8`` does, with ``checkpointing`` activation
+    checkpointing on."""
+    import transformers
+
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(WEIGHT_DTYPES[weights])
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg))
@@ -385,42 +438,51 @@ def train_steps(
     if checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    return model
+
+
+def _real_optimizer(model: nn.Module, name: str, cls: type | None, rank: int, state_bits: int | None,
+                    keys: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer :func:`estimate` measures, on the real ``model``: our plain 8-bit AdamW for the
+    ``adamw`` baseline with ``state_bits=8``, torch's own AdamW, the ``adafactor`` or ``muon`` baseline
+    as ``pretrain`` builds it, or ``cls`` over ``lro.param_groups``."""
     if cls is None and state_bits == 8:
         from .optim import LowRankAdamW
 
-        opt = LowRankAdamW(model.parameters(), lr=1e-5, state_bits=8)
-    elif cls is None and name == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    elif cls is None:
+        return LowRankAdamW(model.parameters(), lr=1e-5, state_bits=8)
+    if cls is None and name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if cls is None:
         from .train.optimizers import build_optimizer
 
-        opt = build_optimizer(name, model, lr=1e-5)  # adafactor, or muon (+ AdamW), as pretrain builds them
-    else:
-        import warnings
+        return build_optimizer(name, model, lr=1e-5)
+    import warnings
 
-        from .optim import RankFallbackWarning
+    from .optim import RankFallbackWarning
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RankFallbackWarning)
-            opt = cls(param_groups(model, rank=rank, **keys), lr=1e-5,
-                      **({} if state_bits is None else {"state_bits": state_bits}))
-    handle = make_layerwise(model, opt) if layerwise else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankFallbackWarning)
+        return cls(param_groups(model, rank=rank, **keys), lr=1e-5,
+                   **({} if state_bits is None else {"state_bits": state_bits}))
+
+
+def _random_token_steps(model: nn.Module, opt: torch.optim.Optimizer, handle: Any, vocab: int, batch: int,
+                        seq: int, steps: int, device: str | torch.device) -> list[float]:
+    """``steps`` training steps on random ``batch`` × ``seq`` tokens (the same ones every call: the
+    generator is seeded), stepped inside the backward by the layer-wise ``handle`` if there is one;
+    returns the losses."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     losses = []
-    try:
-        for _ in range(steps):
-            tokens = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=generator).to(device)
-            loss = model(input_ids=tokens, labels=tokens).loss
-            if handle is not None:
-                handle.backward(loss)
-            else:
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+        loss = model(input_ids=tokens, labels=tokens).loss
         if handle is not None:
-            handle.remove()
+            handle.backward(loss)
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
     return losses
 
 
