@@ -194,6 +194,78 @@ def _collect_params(model_or_params: Any) -> tuple[dict[int, Tensor], dict[int, 
     return found, names
 
 
+def _check_settings(optimizer: Any, accumulation_steps: Any, max_grad_norm: Any) -> None:
+    """Refuse an optimizer that cannot be stepped inside the backward, and bad settings."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"layerwise: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError(
+            "layerwise: LBFGS steps from a closure that re-evaluates the loss, which cannot run "
+            "inside the backward; use it with the ordinary loop"
+        )
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(
+            f"layerwise: invalid accumulation_steps={accumulation_steps!r}: pass an integer >= 1 "
+            "(the number of backward passes per optimizer step)"
+        )
+    if max_grad_norm is not None:
+        ok = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+        if not ok or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+            raise ValueError(
+                f"layerwise: invalid max_grad_norm={max_grad_norm!r}: pass a finite number > 0, "
+                "or None for no clipping"
+            )
+
+
+def _stepped_params(optimizer: Optimizer, given: dict[int, Tensor], names: dict[int, str]) -> list[Tensor]:
+    """The optimizer's parameters that require grad, in its order, once each is known to be a leaf
+    among ``given`` that no other active handle steps."""
+    params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if not params:
+        raise ValueError("layerwise: the optimizer has no parameter that requires grad; nothing to step")
+    outside = [p for p in params if id(p) not in given]
+    if outside:
+        raise ValueError(
+            f"layerwise: {len(outside)} of the optimizer's {len(params)} parameters (shapes "
+            f"{[tuple(p.shape) for p in outside[:3]]}...) are not in model_or_params; pass the model "
+            "the optimizer was built for"
+        )
+    for p in params:
+        if not p.is_leaf:
+            raise ValueError(f"layerwise: parameter of shape {tuple(p.shape)} is not a leaf tensor")
+        other = _ACTIVE.get(id(p))
+        if other is not None and other() is not None and any(q is p for q in other()._params):
+            raise RuntimeError(
+                f"layerwise: parameter {names.get(id(p), tuple(p.shape))} already has layer-wise "
+                "updates from another handle; call .remove() on that handle first"
+            )
+    return params
+
+
+def _reusable_hook_state(ddp: DistributedDataParallel) -> _DDPHookState | None:
+    """The state of the layer-wise communication hook a removed handle left on ``ddp`` (DDP cannot
+    drop a hook), or None when ``ddp`` has no hook yet; refuses a DDP module whose one communication
+    hook is taken (by ``mixed_precision``, another hook, or an active handle)."""
+    if getattr(ddp, "mixed_precision", None) is not None:
+        raise ValueError(
+            "layerwise: DDP's mixed_precision uses its own communication hook, and DDP takes "
+            "only one; layer-wise updates need theirs"
+        )
+    hook_state = None
+    for hook, state in getattr(ddp, "_comm_hooks", []):
+        if hook is _layerwise_comm_hook:
+            hook_state = state
+        else:
+            raise ValueError(
+                f"layerwise: this DDP module already has the communication hook "
+                f"{getattr(hook, '__qualname__', hook)!r}, and DDP takes only one; layer-wise "
+                "updates need theirs to step each bucket after its all-reduce"
+            )
+    if hook_state is not None and hook_state.handle is not None and hook_state.handle() is not None:
+        raise RuntimeError("layerwise: this DDP module already has an active layer-wise handle")
+    return hook_state
+
+
 class LayerwiseUpdates:
     """Hooks that step an optimizer parameter by parameter inside the backward (see the module doc).
 
@@ -210,67 +282,15 @@ class LayerwiseUpdates:
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
     ) -> None:
-        # ------------------------------------------------ validate everything, register nothing yet
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"layerwise: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError(
-                "layerwise: LBFGS steps from a closure that re-evaluates the loss, which cannot run "
-                "inside the backward; use it with the ordinary loop"
-            )
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(
-                f"layerwise: invalid accumulation_steps={accumulation_steps!r}: pass an integer >= 1 "
-                "(the number of backward passes per optimizer step)"
-            )
-        if max_grad_norm is not None:
-            ok = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-            if not ok or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
-                raise ValueError(
-                    f"layerwise: invalid max_grad_norm={max_grad_norm!r}: pass a finite number > 0, "
-                    "or None for no clipping"
-                )
+        # every check runs before any hook is registered, so a refused handle leaves nothing behind
+        _check_settings(optimizer, accumulation_steps, max_grad_norm)
         ddp = model_or_params if isinstance(model_or_params, DistributedDataParallel) else None
         given, names = _collect_params(model_or_params)
-
-        params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        if not params:
-            raise ValueError("layerwise: the optimizer has no parameter that requires grad; nothing to step")
-        outside = [p for p in params if id(p) not in given]
-        if outside:
-            raise ValueError(
-                f"layerwise: {len(outside)} of the optimizer's {len(params)} parameters (shapes "
-                f"{[tuple(p.shape) for p in outside[:3]]}...) are not in model_or_params; pass the model "
-                "the optimizer was built for"
-            )
-        for p in params:
-            if not p.is_leaf:
-                raise ValueError(f"layerwise: parameter of shape {tuple(p.shape)} is not a leaf tensor")
-            other = _ACTIVE.get(id(p))
-            if other is not None and other() is not None and any(q is p for q in other()._params):
-                raise RuntimeError(
-                    f"layerwise: parameter {names.get(id(p), tuple(p.shape))} already has layer-wise "
-                    "updates from another handle; call .remove() on that handle first"
-                )
+        params = _stepped_params(optimizer, given, names)
         step_parameters = getattr(optimizer, "step_parameters", None)
         hook_state = None
         if ddp is not None:
-            if getattr(ddp, "mixed_precision", None) is not None:
-                raise ValueError(
-                    "layerwise: DDP's mixed_precision uses its own communication hook, and DDP takes "
-                    "only one; layer-wise updates need theirs"
-                )
-            for hook, state in getattr(ddp, "_comm_hooks", []):
-                if hook is _layerwise_comm_hook:
-                    hook_state = state  # a removed handle's hook: reuse it
-                else:
-                    raise ValueError(
-                        f"layerwise: this DDP module already has the communication hook "
-                        f"{getattr(hook, '__qualname__', hook)!r}, and DDP takes only one; layer-wise "
-                        "updates need theirs to step each bucket after its all-reduce"
-                    )
-            if hook_state is not None and hook_state.handle is not None and hook_state.handle() is not None:
-                raise RuntimeError("layerwise: this DDP module already has an active layer-wise handle")
+            hook_state = _reusable_hook_state(ddp)
         elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             warnings.warn(
                 "layerwise: torch.distributed is initialized, but model_or_params is not a "
@@ -279,7 +299,6 @@ class LayerwiseUpdates:
                 stacklevel=3,
             )
 
-        # ------------------------------------------------ state
         self._optimizer = optimizer
         self._params = params
         self._ids = {id(p) for p in params}
@@ -306,16 +325,21 @@ class LayerwiseUpdates:
         self._stash: dict[int, Tensor | None] = {}
         self._norms: dict[int, Tensor] = {}
 
-        # ------------------------------------------------ register (DDP's hook first: it can refuse)
+        self._register(hook_state)
+
+    def _register(self, hook_state: _DDPHookState | None) -> None:
+        """Register DDP's communication hook (or take over ``hook_state``, a removed handle's), then the
+        parameters' hooks. DDP's goes first because DDP can still refuse it."""
+        ddp = self._ddp
         if ddp is not None:
             if hook_state is None:
                 hook_state = _DDPHookState(ddp.process_group)
                 ddp.register_comm_hook(hook_state, _layerwise_comm_hook)
             hook_state.handle = weakref.ref(self)
         self._hook_state = hook_state
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
         ref = weakref.ref(self)
-        for p in params:
+        for p in self._params:
             _ACTIVE[id(p)] = ref
 
     # ------------------------------------------------------------------ public
