@@ -1,4 +1,6 @@
-"""FSDP2 support: parameters that are DTensors sharded by rows, and what the low-rank step communicates.
+"""The sharding seam: what a part needs to sum or gather, for one process (:class:`Local`) or FSDP2 rows
+(:class:`RowShard`), chosen once per parameter. Every part of a step (projector, rule, update) runs the
+same code on both; on one process every sum and gather below is the identity.
 
 Under ``torch.distributed.fsdp.fully_shard`` every parameter is a DTensor ``Shard(0)`` on a 1-D device
 mesh; rank k holds rows [a_k, b_k) of W and, after the reduce-scatter, of the (averaged) gradient G, in
@@ -11,39 +13,35 @@ piece                  right side, R = G Qᵀ (m×r)                    left sid
 =====================  ==========================================  ==================================
 basis                  Q r×n, sharded by columns; all-gather       P m×r, sharded by rows like W
                        of r×n when used
-moments (rule state)   m×r, sharded by rows like W                 r×n, sharded by columns
+rule state             m×r, sharded by rows like W                 r×n, sharded by columns
 project, per step      local                                       Σ_k P_kᵀ G_k: all-reduce of r×n
-rule (Adam)            local                                       local on its columns, then an
-                                                                   all-gather of N (r×n)
-rule (orthogonal)      all-gather of R and M (m×r)                 all-gather of M (r×n)
+rule                   on this rank's rows of R (a :class:`Split`  on this rank's columns of R, then an
+                       along dim 0)                                all-gather of N (r×n)
 project back           local                                       local (every rank holds N)
 svd / rsvd refresh     Gram GᵀG = Σ_k G_kᵀ G_k: all-reduce of n×n, then eigh (exact top r; P_k = G_k V Σ⁻¹)
 random refresh         nothing: every rank draws the same matrix from the shared seed
-sparse refresh         all-reduce of the n column norms²       all-reduce of the m row norms² (each
-                                                                   rank fills its rows)
-dct refresh            all-reduce of the n ℓ1 scores of G D    refused: the scores need Dᵀ G whole,
-                                                                   an m×n all-reduce
+sparse refresh         all-reduce of the n column norms²       all-reduce of the m row norms²
+dct refresh            all-reduce of the n ℓ1 scores of G D    refused: the scores need Dᵀ G whole
 online_pca, each step  ‖G‖², n×r and r×r all-reduces           ‖G‖², n×r and r×r all-reduces
-norms                  APOLLO's tensor-wise ratio, the limiter, Fira's residual: all-reduce of scalars;
-                       channel-wise ratios are local (right side) or from the replicated R (left side)
+norms                  sums of squares all-reduced (APOLLO's tensor ratio, the limiter, Fira, Adafactor)
 =====================  ==========================================  ==================================
 
-Singular vectors have no sign of their own, and the Gram matrix's eigenvectors come with other signs
-than LAPACK's SVD: a refresh on shards fixes each pair's sign so that the largest entry of its right
-singular vector is positive (``canonical_signs``). A single-process run with
-``projector_options={"canonical_signs": True}`` picks the same basis, which is how the tests compare a
-2-rank run with one process.
+A rule sees only its piece of R and of its state. An elementwise rule (Adam) runs on the piece as it is;
+any other rule by default gathers the whole R and state, steps, and keeps its piece (the orthogonal
+rule); a rule may instead use the :class:`Split`'s sums (Adafactor's row and column statistics).
 
-Supported: HF/torch FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with
-an error naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
-parallel, ``Shard(1)``, ``Replicate``), and the pieces not built for shards yet (``dct`` on the left
-side, stochastic rounding into bf16 or INT8 weights).
+Singular vectors have no sign of their own: every refresh, in one process or on shards, fixes each pair's
+sign so that the largest entry of its right singular vector is positive (:func:`canonical_signs`), so a
+run is the same run on one process, on shards and with any LAPACK.
 
-INT8 moments (``state_bits=8``) and INT4 bases (``proj_bits=4``) work on shards with their blocks and
-groups of 256 inside each rank's piece; their scale vectors (and the packed codes) are padded to the
-largest piece's length, so such a checkpoint resumes on the same number of ranks (float states reshard
-freely: saved on 2 ranks, loaded on 1). Q-GaLore's lazy schedule takes the cosine of the top basis
-vectors from three all-reduced sums on the left side.
+Supported: FSDP2 (``fully_shard``) on a 1-D mesh with the default ``Shard(0)``. Refused, with an error
+naming the parameter, when the optimizer is built: 2-D meshes (HSDP), other placements (tensor
+parallel, ``Shard(1)``, ``Replicate``), and what a part declares it cannot do on shards (``dct`` on the
+left side, LAPACK's singular-vector signs, stochastic rounding into bf16 or INT8 weights).
+
+INT8 states and INT4 bases keep their blocks and groups inside each rank's piece; their scale vectors
+(and the packed codes) are padded to the largest piece's length, so such a checkpoint resumes on the
+same number of ranks (float states reshard freely).
 """
 
 from __future__ import annotations
@@ -63,15 +61,55 @@ except ImportError:  # a torch built without distributed support
     DTensor = ()  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment]
 
-#: Projectors whose refresh is built for row shards.
-SHARDED_PROJECTORS = ("svd", "rsvd", "random", "sparse", "dct", "online_pca")
-
 #: Bytes this process sent through the optimizer's collectives, by purpose ("project", "refresh", "norms").
 COMM_BYTES: Counter[str] = Counter()
 
 
 def is_sharded(t: Any) -> bool:
     return isinstance(t, DTensor) if DTensor else False
+
+
+def local(t: Any) -> Any:
+    """This rank's piece of a DTensor; anything else as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+class Local:
+    """One process: the whole tensor is here, every sum and gather is the identity."""
+
+    whole = True
+    world = 1
+    rank = 0
+
+    def all_reduce_(self, t: Tensor, purpose: str) -> Tensor:
+        return t
+
+    def all_finite(self, t: Tensor) -> bool:
+        return bool(torch.isfinite(t).all())
+
+    def global_shape(self, t: Tensor) -> tuple[int, ...]:
+        return tuple(t.shape)
+
+    def local_rows(self, rows: int) -> tuple[int, int]:
+        return 0, rows
+
+    def cols(self, n: int) -> tuple[int, int]:
+        return 0, n
+
+    def gather(self, t: Tensor, dim: int, length: int, purpose: str) -> Tensor:
+        return t
+
+    def basis_piece(self, b: Tensor, side: str) -> Tensor:
+        return b
+
+    def wrap(self, t: Tensor, dim: int, length: int) -> Tensor:
+        return t
+
+    def split(self, side: str | None, shape: tuple[int, ...]) -> "Split":
+        return Split(self, None, 0, 0, 0)
+
+
+LOCAL = Local()
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,7 @@ class RowShard:
     shape: tuple[int, ...]
     mesh: Any
     placements: tuple[Any, ...]
+    whole = False
 
     @property
     def rows(self) -> int:
@@ -97,33 +136,111 @@ class RowShard:
         dist.all_reduce(t, group=self.group)
         return t
 
+    def all_finite(self, t: Tensor) -> bool:
+        finite = torch.tensor(float(bool(torch.isfinite(t).all())), dtype=torch.float32, device=t.device)
+        return float(self.all_reduce_(finite, "refresh")) == self.world
+
+    def global_shape(self, t: Tensor) -> tuple[int, ...]:
+        return self.shape
+
+    def local_rows(self, rows: int) -> tuple[int, int]:
+        """This rank's rows [start, stop) of a tensor with ``rows`` rows laid out like the parameter."""
+        return (self.start, self.stop) if rows == self.shape[0] else _chunk(rows, self.world, self.rank)
+
     def cols(self, n: int) -> tuple[int, int]:
         """This rank's columns [start, stop) of an r×n tensor kept sharded by columns (torch.chunk's layout)."""
-        chunk = -(-n // self.world)
-        start = min(self.rank * chunk, n)
-        return start, min(start + chunk, n)
+        return _chunk(n, self.world, self.rank)
 
-    def wrap_cols(self, local: Tensor, n: int) -> Tensor:
-        """A DTensor ``Shard(1)`` of an r×n tensor from this rank's columns."""
-        shape = (*local.shape[:-1], n)
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, self.mesh, (Shard(1),), run_check=False, shape=shape, stride=stride)
-
-    def gather_cols(self, local: Tensor, n: int, purpose: str) -> Tensor:
-        """All ranks' columns of an r×n tensor kept sharded by columns, in order (an all-gather)."""
-        chunk = -(-n // self.world)
-        padded = local.new_zeros((*local.shape[:-1], chunk))
-        padded[..., : local.shape[-1]] = local
+    def gather(self, t: Tensor, dim: int, length: int, purpose: str) -> Tensor:
+        """All ranks' pieces of a tensor split along ``dim`` (torch.chunk's layout, ``length`` in all), in order."""
+        dim = dim % t.dim()
+        chunk = -(-length // self.world)
+        shape = list(t.shape)
+        shape[dim] = chunk
+        padded = t.new_zeros(shape)
+        padded.narrow(dim, 0, t.shape[dim]).copy_(t)
         out = [torch.empty_like(padded) for _ in range(self.world)]
         COMM_BYTES[purpose] += padded.numel() * padded.element_size() * (self.world - 1)
-        dist.all_gather(out, padded.contiguous(), group=self.group)
-        return torch.cat(out, dim=-1)[..., :n]
+        dist.all_gather(out, padded, group=self.group)
+        return torch.cat(out, dim=dim).narrow(dim, 0, length)
 
-    def wrap(self, local: Tensor, global_rows: int) -> Tensor:
-        """A DTensor sharded like the parameter by rows, from this rank's rows ``local``."""
-        shape = (global_rows, *local.shape[1:])
+    def basis_piece(self, b: Tensor, side: str) -> Tensor:
+        """The basis this rank projects with: its rows of an m×r P (left side); the whole r×n Q (right),
+        gathered when it is kept sharded by columns."""
+        if side == "left" and b.shape[0] == self.shape[0] and self.rows != self.shape[0]:
+            return b[self.start:self.stop]
+        if side == "right" and b.shape[1] != self.shape[1]:
+            return self.gather(b, 1, self.shape[1], "project")
+        return b
+
+    def wrap(self, t: Tensor, dim: int, length: int) -> Tensor:
+        """A DTensor ``Shard(dim)`` of a tensor with ``length`` along ``dim``, from this rank's piece ``t``."""
+        shape = list(t.shape)
+        shape[dim] = length
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
+        placements = self.placements if dim == 0 else (Shard(dim),)
+        return DTensor.from_local(t, self.mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
+
+    def split(self, side: str | None, shape: tuple[int, ...]) -> "Split":
+        """The piece of a tensor of global ``shape`` that this rank's rule steps: rows for the right side
+        (and a plain parameter, ``side=None``), columns for the left side."""
+        if side == "left":
+            start, stop = self.cols(shape[-1])
+            return Split(self, 1, start, stop, shape[-1])
+        start, stop = self.local_rows(shape[0])
+        return Split(self, 0, start, stop, shape[0])
+
+
+def _chunk(n: int, world: int, rank: int) -> tuple[int, int]:
+    chunk = -(-n // world)
+    start = min(rank * chunk, n)
+    return start, min(start + chunk, n)
+
+
+@dataclass
+class Split:
+    """This rank's piece of a tensor: positions [start, stop) of ``length`` along ``axis``, or the whole
+    tensor (``axis`` None). Rules see their piece of R and of their state through it."""
+
+    comm: Local | RowShard
+    axis: int | None
+    start: int
+    stop: int
+    length: int
+    #: The whole tensor, where every rank holds it anyway (the left side's R): gathering it costs nothing.
+    whole_value: Tensor | None = None
+    #: The state keys split like the piece (the others every rank holds whole).
+    pieces: frozenset[str] = frozenset()
+
+    @property
+    def whole(self) -> bool:
+        return self.axis is None
+
+    def take(self, whole: Tensor) -> Tensor:
+        """This rank's piece of a whole tensor."""
+        return whole if self.axis is None else whole.narrow(self.axis, self.start, self.stop - self.start)
+
+    def gather(self, piece: Tensor, purpose: str = "rule") -> Tensor:
+        """The whole tensor from every rank's piece."""
+        return piece if self.axis is None else self.comm.gather(piece, self.axis, self.length, purpose)
+
+    def gather_low(self, piece: Tensor) -> Tensor:
+        """The whole low-rank tensor from this rank's piece of it (free where every rank holds it)."""
+        return self.whole_value if self.whole_value is not None else self.gather(piece)
+
+    def sum_(self, t: Tensor, purpose: str = "norms") -> Tensor:
+        """Sum a statistic over the pieces (in place)."""
+        return t if self.axis is None else self.comm.all_reduce_(t, purpose)
+
+    def mean(self, x: Tensor, dim: int) -> Tensor:
+        """``x.mean(dim, keepdim=True)`` of the whole tensor, where ``dim`` may be the split axis."""
+        if self.axis is None or dim % x.dim() != self.axis:
+            return x.mean(dim=dim, keepdim=True)
+        return self.sum_(x.sum(dim=dim, keepdim=True)).div_(self.length)
+
+    def numel(self, x: Tensor) -> int:
+        """The whole tensor's number of elements, from this piece."""
+        return x.numel() if self.axis is None else x.numel() // max(x.shape[self.axis], 1) * self.length
 
 
 def layout_error(p: Tensor, name: str) -> str | None:
@@ -139,35 +256,26 @@ def layout_error(p: Tensor, name: str) -> str | None:
     return None
 
 
-def row_shard(p: Tensor) -> RowShard:
-    """The :class:`RowShard` of a row-sharded DTensor parameter (its layout checked by :func:`layout_error`)."""
+def comm_of(p: Tensor) -> Local | RowShard:
+    """The seam for parameter ``p``: :data:`LOCAL`, or the :class:`RowShard` of a row-sharded DTensor."""
+    if not is_sharded(p):
+        return LOCAL
     mesh = p.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     m = p.shape[0]
-    chunk = -(-m // world)
-    start = min(rank * chunk, m)
-    stop = min(start + chunk, m)
-    local = p.to_local().shape[0]
-    if local != stop - start:
-        raise RuntimeError(f"unexpected shard layout: {local} local rows, expected {stop - start} (torch.chunk's)")
+    start, stop = _chunk(m, world, rank)
+    rows = p.to_local().shape[0]
+    if rows != stop - start:
+        raise RuntimeError(f"unexpected shard layout: {rows} local rows, expected {stop - start} (torch.chunk's)")
     return RowShard(mesh.get_group(), world, rank, start, stop, tuple(p.shape), mesh, tuple(p.placements))
 
 
-def top_right_singular(grad: Tensor, shard: RowShard, rank: int) -> tuple[Tensor, Tensor]:
-    """(V n×r, σ r) of the top-r singular triplets of the row-sharded G, from its Gram matrix.
-
-    GᵀG = Σ_k G_kᵀ G_k (an n×n all-reduce, in float64), then ``eigh``; signs are
-    canonical (:func:`canonical_signs`). Every rank gets the same V and σ: the same reduced input and
-    the same deterministic eigensolver."""
-    # float64: the Gram matrix squares the condition number, and an fp32 one loses the small singular
-    # directions that an fp32 SVD of G keeps (ill-conditioned gradients at initialization)
-    work = grad.double()
-    gram = work.t() @ work
-    shard.all_reduce_(gram, "refresh")
-    evals, evecs = torch.linalg.eigh(gram)
-    v = evecs[:, -rank:].flip(-1)
-    sigma = evals[-rank:].flip(-1).clamp(min=0).sqrt()
-    return canonical_signs(v), sigma
+def row_shard(p: Tensor) -> RowShard:
+    """The :class:`RowShard` of a row-sharded DTensor parameter."""
+    comm = comm_of(p)
+    if not isinstance(comm, RowShard):
+        raise TypeError("row_shard needs a DTensor parameter")
+    return comm
 
 
 def canonical_signs(v: Tensor) -> Tensor:
@@ -177,93 +285,16 @@ def canonical_signs(v: Tensor) -> Tensor:
     return v * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def refresh_sharded(proj: Any, grad: Tensor, shard: RowShard) -> Any:
-    """A new projector refreshed from this rank's rows ``grad`` of a row-sharded gradient; ``proj`` is
-    left untouched (as :meth:`Projector.refreshed`). The basis it keeps: Q (r×n, replicated) on the
-    right side, this rank's rows of P on the left."""
-    import copy
+def top_right_singular(grad: Tensor, comm: Local | RowShard, rank: int) -> tuple[Tensor, Tensor]:
+    """(V n×r, σ r) of the top-r singular triplets of the row-sharded G, from its Gram matrix.
 
-    from .projectors.base import NonFiniteGradientError, choose_side
-
-    finite = torch.tensor(float(bool(torch.isfinite(grad).all())), dtype=torch.float32, device=grad.device)
-    shard.all_reduce_(finite, "refresh")
-    if float(finite) != shard.world:
-        raise NonFiniteGradientError("non-finite values (inf or NaN) in the gradient the subspace would be refreshed from")
-    new = copy.copy(proj)
-    new._state = dict(proj._state)
-    side = new.side or choose_side(shard.shape, new.proj_type)
-    m, n = shard.shape
-    d = m if side == "left" else n
-    if new.name in ("sparse", "dct") and new.rank > d:
-        raise ValueError(f"{new.name} projector of rank {new.rank} cannot select from {d} {'rows' if side == 'left' else 'columns'}")
-    if new.name == "random":
-        new._refresh(torch.empty(shard.shape, device="meta"), side)
-    elif new.name == "online_pca" and "P" in new._state:
-        _online_pca_step(new, grad, shard, side)
-    elif new.name in ("sparse", "dct"):
-        work = grad.double() if grad.dtype == torch.float64 else grad.float()
-        if new.name == "sparse" and side == "right":
-            scores = work.square().sum(dim=0)  # ‖G[:, j]‖², summed over the ranks' rows
-        elif new.name == "sparse":
-            scores = work.new_zeros(m)
-            scores[shard.start:shard.stop] = work.square().sum(dim=1)  # each rank fills its rows
-        else:  # dct, right side: ℓ1 scores of the columns of G D, summed over the ranks' rows
-            from .projectors.dct import dct_basis
-
-            scores = (work @ dct_basis(n, work.dtype, work.device)).abs().sum(dim=0)
-        shard.all_reduce_(scores, "refresh")
-        new._state["idx"] = torch.topk(scores, new.rank, sorted=False).indices.sort().values
-        new._state["dim"] = d
-        new._seen_dtype = grad.dtype
-    else:
-        if new.rank > min(m, n):
-            raise ValueError(f"{new.name} projector of rank {new.rank} cannot refresh from a {m}x{n} matrix")
-        v, sigma = top_right_singular(grad, shard, new.rank)
-        if side == "right":
-            start, stop = shard.cols(n)
-            basis = v.t()[:, start:stop]  # Q is kept sharded by columns, gathered when used
-        else:
-            basis = (grad.double() @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
-        new._store_basis(basis.to(grad.dtype).contiguous())
-        if "refreshes" in new._state or new.name == "rsvd":
-            new._state["refreshes"] = int(new._state.get("refreshes", 0)) + 1
-    new._state["side"] = side
-    return new
-
-
-def _online_pca_step(proj: Any, grad: Tensor, shard: RowShard, side: str) -> None:
-    """Online PCA's step on P (``lro.projectors.online_pca``) from row shards of G: the products that
-    run over W's rows are all-reduced (‖G‖², then n×r or r×r), the rest stays local."""
-    m, n = shard.shape
-    work = grad.double() if grad.dtype == torch.float64 else grad.float()
-    stored = proj._state["P"].to(work.dtype)
-    norm_sq = work.square().sum()
-    shard.all_reduce_(norm_sq, "refresh")
-    inv_norm = 1.0 / norm_sq.sqrt().clamp_min(torch.finfo(work.dtype).tiny)
-    eye = torch.eye(proj.rank, dtype=work.dtype, device=work.device)
-    if side == "left":  # x = G (rows here), p = P (rows here)
-        p = stored
-        w = shard.all_reduce_(work.t() @ p, "refresh") * inv_norm  # n×r
-        ap = (work @ w) * inv_norm  # this rank's rows
-        gram = shard.all_reduce_(p.t() @ p, "refresh")
-        new = p - (2 * proj.lr) * (ap @ (gram - 2 * eye) + p @ (w.t() @ w))
-    else:  # x = Gᵀ, p = Qᵀ (n×r, gathered from its column pieces)
-        p = shard.gather_cols(stored, n, "refresh").t()
-        w = (work @ p) * inv_norm  # this rank's rows of G Qᵀ / ‖G‖
-        ap = shard.all_reduce_(work.t() @ w, "refresh") * inv_norm  # n×r
-        wtw = shard.all_reduce_(w.t() @ w, "refresh")
-        full = p - (2 * proj.lr) * (ap @ (p.t() @ p - 2 * eye) + p @ wtw)
-        start, stop = shard.cols(n)
-        new = full.t()[:, start:stop]
-    proj._state["P"] = new.to(proj.basis_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
-
-
-def local_basis(proj: Any, shard: RowShard, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The basis this rank projects with: Q (r×n) on the right side; this rank's rows of P on the left
-    (dense projectors keep only those; ``random`` draws the whole m×r and keeps its rows)."""
-    b = proj.basis(device=device, dtype=dtype)
-    if proj.side == "left" and b.shape[0] == shard.shape[0] and shard.rows != shard.shape[0]:
-        b = b[shard.start:shard.stop]
-    if proj.side == "right" and b.shape[1] != shard.shape[1]:
-        b = shard.gather_cols(b, shard.shape[1], "project")
-    return b
+    GᵀG = Σ_k G_kᵀ G_k (an n×n all-reduce, in float64), then ``eigh``; signs are canonical. Every rank
+    gets the same V and σ: the same reduced input and the same deterministic eigensolver."""
+    # float64: the Gram matrix squares the condition number, and an fp32 one loses the small singular
+    # directions that an fp32 SVD of G keeps (ill-conditioned gradients at initialization)
+    work = grad.double()
+    gram = comm.all_reduce_(work.t() @ work, "refresh")
+    evals, evecs = torch.linalg.eigh(gram)
+    v = evecs[:, -rank:].flip(-1)
+    sigma = evals[-rank:].flip(-1).clamp(min=0).sqrt()
+    return canonical_signs(v), sigma

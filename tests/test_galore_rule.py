@@ -46,6 +46,8 @@ def reference_galore(W0, steps, rank, gap, scale, lr, betas, eps, wd, side):
 def run_ours(W0, steps, dtype=torch.float64, **kw):
     W = torch.nn.Parameter(W0.clone().to(dtype))
     opt_kw = {k: kw.pop(k) for k in ("lr", "betas", "eps", "weight_decay")}
+    # the float64 reference takes LAPACK's singular vectors as they come: ours too, by the explicit option
+    kw.setdefault("projector_options", {"canonical_signs": False})
     opt = lro.GaLoreAdamW([{"params": [W], **kw}], **opt_kw)
     for t in range(steps):
         W.grad = gradient(t, W.detach().double()).to(dtype)

@@ -105,6 +105,8 @@ def reference_orthogonal(W0, steps, *, rank, gap, scale, lr, wd, mu, side, rotat
 
 
 def run_ours(cls, W0, steps, opt_kw, **keys):
+    # the float64 references take LAPACK's singular vectors as they come: ours too, by the explicit option
+    keys.setdefault("projector_options", {"canonical_signs": False})
     W = torch.nn.Parameter(W0.clone())
     opt = cls([{"params": [W], **keys}], **opt_kw)
     for t in range(steps):

@@ -24,6 +24,13 @@ The side is fixed when the projector first sees a gradient and is stored in its 
 breaks when the rank equals the short side).
 
 *When* to call :meth:`Projector.update` is the optimizer's policy, not the projector's.
+
+**Shards.** A projector is bound to its parameter's seam (``comm``: :data:`lowrank_optim.distributed.LOCAL`,
+or the FSDP2 :class:`~lowrank_optim.distributed.RowShard`). The dense maps below then use this rank's
+piece of the basis (its rows of P; the whole Q), sum Pᵀ G over the ranks, and a refresh runs
+:meth:`Projector._refresh_sharded` from this rank's rows of G: a projector that can be refreshed on
+shards overrides it (the Gram matrix for ``svd``, column scores for ``sparse``, ...), and
+:meth:`Projector.shard_error` says why one cannot.
 Implementations must *rebind* their state tensors in ``update`` rather than write into them, so that
 :meth:`Projector.refreshed` can build the refreshed projector from a shallow copy while the old one
 stays valid until the optimizer commits the step.
@@ -37,6 +44,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from ..distributed import LOCAL, Local, RowShard, local
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SIDES = ("left", "right")
@@ -108,6 +117,21 @@ class Projector(abc.ABC):
             )
         self.proj_type = proj_type
         self._state: dict[str, Any] = {}
+        #: The seam the maps and refreshes use: LOCAL, or an FSDP2 RowShard (see :meth:`bind`).
+        self.comm: Local | RowShard = LOCAL
+
+    def bind(self, comm: Local | RowShard) -> "Projector":
+        """Use ``comm`` for the parameter this projector serves (its rows on FSDP2); returns self."""
+        self.comm = comm
+        return self
+
+    @classmethod
+    def shard_error(cls, side: str, options: dict[str, Any]) -> str | None:
+        """Why this projector cannot serve an FSDP2 row shard on ``side`` with these constructor options
+        (None: it can)."""
+        if cls._refresh_sharded is Projector._refresh_sharded:
+            return f"projector={cls.name!r} has no refresh on row shards"
+        return None
 
     # ----------------------------------------------------------------- state
     @property
@@ -160,16 +184,33 @@ class Projector(abc.ABC):
 
     # ----------------------------------------------------------------- refresh
     def update(self, grad: Tensor) -> None:
-        """Refresh the subspace from ``grad`` (an m×n matrix with finite values)."""
+        """Refresh the subspace from ``grad`` (an m×n matrix with finite values; on shards this rank's rows)."""
         if grad.dim() != 2:
             raise ValueError(f"{type(self).__name__} projects 2-D matrices, got shape {tuple(grad.shape)}")
-        if not bool(torch.isfinite(grad).all()):
+        if not self.comm.all_finite(grad):
             raise NonFiniteGradientError(
                 "non-finite values (inf or NaN) in the gradient the subspace would be refreshed from"
             )
-        side = self.side or choose_side(grad.shape, self.proj_type)
-        self._refresh(grad, side)
+        side = self.side or choose_side(self.comm.global_shape(grad), self.proj_type)
+        if self.comm.whole:
+            self._refresh(grad, side)
+        else:
+            self._refresh_sharded(grad, side)
         self._state["side"] = side
+
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        """:meth:`_refresh` from this rank's rows of a row-sharded gradient (``self.comm`` sums over the
+        ranks); every rank must end with the same subspace. Projectors that support FSDP2 override it."""
+        raise TypeError(self.shard_error(side, {}) or f"{self.name} cannot refresh on shards")
+
+    def export_state(self) -> dict[str, Any]:
+        """The state as ``optimizer.state`` keeps it: on shards, entries split by rows or columns become
+        DTensors (so distributed checkpoints hold every rank's piece). The default: :meth:`state_dict`."""
+        return self.state_dict()
+
+    def import_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`export_state`: this rank's piece of a saved state, to ``load_state_dict``."""
+        return {k: local(v) for k, v in saved.items()}
 
     def allocate(self, shape: tuple[int, int] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> None:
         """Create the state a refresh from an m×n gradient of ``dtype`` on ``device`` would keep,
@@ -180,6 +221,11 @@ class Projector(abc.ABC):
         """
         side = self.side or choose_side(shape, self.proj_type)
         self._state = {**self._placeholder(tuple(shape), side, dtype, torch.device(device)), "side": side}
+
+    def local_basis(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """The basis this rank projects with: :meth:`basis`, or its piece of it on shards (this rank's
+        rows of P on the left side, the whole Q on the right)."""
+        return self.comm.basis_piece(self.basis(device=device, dtype=dtype), self.side)
 
     @abc.abstractmethod
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -217,19 +263,25 @@ class Projector(abc.ABC):
     # The maps below are the dense-basis ones (R = Bᵀ G or G Bᵀ); a projector with a cheaper form
     # (sparse: a gather and a scatter) overrides them.
     def project(self, grad: Tensor) -> Tensor:
-        """m×n → r×n (left) or m×r (right), in the gradient's dtype."""
-        b = self.basis(device=grad.device, dtype=grad.dtype)
-        return b.t() @ grad if self.side == "left" else grad @ b.t()
+        """m×n → r×n (left) or m×r (right), in the gradient's dtype. On shards: Σ_k P_kᵀ G_k over the
+        ranks (in float32 at least), or this rank's rows of G Qᵀ."""
+        b = self.local_basis(grad.device, grad.dtype)
+        if self.side != "left":
+            return grad @ b.t()
+        low = b.t() @ grad
+        if self.comm.whole:
+            return low
+        return self.comm.all_reduce_(low.to(torch.promote_types(low.dtype, torch.float32)), "project")
 
     def project_back(self, low: Tensor) -> Tensor:
-        """The inverse map of :meth:`project`, times nothing else."""
-        b = self.basis(device=low.device, dtype=low.dtype)
+        """The inverse map of :meth:`project`, times nothing else (this rank's rows on shards)."""
+        b = self.local_basis(low.device, low.dtype)
         return b @ low if self.side == "left" else low @ b
 
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
         """In place: ``weight ← beta·weight + alpha·project_back(low)``, as one ``addmm_``: no m×n
         temporary, and one rounding into the weight's dtype."""
-        b = self.basis(device=weight.device, dtype=weight.dtype)
+        b = self.local_basis(weight.device, weight.dtype)
         low = low.to(weight.dtype)
         if self.side == "left":
             weight.addmm_(b, low, beta=beta, alpha=alpha)

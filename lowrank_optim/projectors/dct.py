@@ -98,6 +98,24 @@ class DCTProjector(Projector):
         self._state["dim"] = d
         self._seen_dtype = grad.dtype
 
+    @classmethod
+    def shard_error(cls, side: str, options: dict[str, Any]) -> str | None:
+        if side == "left":
+            return ("projector='dct' on the left side (its scores need the DCT of every row: an m×n all-reduce; "
+                    "use proj_type='right' or 'sparse')")
+        return super().shard_error(side, options)
+
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        """Right side only: the ℓ1 scores of the columns of G D, summed over the ranks' rows."""
+        n = self.comm.shape[1]
+        if self.rank > n:
+            raise ValueError(f"dct projector of rank {self.rank} cannot select from {n} columns")
+        work = grad.double() if grad.dtype == torch.float64 else grad.float()
+        scores = self.comm.all_reduce_((work @ dct_basis(n, work.dtype, work.device)).abs().sum(dim=0), "refresh")
+        self._state["idx"] = torch.topk(scores, self.rank, sorted=False).indices.sort().values
+        self._state["dim"] = n
+        self._seen_dtype = grad.dtype
+
     def _check_state(self, state: dict[str, Any]) -> None:
         check_index_state(self.name, state, self.rank)
 

@@ -41,7 +41,7 @@ class OnlinePCAProjector(SVDProjector):
     quantizable = False  # P takes a small gradient step every step: INT4 would round them away
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, lr: float = 0.005,
-                 canonical_signs: bool = False) -> None:
+                 canonical_signs: bool = True) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed, canonical_signs=canonical_signs)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -82,3 +82,32 @@ class OnlinePCAProjector(SVDProjector):
         p = p - (2 * self.lr) * step
         basis = p if side == "left" else p.t()
         self._state["P"] = basis.to(self.basis_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
+
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        """The same step from row shards of G: the products that run over W's rows are all-reduced
+        (‖G‖², then n×r or r×r), the rest stays local. The first refresh is ``svd``'s."""
+        if "P" not in self._state:
+            super()._refresh_sharded(grad, side)
+            return
+        comm = self.comm
+        n = comm.shape[1]
+        work = grad.double() if grad.dtype == torch.float64 else grad.float()
+        stored = self._state["P"].to(work.dtype)
+        norm_sq = comm.all_reduce_(work.square().sum(), "refresh")
+        inv_norm = 1.0 / norm_sq.sqrt().clamp_min(torch.finfo(work.dtype).tiny)
+        eye = torch.eye(self.rank, dtype=work.dtype, device=work.device)
+        if side == "left":  # x = G (rows here), p = P (rows here)
+            p = stored
+            w = comm.all_reduce_(work.t() @ p, "refresh") * inv_norm  # n×r
+            ap = (work @ w) * inv_norm  # this rank's rows
+            gram = comm.all_reduce_(p.t() @ p, "refresh")
+            new = p - (2 * self.lr) * (ap @ (gram - 2 * eye) + p @ (w.t() @ w))
+        else:  # x = Gᵀ, p = Qᵀ (n×r, gathered from its column pieces)
+            p = comm.gather(stored, 1, n, "refresh").t()
+            w = (work @ p) * inv_norm  # this rank's rows of G Qᵀ / ‖G‖
+            ap = comm.all_reduce_(work.t() @ w, "refresh") * inv_norm  # n×r
+            wtw = comm.all_reduce_(w.t() @ w, "refresh")
+            full = p - (2 * self.lr) * (ap @ (p.t() @ p - 2 * eye) + p @ wtw)
+            start, stop = comm.cols(n)
+            new = full.t()[:, start:stop]
+        self._state["P"] = new.to(self.basis_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)

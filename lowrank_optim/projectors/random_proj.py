@@ -74,6 +74,14 @@ class RandomProjector(Projector):
         self._state["dim"] = grad.shape[0] if side == "left" else grad.shape[1]
         self._seen = (grad.device, grad.dtype)
 
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        """Nothing to communicate: every rank draws the same matrix from the shared seed."""
+        m, n = self.comm.shape
+        seed = self._state.get("seed")
+        self._state["seed"] = self.seed if seed is None else mix_seed(seed)
+        self._state["dim"] = m if side == "left" else n
+        self._seen = (grad.device, grad.dtype)
+
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         return {"seed": self.seed, "dim": shape[0] if side == "left" else shape[1]}
 

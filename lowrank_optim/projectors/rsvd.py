@@ -22,6 +22,7 @@ the full SVD's O(m n min(m, n)).
 
 Ω comes from a ``torch.Generator`` seeded with a mix of the projector's ``seed`` and a refresh
 counter kept in the state as a plain int, so every DDP rank and a resumed run draw the same numbers.
+Singular-vector signs are canonical by default, as for ``svd``.
 State: ``{"side", "P", "refreshes"}``; ``P`` in the gradient's dtype, computed in float32 (float64
 for float64 gradients). ``nbytes()`` = P's bytes (r·d·itemsize, d = m left, n right) + 8 for the counter.
 """
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .random_proj import gaussian, mix_seed
-from .svd import SVDProjector
+from .svd import SVDProjector, _canonical_pairs
 
 
 class RSVDProjector(SVDProjector):
@@ -42,9 +43,9 @@ class RSVDProjector(SVDProjector):
 
     def __init__(
         self, rank: int, proj_type: str = "std", seed: int = 0, oversample: int = 8, power_iters: int = 2,
-        bits: int = 32,
+        bits: int = 32, canonical_signs: bool = True,
     ) -> None:
-        super().__init__(rank, proj_type=proj_type, seed=seed, bits=bits)
+        super().__init__(rank, proj_type=proj_type, seed=seed, bits=bits, canonical_signs=canonical_signs)
         for option, value in (("oversample", oversample), ("power_iters", power_iters)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{option} must be an integer >= 0, got {value!r}")
@@ -72,14 +73,20 @@ class RSVDProjector(SVDProjector):
             q = torch.linalg.qr(x @ (x.t() @ q)).Q
         u_small, _, vh = torch.linalg.svd(q.t() @ x, full_matrices=False)
         r = self.rank
-        if (side == "left") == short_is_rows:
-            u = q @ u_small[:, :r]
-            basis = u if side == "left" else u.t()
-        else:
-            basis = vh[:r] if side == "right" else vh[:r].t()
+        left_x, right_x = q @ u_small[:, :r], vh[:r].t()  # singular vectors of X
+        u, v = (left_x, right_x) if short_is_rows else (right_x, left_x)  # ... of G
+        if self.canonical_signs:
+            u, v = _canonical_pairs(u, v)
+        basis = u if side == "left" else v.t()
         # copy: vh[:r] is a view that would keep the whole k×b factor alive
         self._store_basis(basis.to(grad.dtype, copy=True, memory_format=torch.contiguous_format))
         self._state["refreshes"] = count + 1
+
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        """On shards the refresh is exact (the Gram matrix's eigenvectors, as ``svd``): a randomized sketch
+        reduced across ranks is not built yet. The counter still moves, as in one process."""
+        super()._refresh_sharded(grad, side)
+        self._state["refreshes"] = int(self._state.get("refreshes", 0)) + 1
 
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         return {**super()._placeholder(shape, side, dtype, device), "refreshes": 0}

@@ -50,6 +50,26 @@ class SparseProjector(Projector):
         self._state["dim"] = d
         self._seen_dtype = grad.dtype
 
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        """The same selection from row shards: the squared norms of G's columns (right side) or rows (left,
+        each rank filling its own) are summed over the ranks, then every rank takes the same top r."""
+        m, n = self.comm.shape
+        d = m if side == "left" else n
+        if self.rank > d:
+            raise ValueError(f"sparse projector of rank {self.rank} cannot select from {d} "
+                             f"{'rows' if side == 'left' else 'columns'}")
+        work = grad.double() if grad.dtype == torch.float64 else grad.float()
+        if side == "right":
+            scores = work.square().sum(dim=0)
+        else:
+            start, stop = self.comm.local_rows(m)
+            scores = work.new_zeros(m)
+            scores[start:stop] = work.square().sum(dim=1)
+        self.comm.all_reduce_(scores, "refresh")
+        self._state["idx"] = torch.topk(scores, self.rank, sorted=False).indices.sort().values
+        self._state["dim"] = d
+        self._seen_dtype = grad.dtype
+
     def _check_state(self, state: dict[str, Any]) -> None:
         check_index_state(self.name, state, self.rank)
 
@@ -70,17 +90,30 @@ class SparseProjector(Projector):
         sel[idx, torch.arange(self.rank, device=idx.device)] = 1
         return sel if self.side == "left" else sel.t().contiguous()
 
+    @property
+    def _gathers(self) -> bool:
+        """Whether the maps are a gather and a scatter here: always, except for rows spread over FSDP2
+        ranks (the left side on shards), where the dense one-hot maps of the base class serve."""
+        return self.comm.whole or self.side == "right"
+
     def project(self, grad: Tensor) -> Tensor:
         self._seen_dtype = grad.dtype
+        if not self._gathers:
+            return super().project(grad)
         return grad.index_select(self._axis, self._state["idx"].to(grad.device))
 
     def project_back(self, low: Tensor) -> Tensor:
+        if not self._gathers:
+            return super().project_back(low)
         shape = list(low.shape)
         shape[self._axis] = self._state["dim"]
         out = low.new_zeros(shape)
         return out.index_copy_(self._axis, self._state["idx"].to(low.device), low)
 
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
+        if not self._gathers:
+            super().apply_back(weight, low, alpha, beta)
+            return
         if beta != 1.0:
             weight.mul_(beta)
         weight.index_add_(self._axis, self._state["idx"].to(weight.device), low.to(weight.dtype), alpha=alpha)

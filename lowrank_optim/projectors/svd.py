@@ -12,15 +12,29 @@ packed two per byte with a float32 scale and zero point per group of 256 element
 (:class:`lowrank_optim.quant.Int4Tensor`), 0.53 bytes per element, and dequantized when used. The
 state then holds ``P_packed``, ``P_scale``, ``P_zero``, ``P_shape``, ``P_group``, ``P_dtype``
 instead of ``P``.
+
+**Signs.** A singular vector has no sign of its own, and LAPACK builds (MKL, OpenBLAS, cuSOLVER) and
+the Gram-matrix refresh on FSDP2 shards pick different ones. By default (``canonical_signs=True``)
+each pair is flipped so that the largest-magnitude entry of its right singular vector is positive, so
+the basis is the same wherever it is computed and a run is the same run everywhere.
+``canonical_signs=False`` keeps LAPACK's signs, which is what galore-torch uses (our parity tests
+compare against it that way); it cannot be used on shards.
+
+**Shards** (FSDP2 rows): the top-r right singular vectors V and values σ come from the all-reduced
+Gram matrix GᵀG = Σ_k G_kᵀ G_k (n×n, float64) and ``eigh``; the right side keeps this rank's columns
+of Q = Vᵀ, the left side its rows of P = G V Σ⁻¹ (computed from its own rows of G).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..distributed import canonical_signs, top_right_singular
+from ..quant.storage import INT4
 from .base import Projector
 
 
@@ -30,7 +44,7 @@ class SVDProjector(Projector):
     quantizable: ClassVar[bool] = True
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, bits: int = 32,
-                 canonical_signs: bool = False) -> None:
+                 canonical_signs: bool = True) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed)
         if bits not in (32, 4) or isinstance(bits, bool):
             raise ValueError(f"bits must be 32 or 4 (INT4-stored basis), got {bits!r}")
@@ -39,9 +53,8 @@ class SVDProjector(Projector):
         if canonical_signs not in (True, False):
             raise ValueError(f"canonical_signs must be True or False, got {canonical_signs!r}")
         self.bits = bits
-        #: Fix each singular pair's sign so that the largest entry of its right singular vector is
-        #: positive, as a refresh on FSDP2 shards does (``lro.distributed``); off by default, which keeps
-        #: LAPACK's signs and galore-torch's basis.
+        #: Each singular pair's sign fixed by its right singular vector (see the module docstring);
+        #: False keeps LAPACK's signs, as galore-torch.
         self.canonical_signs = canonical_signs
 
     @classmethod
@@ -49,55 +62,63 @@ class SVDProjector(Projector):
         bits = group.get("proj_bits", 32)
         return {"bits": bits} if bits != 32 and cls.quantizable else {}
 
+    @classmethod
+    def shard_error(cls, side: str, options: dict[str, Any]) -> str | None:
+        if options.get("canonical_signs", True) is False:
+            return (f"projector={cls.name!r} with canonical_signs=False (LAPACK's singular-vector signs: shards "
+                    "refresh from the Gram matrix, whose eigenvectors have other signs)")
+        return super().shard_error(side, options)
+
     def _store_basis(self, basis: Tensor) -> None:
         """Keep ``basis`` (already in its storage dtype) as P, or as INT4 entries when bits=4."""
         for key in [k for k in self._state if k.startswith("P_")]:
             del self._state[key]
         if self.bits == 4:
-            from ..quant.tensors import Int4Tensor
-
             self._state.pop("P", None)
-            self._state.update(Int4Tensor.quantize(basis).state_dict(prefix="P_"))
+            INT4.store(self._state, "P", basis)
         else:
             self._state["P"] = basis
 
     def _refresh(self, grad: Tensor, side: str) -> None:
         work = grad if grad.dtype == torch.float64 else grad.float()
         u, _, vh = torch.linalg.svd(work, full_matrices=False)
+        u, v = u[:, : self.rank], vh[: self.rank].t()
         if self.canonical_signs:
-            from ..distributed import canonical_signs
-
-            v = canonical_signs(vh[: self.rank].t())
-            sign = torch.sign((v * vh[: self.rank].t()).sum(0))  # +1 where kept, -1 where flipped
-            u, vh = u[:, : self.rank] * sign, v.t()
+            u, v = _canonical_pairs(u, v)
         # clone: keep r vectors, not the whole factorization they are views of
-        basis = u[:, : self.rank] if side == "left" else vh[: self.rank]
+        basis = u if side == "left" else v.t()
         self._store_basis(basis.to(self.basis_dtype(grad.dtype), copy=True).contiguous())
+
+    def _refresh_sharded(self, grad: Tensor, side: str) -> None:
+        m, n = self.comm.shape
+        if self.rank > min(m, n):
+            raise ValueError(f"{self.name} projector of rank {self.rank} cannot refresh from a {m}x{n} matrix")
+        v, sigma = top_right_singular(grad, self.comm, self.rank)
+        if side == "right":
+            start, stop = self.comm.cols(n)
+            basis = v.t()[:, start:stop]  # Q is kept sharded by columns, gathered when used
+        else:
+            basis = (grad.double() @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
+        self._store_basis(basis.to(self.basis_dtype(grad.dtype)).contiguous())
 
     @staticmethod
     def basis_dtype(grad_dtype: torch.dtype) -> torch.dtype:
         """The dtype P is kept in for gradients of ``grad_dtype``: the gradient's own."""
         return grad_dtype
 
-    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    def stored_shape(self, shape: tuple[int, int] | torch.Size, side: str) -> tuple[int, int]:
+        """The shape of the basis this rank keeps for an m×n weight: P (m×r, its rows on shards) or Q
+        (r×n, its columns on shards)."""
         m, n = shape
-        rows, cols = (m, self.rank) if side == "left" else (self.rank, n)
-        basis = torch.zeros(rows, cols, dtype=self.basis_dtype(dtype), device=device)
-        if self.bits == 4:
-            from ..kernels import GROUP
-            from ..quant.tensors import Int4Tensor
+        if side == "left":
+            start, stop = self.comm.local_rows(m)
+            return (stop - start, self.rank)
+        start, stop = self.comm.cols(n)
+        return (self.rank, stop - start)
 
-            # built by hand: the quantizer cannot run on the meta device the memory report uses
-            n_el, group = rows * cols, GROUP
-            groups = -(-n_el // group)
-            stored = Int4Tensor(
-                torch.zeros(-(-n_el // 2), dtype=torch.uint8, device=device),
-                torch.zeros(groups, dtype=torch.float32, device=device),
-                torch.zeros(groups, dtype=torch.float32, device=device),
-                (rows, cols), group, basis.dtype,
-            )
-            return stored.state_dict(prefix="P_")
-        return {"P": basis}
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        basis = torch.zeros(self.stored_shape(shape, side), dtype=self.basis_dtype(dtype), device=device)
+        return INT4.zeros("P", basis) if self.bits == 4 else {"P": basis}
 
     def _check_state(self, state: dict[str, Any]) -> None:
         if "P_packed" in state:
@@ -119,22 +140,63 @@ class SVDProjector(Projector):
 
     def check_fits(self, shape: tuple[int, int] | torch.Size) -> None:
         m, n = shape
-        want = (m, self.rank) if self.side == "left" else (self.rank, n)
+        want = self.stored_shape(shape, self.side)
         have = self.basis_shape()
         if have != want:
+            full = (m, self.rank) if self.side == "left" else (self.rank, n)
             raise ValueError(
                 f"{self.name} projector basis has shape {have}, but a {self.side}-side "
-                f"projection of a {m}x{n} matrix needs {want}"
+                f"projection of a {m}x{n} matrix needs {want if self.comm.whole else f'{want} of {full}'}"
             )
 
     def basis_shape(self) -> tuple[int, ...]:
-        if "P_packed" in self._state:
-            return tuple(self._state["P_shape"])
+        if INT4.holds(self._state, "P"):
+            return INT4.shape(self._state, "P")
         return tuple(self._state["P"].shape)
 
     def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        if "P_packed" in self._state:
-            from ..quant.tensors import Int4Tensor
-
-            return Int4Tensor.from_state_dict(self._state, prefix="P_").dequantize(dtype, device)
+        if INT4.holds(self._state, "P"):
+            return INT4.load(self._state, "P", dtype=dtype, device=device)
         return self._state["P"].to(device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ FSDP2 checkpoints
+    def export_state(self) -> dict[str, Any]:
+        """On shards: P (this rank's rows) or Q (its columns) as a DTensor; an INT4 basis's arrays padded
+        to the largest piece's lengths on every rank (an even ``Shard(0)``), its shape the whole basis's."""
+        out = self.state_dict()
+        comm = self.comm
+        if comm.whole or not self.initialized:
+            return out
+        m, n = comm.shape
+        if isinstance(out.get("P"), Tensor):
+            dim, length = (0, m) if self.side == "left" else (1, n)
+            out["P"] = comm.wrap(out["P"], dim, length)
+        elif INT4.holds(out, "P"):
+            largest = (-(-m // comm.world), self.rank) if self.side == "left" else (self.rank, -(-n // comm.world))
+            numel, group = math.prod(largest), int(out["P_group"])
+            for key, count in (("P_packed", -(-numel // 2)), ("P_scale", -(-numel // group)),
+                               ("P_zero", -(-numel // group))):
+                padded = out[key].new_zeros(count)
+                padded[: out[key].numel()] = out[key]
+                out[key] = comm.wrap(padded, 0, comm.world * count)
+            out["P_shape"] = [m, self.rank] if self.side == "left" else [self.rank, n]
+        return out
+
+    def import_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        saved = super().import_state(saved)
+        if self.comm.whole or not INT4.holds(saved, "P") or saved.get("side") not in ("left", "right"):
+            return saved
+        local = self.stored_shape(self.comm.shape, saved["side"])
+        numel, group = math.prod(local), int(saved["P_group"])
+        saved["P_packed"] = saved["P_packed"][: -(-numel // 2)]
+        saved["P_scale"] = saved["P_scale"][: -(-numel // group)]
+        saved["P_zero"] = saved["P_zero"][: -(-numel // group)]
+        saved["P_shape"] = list(local)
+        return saved
+
+
+def _canonical_pairs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular pairs (columns of U m×r and V n×r) with canonical signs: the largest entry of each v positive."""
+    fixed = canonical_signs(v)
+    sign = torch.sign((fixed * v).sum(0))  # +1 where kept, -1 where flipped
+    return u * sign, fixed

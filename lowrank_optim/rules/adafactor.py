@@ -32,14 +32,18 @@ the clipped update Û, no bias correction; off by default (β₁ = None), as in 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..distributed import LOCAL, Split
+from .base import Fail, Rule, register
+
 #: The state keys this rule keeps (besides ``step``).
 KEYS = ("row_var", "col_var", "variance", "exp_avg")
+_WHOLE = Split(LOCAL, None, 0, 0, 0)
 
 
 def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
@@ -58,40 +62,38 @@ def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device:
     return state
 
 
+def _mean_square(x: Tensor, dim: int, split: Split) -> Tensor:
+    """mean(x², dim) of the whole tensor, as a squared norm (no temporary of x²)."""
+    sq = torch.linalg.vector_norm(x, dim=dim, keepdim=True).square_()
+    if split.axis is not None and dim % x.dim() == split.axis:
+        return split.sum_(sq).div_(split.length)
+    return sq.div_(x.size(dim))
+
+
 def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: float, clip_threshold: float,
-              momentum: float | None, reduce: Callable[[Tensor], Tensor] | None = None,
-              rows: int | None = None) -> Tensor:
+              momentum: float | None, split: Split | None = None) -> Tensor:
     """Update the statistics in ``state`` with ``x`` and return the direction (Û, or M with a first
     moment). ``state["step"]`` must already count this step. No host synchronisation: the clipping
     divisor stays a tensor.
 
-    For a tensor sharded by rows (FSDP2), ``x`` and the row statistics are this rank's rows, ``rows``
-    the whole tensor's row count and ``reduce`` sums a tensor over the ranks in place: the column
-    statistics, the mean of the row statistics and the RMS are then the whole tensor's."""
-    t = float(state["step"])
-    weight = t**beta2_decay  # 1 − β̂₂ₜ
-    total = reduce or (lambda z: z)
+    ``split`` (FSDP2) says which piece of the whole tensor ``x`` and the statistics that follow it are:
+    the means and the RMS are then the whole tensor's, summed over the ranks."""
+    split = split or _WHOLE
+    weight = float(state["step"]) ** beta2_decay  # 1 − β̂₂ₜ
     if "row_var" in state:
         row_var, col_var = state["row_var"], state["col_var"]
-        m = x.size(-2) if rows is None else rows
-        # mean of squares along one side, as a squared norm (no m×n temporary of X²)
-        row_var.lerp_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)), weight)
-        col_var.lerp_(total(torch.linalg.vector_norm(x, dim=-2, keepdim=True).square_()).div_(m), weight)
-        v_hat = row_var @ col_var
-        if reduce is None:
-            v_hat.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps))
-        else:
-            v_hat.div_(total(row_var.sum(dim=-2, keepdim=True)).div_(m).clamp_(min=eps))
+        row_var.lerp_(_mean_square(x, -1, split), weight)
+        col_var.lerp_(_mean_square(x, -2, split), weight)
+        v_hat = (row_var @ col_var).div_(split.mean(row_var, -2).clamp_(min=eps))
     else:
         variance = state["variance"]
         variance.lerp_(x * x, weight)
         v_hat = variance.clone()
     update = v_hat.clamp_(min=eps * eps).rsqrt_().mul_(x)
-    if reduce is None:
+    if split.axis is None:
         rms = torch.linalg.vector_norm(update) / math.sqrt(max(update.numel(), 1))
     else:
-        numel = update.numel() if rows is None else update[..., :1, :].numel() * rows if update.dim() > 1 else rows
-        rms = total(update.square().sum()).div_(max(numel, 1)).sqrt_()
+        rms = split.sum_(update.square().sum()).div_(max(split.numel(update), 1)).sqrt_()
     update.div_(torch.clamp(rms / clip_threshold, min=1.0))
     if momentum is None:
         return update
@@ -100,19 +102,80 @@ def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: floa
     return exp_avg.clone()
 
 
-def estimate(state: dict[str, Any], eps: float) -> Tensor:
+def estimate(state: dict[str, Any], eps: float, split: Split | None = None) -> Tensor:
     """The second-moment estimate V̂ the statistics stand for (r cᵀ / mean(r), or V)."""
+    split = split or _WHOLE
     if "row_var" in state:
         row_var = state["row_var"]
-        return (row_var @ state["col_var"]).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps))
+        return (row_var @ state["col_var"]).div_(split.mean(row_var, -2).clamp(min=eps))
     return state["variance"].clone()
 
 
-def refactor(state: dict[str, Any], v_hat: Tensor) -> None:
+def refactor(state: dict[str, Any], v_hat: Tensor, split: Split | None = None) -> None:
     """Store a full second-moment estimate back as statistics: its row and column means (the
     statistics Adafactor would keep for a squared gradient equal to ``v_hat``)."""
+    split = split or _WHOLE
     if "row_var" in state:
-        state["row_var"] = v_hat.mean(dim=-1, keepdim=True).to(state["row_var"].dtype)
-        state["col_var"] = v_hat.mean(dim=-2, keepdim=True).to(state["col_var"].dtype)
+        state["row_var"] = split.mean(v_hat, -1).to(state["row_var"].dtype)
+        state["col_var"] = split.mean(v_hat, -2).to(state["col_var"].dtype)
     else:
         state["variance"] = v_hat.to(state["variance"].dtype)
+
+
+def _momentum(group: dict[str, Any]) -> float | None:
+    return None if group["momentum"] is None else float(group["momentum"])
+
+
+@register
+class Adafactor(Rule):
+    """The factored rule above; the group's unprojected parameters get it too (factored when 2-D)."""
+
+    name = "adafactor"
+    label = "Adafactor"
+    keys = KEYS
+    nonnegative = ("row_var", "col_var", "variance")
+    int8_keys = ()  # the statistics are r + n floats: nothing worth storing in 8 bits
+    plain_rule = "adafactor"
+    defaults = {"momentum": None, "beta2_decay": -0.8, "clip_threshold": 1.0}
+
+    def init(self, low: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = fresh_state(low.shape, low.dtype, low.device, group["momentum"])
+        del state["step"]
+        return state
+
+    def check(self, group: dict[str, Any], fail: Fail) -> None:
+        decay = group["beta2_decay"]
+        if not _is_real(decay) or not -math.inf < float(decay) <= 0.0:
+            fail("beta2_decay", "Adafactor's decay exponent c (beta2_t = 1 - t^c) must be a finite number <= 0 "
+                 "(the paper uses -0.8)")
+        clip = group["clip_threshold"]
+        if not _is_real(clip) or not 0.0 < float(clip) < math.inf:
+            fail("clip_threshold", "Adafactor's update clipping threshold d must be a finite number > 0 "
+                 "(the paper uses 1)")
+
+    def direction(self, low: Tensor, state: dict[str, Any], group: dict[str, Any],
+                  split: Split | None = None) -> Tensor:
+        return direction(low, state, beta2_decay=float(group["beta2_decay"]), eps=float(group["eps"]),
+                         clip_threshold=float(group["clip_threshold"]), momentum=_momentum(group), split=split)
+
+    def directions(self, lows: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any],
+                   splits: Sequence[Split]) -> list[Tensor]:
+        splits = list(splits) or [_WHOLE] * len(lows)
+        return [self.direction(low, state, group, split) for low, state, split in zip(lows, states, splits)]
+
+    def rotate(self, state: dict[str, Any], mapping: Callable[[Tensor], Tensor], split: Split,
+               group: dict[str, Any]) -> None:
+        """The first moment, if any, M ← map(M); the factored V̂ = r cᵀ/mean(r) is rebuilt, mapped as
+        |map(V̂)| and factored again into row and column means (a rank-1 factorisation cannot be rotated
+        exactly; this is the statistic Adafactor would keep for the rotated estimate)."""
+        if "exp_avg" in state:
+            state["exp_avg"] = mapping(state["exp_avg"]).to(state["exp_avg"].dtype)
+        if "row_var" in state:
+            v_hat = estimate(state, float(group["eps"]), split)
+            refactor(state, mapping(v_hat).abs_(), split)
+
+
+def _is_real(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

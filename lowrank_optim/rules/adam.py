@@ -15,10 +15,15 @@ one optimizer follow one Adam.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
+
+from .. import kernels
+from ..quant.storage import Int8Storage
+from .base import Rule, register
 
 
 def adam_direction(
@@ -97,3 +102,43 @@ def adamw_plain(
         eps=eps,
         maximize=False,
     )
+
+
+def _adam_int8(low: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """One Adam step on INT8 moments in place, in one fused kernel (Triton on CUDA): N, float32."""
+    beta1, beta2 = group["betas"]
+    return kernels.adam8bit_direction(
+        low.reshape(-1).float().contiguous(),
+        state["exp_avg"].view(-1), Int8Storage.absmax(state, "exp_avg"),
+        state["exp_avg_sq"].view(-1), Int8Storage.absmax(state, "exp_avg_sq"),
+        beta1=beta1, beta2=beta2, eps=float(group["eps"]), step=int(state["step"]),
+    ).view(low.shape)
+
+
+@register
+class Adam(Rule):
+    """Adam with bias correction (the module docstring): M and V shaped like R, float32 or INT8."""
+
+    name = "adam"
+    label = "AdamW"
+    keys = ("exp_avg", "exp_avg_sq")
+    nonnegative = ("exp_avg_sq",)
+    elementwise = True
+    steps_whole = True
+    fused = {Int8Storage: _adam_int8}
+
+    def direction(self, low: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        return self.directions([low], [state], group, [])[0]
+
+    def directions(self, lows, states, group, splits) -> list[Tensor]:  # noqa: ANN001 (the base's types)
+        beta1, beta2 = group["betas"]
+        return adam_direction(list(lows), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                              [int(s["step"]) for s in states], beta1, beta2, group["eps"])
+
+    def step_whole(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                   group: dict[str, Any]) -> None:
+        """torch's own AdamW (``torch.optim.adam.adam``): the numbers of ``torch.optim.AdamW``."""
+        beta1, beta2 = group["betas"]
+        adamw_plain(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], foreach=group["foreach"])

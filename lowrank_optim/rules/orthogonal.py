@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .base import Fail, Rule, register
+
 METHODS = ("svd", "newton_schulz")
 #: Muon's quintic coefficients (Keller Jordan's, as torch.optim.Muon ships them).
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
@@ -101,3 +103,36 @@ def direction(low: Tensor, state: dict[str, Any], *, momentum: float, nesterov: 
     else:
         o = newton_schulz(x, ns_steps)
     return o.to(low.dtype).mul_(shape_factor(low.shape))
+
+
+@register
+class Orthogonal(Rule):
+    """The orthogonal rule above (SUMO, Muon); the group's unprojected parameters stay AdamW."""
+
+    name = "orthogonal"
+    keys = KEYS
+    defaults = {"momentum": None, "nesterov": False, "orthogonalize": "svd", "ns_steps": 5}
+
+    def init(self, low: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        return {"momentum_buffer": torch.zeros_like(low)}
+
+    def check(self, group: dict[str, Any], fail: Fail) -> None:
+        if group["nesterov"] not in (True, False):
+            fail("nesterov", "choose True or False")
+        if group["orthogonalize"] not in METHODS:
+            fail("orthogonalize", f"choose one of {', '.join(METHODS)}")
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+            fail("ns_steps", "the number of Newton-Schulz iterations must be an integer in [1, 100) (Muon uses 5)")
+
+    def check_parameter(self, shape: tuple[int, ...], group: dict[str, Any]) -> str | None:
+        if min(shape) >= group["rank"]:
+            return None
+        return (f"has shape {tuple(shape)}, and rank={group['rank']} is above its short side {min(shape)}: "
+                "rule='orthogonal' cannot orthogonalize in a subspace larger than the matrix. Use a rank of at "
+                f"most {min(shape)}, or leave this parameter out of the rank group")
+
+    def direction(self, low: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        momentum = DEFAULT_MOMENTUM if group["momentum"] is None else float(group["momentum"])
+        return direction(low, state, momentum=momentum, nesterov=bool(group["nesterov"]),
+                         method=group["orthogonalize"], ns_steps=int(group["ns_steps"]))

@@ -1,0 +1,249 @@
+"""One optimizer step, for one process and FSDP2 shards alike: plan, then apply.
+
+* **plan** (:func:`plan`), for every parameter with a gradient, writing nothing: the checks, whether its
+  subspace refreshes now, and the refreshed projector (a refresh that fails raises before any change);
+* **apply**, per group: the unprojected parameters (:func:`step_plain`: the group's ``plain_rule``, torch's
+  own AdamW for Adam), then the projected ones in chunks (:func:`step_low_rank`)::
+
+      carry     the rule's state into a new subspace        keep | reset | rotate  (policies.carry)
+      R         = projector.project(G)                      summed over the ranks where P is split
+      N         = rule.directions([R], [state], splits)     fused kernels for INT8 storage where the rule has one
+      update    .apply(W, G, R, N, state)                   drop | sign | sgd | fira | channel | tensor
+      write     back: the weight, its FSDP2 piece, an INT8 weight, stochastic rounding into bf16
+
+The seam is ``comm`` (:mod:`lowrank_optim.distributed`), chosen once per parameter: on one process every
+sum and gather is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import rules as _rules
+from .. import updates as _updates
+from ..distributed import Local, RowShard, Split, local
+from ..projectors import NonFiniteGradientError, Projector
+from . import policies, state as _state, writeback
+
+if TYPE_CHECKING:
+    from .lowrank import LowRankAdamW
+
+# Low-rank tensors are stepped in chunks of about this many bytes: foreach kernels amortise launch
+# cost across small layers, while a 7B model never holds every layer's R and N at once.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Item:
+    """One parameter in this step: its gradient (this rank's piece, negated under ``maximize``), its seam,
+    and, for a projected weight, the projector to step with and the one before this step's refresh."""
+
+    param: Tensor
+    grad: Tensor
+    comm: Local | RowShard
+    projector: Projector | None = None
+    previous: Projector | None = None
+
+
+def plan(opt: "LowRankAdamW", group: dict[str, Any], only: set[int] | None) -> tuple[list[Item], list[Item]]:
+    """The group's plain and projected parameters with a gradient, projectors refreshed; writes nothing."""
+    plain: list[Item] = []
+    low: list[Item] = []
+    for i, p in enumerate(group["params"]):
+        if p.grad is None or (only is not None and id(p) not in only):
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{type(opt).__name__}: parameter {opt._label(group, i)} has a sparse gradient, which is not "
+                "supported; use torch.optim.SparseAdam for it or build the embedding with sparse=False"
+            )
+        grad = local(p.grad)
+        item = Item(p, -grad if group["maximize"] else grad, opt._comm(p))
+        if not opt.is_low_rank(p, group):
+            plain.append(item)
+            continue
+        _refresh(opt, group, i, item)
+        low.append(item)
+    return plain, low
+
+
+def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> None:
+    """The projector ``item`` steps with: the cached one, or a refreshed copy when its subspace renews now."""
+    p = item.param
+    state = opt.state.get(p, {})
+    step = int(state["step"]) if "step" in state else 0
+    # The first step starts from a fresh projector, whatever init_state() put there.
+    proj = opt._projector(p, group) if step else opt._new_projector(group, p)
+    if proj.refresh_every_step or step % policies.current_gap(state, group) == 0 or not proj.initialized:
+        try:
+            item.previous, proj = proj, proj.refreshed(item.grad)
+        except NonFiniteGradientError as err:
+            raise NonFiniteGradientError(
+                f"{type(opt).__name__}: parameter {opt._label(group, i)} has a non-finite gradient at a subspace "
+                f"refresh (step {step}): {err}. Weights and optimizer state are unchanged; skip this step "
+                "(torch.amp.GradScaler does) or lower the learning rate."
+            ) from None
+    item.projector = proj
+
+
+# ---------------------------------------------------------------------------- plain parameters
+def step_plain(opt: "LowRankAdamW", group: dict[str, Any], items: list[Item]) -> None:
+    """Unprojected parameters: the group's plain rule on the whole gradient. A rule that steps whole
+    parameters itself (Adam: torch's AdamW, bit for bit) does so for float state; the rest go through
+    ``direction`` (INT8 state through the rule's fused kernel): W ← (1 − lr·wd)·W − lr·direction."""
+    if not items:
+        return
+    rule = _rules.get(_rules.get(group["rule"]).plain_rule)
+    whole, through, others = [], [], []
+    for it in items:
+        p, state = it.param, opt.state[it.param]
+        if not state:
+            piece = torch.zeros_like(it.grad, dtype=opt._plain_moment_dtype(group, p))
+            state.update(_state.fresh(rule, None, group, piece, it.comm.split(None, tuple(p.shape)), tuple(p.shape)))
+        view, _ = _state.local_view(state, rule.keys)
+        float_state = rule.steps_whole and all(
+            _rules.base.storage_of(view, k) is _rules.base.FLOAT for k in rule.keys if k in view)
+        if not float_state:
+            others.append(it)
+        elif writeback.through_copy(group, p) or view[rule.keys[0]].dtype != p.dtype:
+            through.append(it)
+        else:
+            whole.append(it)
+    if whole:
+        rule.step_whole([_open(opt, group, it)[0] for it in whole], [it.grad for it in whole],
+                        [_state.local_view(opt.state[it.param], rule.keys)[0] for it in whole], group)
+    for chunk in chunks(through, lambda it: 4 * it.grad.numel()):
+        _step_through_copies(opt, group, rule, chunk)
+    for it in others:
+        _step_by_direction(opt, group, rule, it)
+
+
+def _open(opt: "LowRankAdamW", group: dict[str, Any], it: Item) -> tuple[Tensor, writeback.Write]:
+    p = it.param
+    return writeback.open_weight(group, p, lambda: writeback.rounding_seed(opt._position(p), int(opt.state[p]["step"])))
+
+
+def _step_through_copies(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, chunk: list[Item]) -> None:
+    """Half-precision, INT8 and stochastically rounded weights: the rule on float32 copies, rounded back once."""
+    works = [_open(opt, group, it) for it in chunk]
+    masters = [w if write is not None else w.float() for w, write in works]
+    rule.step_whole(masters, [it.grad.float() for it in chunk],
+                    [_state.local_view(opt.state[it.param], rule.keys)[0] for it in chunk], group)
+    for (work, write), master in zip(works, masters):
+        if write is not None:
+            write()
+        else:
+            work.copy_(master)
+
+
+def _step_by_direction(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, it: Item) -> None:
+    p, state = it.param, opt.state[it.param]
+    view, pieces = _state.local_view(state, rule.keys)
+    dtype = opt._plain_moment_dtype(group, p)
+    split = it.comm.split(None, tuple(p.shape))
+    split.pieces = pieces
+    state["step"] += 1
+    (direction,) = _rules.base.run(rule, [it.grad.to(dtype)], [view], group, [split])
+    work, write = _open(opt, group, it)
+    lr = float(group["lr"])
+    decay = 1.0 - lr * float(group["weight_decay"])
+    if decay != 1.0:
+        work.mul_(decay)
+    work.add_(direction.view(work.shape).to(work.dtype), alpha=-lr)
+    if write is not None:
+        write()
+
+
+# ---------------------------------------------------------------------------- projected weights
+@dataclass
+class _Prepared:
+    item: Item
+    low: Tensor
+    piece: Tensor
+    split: Split
+    view: dict[str, Any]
+
+
+def step_low_rank(opt: "LowRankAdamW", group: dict[str, Any], items: list[Item]) -> None:
+    """Projected weights, in chunks: carry, project, the rule over the chunk, the update, write back."""
+    if not items:
+        return
+    rule, update = _rules.get(group["rule"]), _updates.for_group(group)
+    size = lambda it: 8 * math.prod(it.projector.low_rank_shape(it.param.shape))  # noqa: E731
+    for chunk in chunks(items, size):
+        ready = [_begin(opt, group, rule, update, it) for it in chunk]
+        directions = _rules.base.run(rule, [r.piece for r in ready], [r.view for r in ready], group,
+                                     [r.split for r in ready])
+        for r, direction in zip(ready, directions):
+            _finish(opt, group, update, r, direction)
+
+
+def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update: _updates.Update,
+           it: Item) -> _Prepared:
+    """Commit a refresh, project the gradient, create the state on the first step and count the step."""
+    p, proj = it.param, it.projector
+    state = opt.state[p]
+    shape = proj.low_rank_shape(tuple(p.shape))
+    if it.previous is not None:
+        _commit_refresh(group, rule, state, it, shape)
+        opt._set_projector(p, proj)
+    low = proj.project(it.grad).to(_state.state_dtype(p.dtype))
+    split = it.comm.split(proj.side, shape)
+    if split.axis is not None and proj.side == "left":
+        split.whole_value = low  # every rank holds all of R; its rule steps its columns, gathers are free
+    piece = split.take(low) if split.whole_value is not None else low  # the right side's R is this rank's rows
+    if "step" not in state:
+        state.update(_state.fresh(rule, update, group, piece, split, shape))
+    state["step"] += 1
+    view, split.pieces = _state.local_view(state, rule.keys)
+    return _Prepared(it, low, piece, split, view)
+
+
+def _commit_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, Any], it: Item,
+                    shape: tuple[int, ...]) -> None:
+    """Carry the rule's state into the new subspace and record the lazy schedule (not on the first step)."""
+    if int(state.get("step", 0)) == 0:
+        return  # the first subspace: no state to carry, nothing to compare with
+    old, new = it.previous, it.projector
+    if group["on_refresh"] != "keep":
+        view, pieces = _state.local_view(state, rule.keys)
+        split = it.comm.split(new.side, shape)
+        split.pieces = pieces
+        floats = _rules.base.load(rule, view)
+        policies.carry(group["on_refresh"], rule, floats, old, new, split, group)
+        _rules.base.store(rule, view, floats)
+    if group["refresh"] == "lazy":
+        policies.lazy_refresh_record(state, old, new, group["update_proj_gap"], it.grad.device)
+
+
+def _finish(opt: "LowRankAdamW", group: dict[str, Any], update: _updates.Update, r: _Prepared,
+            direction: Tensor) -> None:
+    """N back in R's layout (gathered over the ranks where every rank holds R), then the update."""
+    it = r.item
+    if r.split.whole_value is not None:
+        direction = r.split.gather(direction, "project")
+    work, write = _open(opt, group, it)
+    ctx = _updates.Context(work, it.grad, r.low, direction, r.view, group, it.projector, it.comm, r.split)
+    update.apply(ctx)
+    if write is not None:
+        write()
+
+
+def chunks(items: list[Any], nbytes: Callable[[Any], int], budget: int = CHUNK_BYTES) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    total = 0
+    for it in items:
+        size = nbytes(it)
+        if chunk and total + size > budget:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(it)
+        total += size
+    if chunk:
+        yield chunk
