@@ -15,6 +15,7 @@ what they do with them, and a rounding difference in one step is not fed back in
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import pytest
@@ -171,3 +172,20 @@ def test_the_grid_exercises_what_it_claims():
     for policy in ("reset", "rotate"):
         other = reference("Fira", torch.float64, {**keys, "on_refresh": policy})[3]
         assert (keep[-1][1] - other[-1][1]).abs().max() > 1e-6, f"on_refresh={policy!r} changed nothing"
+
+
+@pytest.mark.parametrize("projector", [name for name, cls in sorted(lro.projectors.REGISTRY.items())
+                                       if "canonical_signs" in inspect.signature(cls).parameters])
+def test_projector_options_reach_both_sides_unchanged(projector):
+    """Both sides build their projectors from the same options, so they follow the signs chosen (and the
+    projectors' default, whatever it is). With moments kept across SVD refreshes a flipped basis vector
+    changes the numbers; online_pca takes one SVD, and the steps after it are equivariant to its signs."""
+    finals = []
+    for canonical in (False, True):
+        keys = dict(update_proj_gap=GAP, projector=projector, on_refresh="keep",
+                    projector_options={"canonical_signs": canonical})
+        ref = reference("GaLoreAdamW", torch.float64, keys)
+        assert not disagreements(fast("GaLoreAdamW", torch.float64, keys), ref, TOLERANCE[torch.float64])
+        finals.append(ref[3][-1])
+    if not lro.projectors.REGISTRY[projector].refresh_every_step:
+        assert any((a - b).abs().max() > 1e-6 for a, b in zip(*finals)), "canonical_signs changed no basis here"
