@@ -33,7 +33,8 @@ class Reference:
     def __init__(self, side: str, on_refresh: str = "keep"):
         self.side, self.on_refresh = side, on_refresh
         self.M = self.V = self.B = None
-        self.t = 0
+        self.t = 0  # steps taken
+        self.k = 0  # steps since the moments started: a reset starts a fresh Adam (FRUGAL's code sets step = 0)
         self.limit_prev = None
 
     def project(self, G):
@@ -46,7 +47,7 @@ class Reference:
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
         new = U[:, :RANK] if self.side == "left" else Vh[:RANK]
         if self.M is not None and self.on_refresh == "reset":
-            self.M, self.V = torch.zeros_like(self.M), torch.zeros_like(self.V)
+            self.M, self.V, self.k = torch.zeros_like(self.M), torch.zeros_like(self.V), 0
         if self.M is not None and self.on_refresh == "rotate":
             if self.side == "left":
                 T = new.T @ self.B  # new coordinates of P_old M
@@ -66,7 +67,8 @@ class Reference:
         self.M = b1 * self.M + (1 - b1) * R
         self.V = b2 * self.V + (1 - b2) * R * R
         self.t += 1
-        N = (self.M / (1 - b1**self.t)) / (torch.sqrt(self.V / (1 - b2**self.t)) + EPS)
+        self.k += 1
+        N = (self.M / (1 - b1**self.k)) / (torch.sqrt(self.V / (1 - b2**self.k)) + EPS)
         return R, N
 
     def channel_ratio(self, N, R, mode="channel"):

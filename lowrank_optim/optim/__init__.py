@@ -1,6 +1,16 @@
 """The core optimizer and its named presets."""
 
 from .lowrank import PRESET_DEFAULT, LowRankAdamW, RankFallbackWarning
-from .presets import SUMO, APOLLO, FRUGAL, APOLLOMini, Fira, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW
+from .presets import (
+    APOLLO,
+    FRUGAL,
+    SUMO,
+    APOLLOMini,
+    Fira,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    QGaLoreAdamW,
+)
 
 __all__ = ["APOLLO", "FRUGAL", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]

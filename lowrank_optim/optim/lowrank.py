@@ -33,7 +33,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from itertools import chain
 from typing import Any, ClassVar
@@ -45,19 +45,17 @@ from torch.optim import Optimizer
 from .. import distributed
 from .. import projectors as _projectors
 from .. import rules as _rules
-from .. import updates as _updates
 from ..projectors import Projector
-from ..projectors.base import choose_side
-from . import options, state as _state, step as _step, writeback
+from . import groups as _groups
+from . import loading, options, writeback
+from . import state as _state
+from . import step as _step
+from .groups import RankFallbackWarning
 from .options import CORE_DEFAULTS, check_group
 from .state import plain_state_dtype, state_dtype, uses_8bit  # noqa: F401 (re-exported)
 
 STATE_BITS, PROJ_BITS = options.STATE_BITS, options.PROJ_BITS
 CHUNK_BYTES = _step.CHUNK_BYTES
-
-
-class RankFallbackWarning(UserWarning):
-    """A parameter in a rank group is too small to project and is updated as plain AdamW."""
 
 
 class _PresetDefault:
@@ -214,93 +212,21 @@ class LowRankAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        param_group = self._normalized(param_group)
+        param_group = _groups.normalized(self, param_group)
         index = len(self.param_groups)
         merged = {**options.part_defaults(), **self.defaults, **param_group}
         where = f"{type(self).__name__} param group {index}"
         check_group(merged, where)
-        self._check_parameters(merged, param_group["params"], where)
+        _groups.check_parameters(merged, param_group["params"], where)
         for key, value in options.part_defaults().items():
             param_group.setdefault(key, self.defaults.get(key, value))
         super().add_param_group(param_group)
         self._cache().clear()
-        self._warn_fallbacks(self.param_groups[-1])
+        _groups.warn_fallbacks(self, self.param_groups[-1])
 
-    def _normalized(self, param_group: dict[str, Any]) -> dict[str, Any]:
-        """A copy with ``params`` as a list and ``betas`` a tuple; a near-miss of one of our keys is an error."""
-        param_group = dict(param_group)
-        params = param_group.get("params")
-        if isinstance(params, Tensor):
-            params = [params]
-        elif isinstance(params, set):
-            raise TypeError("parameters must be given in an ordered collection (a list), not a set")
-        elif params is None:
-            raise ValueError("a parameter group needs a 'params' entry")
-        param_group["params"] = list(params)
-        if "betas" in param_group and isinstance(param_group["betas"], list):
-            param_group["betas"] = tuple(param_group["betas"])
-        known = [*self.defaults, *options.part_defaults()]
-        for key in param_group:
-            if key in known or key in ("params", "param_names"):
-                continue
-            # Other keys pass through as metadata (frameworks attach names, lr multipliers...), but a
-            # near-miss of one of ours is a typo that would silently change nothing.
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
-            if close:
-                raise ValueError(f"{type(self).__name__} param group {len(self.param_groups)}: unknown option "
-                                 f"{key!r}; did you mean {close[0]!r}?")
-        return param_group
 
-    def _check_parameters(self, group: dict[str, Any], params: list[Any], where: str) -> None:
-        """Refuse, naming the parameter, what the group's parts cannot step: complex tensors, unsupported
-        FSDP2 layouts and options, a rule's own refusals."""
-        rule = _rules.get(group["rule"])
-        for k, item in enumerate(params):
-            tensor = item[1] if isinstance(item, tuple) else item
-            name = f"'{item[0]}'" if isinstance(item, tuple) else f"#{k}"
-            if not isinstance(tensor, Tensor):
-                continue
-            if tensor.is_complex():
-                raise ValueError(f"{where}: parameter {name} is complex; only real floating-point parameters "
-                                 "are supported")
-            if distributed.is_sharded(tensor):
-                why = distributed.layout_error(tensor, name) or self._shard_error(group, tensor, name)
-                if why:
-                    raise ValueError(f"{where}: {why}")
-            if group["rank"] is not None and tensor.dim() == 2:
-                why = rule.check_parameter(tuple(tensor.shape), group)
-                if why:
-                    raise ValueError(f"{where}: parameter {name} {why}")
 
-    def _shard_error(self, group: dict[str, Any], p: Tensor, name: str) -> str | None:
-        """Why ``group``'s options cannot step the row-sharded ``p`` (None: they can)."""
-        parts = []
-        if group["stochastic_rounding"]:
-            parts.append("stochastic_rounding=True")
-        if self.is_low_rank(p, group):
-            side = choose_side(tuple(p.shape), group["proj_type"])
-            why = _projectors.REGISTRY[group["projector"]].shard_error(side, group["projector_options"])
-            if why:
-                parts.append(why)
-        if not parts:
-            return None
-        return (f"parameter {name} is an FSDP2 shard, and {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} "
-                "not built for FSDP2 shards yet; on FSDP2 use another projector or option, and no stochastic "
-                "rounding (or train without FSDP2)")
 
-    def _warn_fallbacks(self, group: dict[str, Any]) -> None:
-        if group["rank"] is None:
-            return
-        for i, p in enumerate(group["params"]):
-            if p.dim() == 2 and min(p.shape) <= group["rank"]:
-                warnings.warn(
-                    f"{type(self).__name__}: parameter {self._label(group, i)} has shape "
-                    f"{tuple(p.shape)}; its short side {min(p.shape)} is not larger than rank "
-                    f"{group['rank']}, so it is updated as plain AdamW. Use a rank below "
-                    f"{min(p.shape)} to project it.",
-                    RankFallbackWarning,
-                    stacklevel=4,
-                )
 
     def _label(self, group: dict[str, Any], i: int) -> str:
         """The parameter's name where the groups carry names, else its position."""
@@ -310,11 +236,7 @@ class LowRankAdamW(Optimizer):
         gi = next((k for k, g in enumerate(self.param_groups) if g is group), None)
         return f"#{i}" if gi is None else f"#{i} of param group {gi}"
 
-    @staticmethod
-    def is_low_rank(p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``p`` is stepped in a subspace under ``group``'s options."""
-        rank = group["rank"]
-        return rank is not None and p.dim() == 2 and min(p.shape) > rank
+    is_low_rank = staticmethod(_groups.is_low_rank)
 
     # ------------------------------------------------------------------ derived, never saved
     def _cache(self) -> dict[str, Any]:
@@ -373,7 +295,7 @@ class LowRankAdamW(Optimizer):
     @property
     def _projectors(self) -> Mapping[Tensor, Projector]:
         """Each projected parameter's projector, as the step uses it (built from ``state``)."""
-        return _ProjectorView(self)
+        return _step.ProjectorView(self)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -403,7 +325,7 @@ class LowRankAdamW(Optimizer):
         self._step_subset({id(p) for p in params})
 
     def _step_subset(self, only: set[int] | None) -> None:
-        groups = [_as_float_lr(g) for g in self.param_groups]
+        groups = [_step.as_float_lr(g) for g in self.param_groups]
         plans = [_step.plan(self, group, only) for group in groups]
         for group, (plain, low) in zip(groups, plans):
             _step.step_plain(self, group, plain)
@@ -422,25 +344,8 @@ class LowRankAdamW(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.state[p]:
-                    self.state[p].update(self._placeholder_state(group, p))
+                    self.state[p].update(_step.placeholder(self, group, p))
 
-    def _placeholder_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
-        comm, shape = self._comm(p), tuple(p.shape)
-        piece = distributed.local(p)
-        if not self.is_low_rank(p, group):
-            rule = _rules.get(_rules.get(group["rule"]).plain_rule)
-            like = torch.empty(piece.shape, dtype=self._plain_moment_dtype(group, p), device=piece.device)
-            return _state.fresh(rule, None, group, like, comm.split(None, shape), shape)
-        proj = self._new_projector(group, p)
-        proj.allocate(shape, p.dtype, piece.device)
-        low_shape = proj.low_rank_shape(shape)
-        split = comm.split(proj.side, low_shape)
-        like = split.take(torch.empty(low_shape, device="meta"))
-        like = torch.empty(like.shape, dtype=state_dtype(p.dtype), device=piece.device)
-        out = {"projector": proj.export_state()}
-        out.update(_state.fresh(_rules.get(group["rule"]), _updates.for_group(group), group, like, split, low_shape))
-        self._cache().setdefault("projectors", {})[id(p)] = (proj, out["projector"])
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -458,7 +363,7 @@ class LowRankAdamW(Optimizer):
                 state_dict = result
         if "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("an optimizer state_dict needs the keys 'state' and 'param_groups'")
-        new_groups = self._loaded_groups(deepcopy(state_dict["param_groups"]))
+        new_groups = loading.loaded_groups(self, deepcopy(state_dict["param_groups"]))
         id_map = dict(zip(chain.from_iterable(sg["params"] for sg in state_dict["param_groups"]),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
         group_of = {p: ng for ng in new_groups for p in ng["params"]}
@@ -467,7 +372,7 @@ class LowRankAdamW(Optimizer):
             if key in id_map:
                 p = id_map[key]
                 value = _state.normalize_step(_state.to_device(value, distributed.local(p).device))
-                self._check_loaded_state(p, group_of[p], value)
+                loading.check_loaded_state(self, p, group_of[p], value)
                 new_state[p] = value
             else:
                 new_state[key] = value
@@ -476,48 +381,7 @@ class LowRankAdamW(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _loaded_groups(self, saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        groups = self.param_groups
-        if len(groups) != len(saved_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}")
-        new_groups = []
-        for k, (g, sg) in enumerate(zip(groups, saved_groups)):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(f"param group {k}: loaded state dict has {len(sg['params'])} parameters, "
-                                 f"this optimizer has {len(g['params'])}")
-            ng = {**options.part_defaults(), **self.defaults, **sg, "params": g["params"]}
-            if "param_names" in g and "param_names" not in sg:
-                ng["param_names"] = g["param_names"]
-            check_group(ng, f"{type(self).__name__} loaded param group {k}")
-            new_groups.append(ng)
-        return new_groups
 
-    def _check_loaded_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        i = next(k for k, q in enumerate(group["params"]) if q is p)
-        where = f"{type(self).__name__}.load_state_dict: parameter {self._label(group, i)}"
-        if not state:
-            return
-        if not isinstance(state.get("step"), Tensor):
-            raise ValueError(f"{where}: state has no tensor 'step'")
-        rule = _rules.get(group["rule"])
-        if self.is_low_rank(p, group):
-            if "projector" not in state:
-                raise ValueError(f"{where}: the group projects this parameter, but its saved state has no "
-                                 "projector (was it saved by a plain AdamW, or with another rank?)")
-            proj = self._new_projector(group, p)
-            try:
-                proj.load_state_dict(proj.import_state(state["projector"]))
-                proj.check_fits(tuple(p.shape))
-            except (ValueError, TypeError, KeyError) as err:
-                raise ValueError(f"{where}: {err}") from None
-            shape = proj.low_rank_shape(tuple(p.shape))
-        else:
-            if "projector" in state:
-                raise ValueError(f"{where}: saved state is low-rank, but this group updates the parameter as "
-                                 "plain AdamW (check rank and the parameter's shape)")
-            rule, shape = _rules.get(rule.plain_rule), tuple(p.shape)
-        _state.check_loaded(where, rule, group, state, shape)
 
     # ------------------------------------------------------------------ introspection
     def state_nbytes(self) -> dict[str, int]:
@@ -534,30 +398,3 @@ class LowRankAdamW(Optimizer):
                 else:
                     out["other"] += _state.tensor_bytes(value)
         return out
-
-
-class _ProjectorView(Mapping):
-    """A read-only view of the optimizer's projectors, keyed by parameter."""
-
-    def __init__(self, opt: LowRankAdamW) -> None:
-        self._opt = opt
-
-    def _group(self, p: Tensor) -> dict[str, Any]:
-        return next(g for g in self._opt.param_groups if any(q is p for q in g["params"]))
-
-    def __getitem__(self, p: Tensor) -> Projector:
-        if "projector" not in self._opt.state.get(p, {}):
-            raise KeyError(p)
-        return self._opt._projector(p, self._group(p))
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return (p for p, s in self._opt.state.items() if "projector" in s)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def _as_float_lr(group: dict[str, Any]) -> dict[str, Any]:
-    """The group with a tensor ``lr`` read as a number for this step (torch.optim.AdamW accepts both)."""
-    lr = group["lr"]
-    return {**group, "lr": float(lr)} if isinstance(lr, Tensor) else group

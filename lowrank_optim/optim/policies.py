@@ -56,6 +56,11 @@ def mapping(old: Projector, new: Projector, device: torch.device, dtype: torch.d
     return lambda x: x.to(t.dtype) @ t
 
 
+def init(group: dict[str, Any]) -> dict[str, Tensor]:
+    """The state a policy keeps: under ``reset``, the step at which the rule's state last started."""
+    return {"reset_step": torch.tensor(0.0, dtype=torch.float32)} if group["on_refresh"] == "reset" else {}
+
+
 def carry(policy: str, rule: _rules.Rule, view: dict[str, Any], old: Projector, new: Projector,
           split: Split, group: dict[str, Any]) -> None:
     """Apply ``on_refresh=policy`` to a rule's state view (float tensors) for a change from ``old`` to ``new``."""
@@ -64,6 +69,20 @@ def carry(policy: str, rule: _rules.Rule, view: dict[str, Any], old: Projector, 
     elif policy == "rotate":
         like = next(v for k, v in view.items() if k in rule.keys and isinstance(v, Tensor))
         rule.rotate(view, mapping(old, new, like.device, like.dtype), split, group)
+
+
+def after_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, Any], view: dict[str, Any],
+                  old: Projector, new: Projector, split: Split, device: torch.device) -> None:
+    """A parameter's subspace changed from ``old`` to ``new`` (not its first): carry the rule's state
+    (``view``: this rank's pieces of ``state``, as stored) by ``on_refresh``, and record the lazy schedule."""
+    if group["on_refresh"] != "keep":
+        floats = _rules.base.load(rule, view)
+        carry(group["on_refresh"], rule, floats, old, new, split, group)
+        _rules.base.store(rule, view, floats)
+        if group["on_refresh"] == "reset":
+            state["reset_step"] = state["step"].clone()  # the rule's state starts again: steps() restarts
+    if group["refresh"] == "lazy":
+        lazy_refresh_record(state, old, new, group["update_proj_gap"], device)
 
 
 def rotate_moments(state: dict[str, Any], old: Projector, new: Projector, eps: float = 1e-8) -> None:

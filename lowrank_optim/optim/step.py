@@ -18,7 +18,7 @@ sum and gather is the identity.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,8 @@ from .. import rules as _rules
 from .. import updates as _updates
 from ..distributed import Local, RowShard, Split, local
 from ..projectors import NonFiniteGradientError, Projector
-from . import policies, state as _state, writeback
+from . import policies, writeback
+from . import state as _state
 
 if TYPE_CHECKING:
     from .lowrank import LowRankAdamW
@@ -200,6 +201,7 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
     piece = split.take(low) if split.whole_value is not None else low  # the right side's R is this rank's rows
     if "step" not in state:
         state.update(_state.fresh(rule, update, group, piece, split, shape))
+        state.update(policies.init(group))
     state["step"] += 1
     view, split.pieces = _state.local_view(state, rule.keys)
     return _Prepared(it, low, piece, split, view)
@@ -210,16 +212,10 @@ def _commit_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, A
     """Carry the rule's state into the new subspace and record the lazy schedule (not on the first step)."""
     if int(state.get("step", 0)) == 0:
         return  # the first subspace: no state to carry, nothing to compare with
-    old, new = it.previous, it.projector
-    if group["on_refresh"] != "keep":
-        view, pieces = _state.local_view(state, rule.keys)
-        split = it.comm.split(new.side, shape)
-        split.pieces = pieces
-        floats = _rules.base.load(rule, view)
-        policies.carry(group["on_refresh"], rule, floats, old, new, split, group)
-        _rules.base.store(rule, view, floats)
-    if group["refresh"] == "lazy":
-        policies.lazy_refresh_record(state, old, new, group["update_proj_gap"], it.grad.device)
+    view, pieces = _state.local_view(state, rule.keys)
+    split = it.comm.split(it.projector.side, shape)
+    split.pieces = pieces
+    policies.after_refresh(group, rule, state, view, it.previous, it.projector, split, it.grad.device)
 
 
 def _finish(opt: "LowRankAdamW", group: dict[str, Any], update: _updates.Update, r: _Prepared,
@@ -235,6 +231,27 @@ def _finish(opt: "LowRankAdamW", group: dict[str, Any], update: _updates.Update,
         write()
 
 
+def placeholder(opt: "LowRankAdamW", group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """The state ``p``'s first step would build, with placeholder values (``init_state``; the meta device too)."""
+    comm, shape = opt._comm(p), tuple(p.shape)
+    piece = local(p)
+    if not opt.is_low_rank(p, group):
+        rule = _rules.get(_rules.get(group["rule"]).plain_rule)
+        like = torch.empty(piece.shape, dtype=opt._plain_moment_dtype(group, p), device=piece.device)
+        return _state.fresh(rule, None, group, like, comm.split(None, shape), shape)
+    proj = opt._new_projector(group, p)
+    proj.allocate(shape, p.dtype, piece.device)
+    low_shape = proj.low_rank_shape(shape)
+    split = comm.split(proj.side, low_shape)
+    like = split.take(torch.empty(low_shape, device="meta"))
+    like = torch.empty(like.shape, dtype=_state.state_dtype(p.dtype), device=piece.device)
+    out = {"projector": proj.export_state()}
+    out.update(_state.fresh(_rules.get(group["rule"]), _updates.for_group(group), group, like, split, low_shape))
+    out.update(policies.init(group))
+    opt._cache().setdefault("projectors", {})[id(p)] = (proj, out["projector"])
+    return out
+
+
 def chunks(items: list[Any], nbytes: Callable[[Any], int], budget: int = CHUNK_BYTES) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     total = 0
@@ -247,3 +264,30 @@ def chunks(items: list[Any], nbytes: Callable[[Any], int], budget: int = CHUNK_B
         total += size
     if chunk:
         yield chunk
+
+
+class ProjectorView(Mapping):
+    """A read-only view of the optimizer's projectors, keyed by parameter."""
+
+    def __init__(self, opt: "LowRankAdamW") -> None:
+        self._opt = opt
+
+    def _group(self, p: Tensor) -> dict[str, Any]:
+        return next(g for g in self._opt.param_groups if any(q is p for q in g["params"]))
+
+    def __getitem__(self, p: Tensor) -> Projector:
+        if "projector" not in self._opt.state.get(p, {}):
+            raise KeyError(p)
+        return self._opt._projector(p, self._group(p))
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (p for p, s in self._opt.state.items() if "projector" in s)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def as_float_lr(group: dict[str, Any]) -> dict[str, Any]:
+    """The group with a tensor ``lr`` read as a number for this step (torch.optim.AdamW accepts both)."""
+    lr = group["lr"]
+    return {**group, "lr": float(lr)} if isinstance(lr, Tensor) else group

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import LOCAL, Split
-from .base import Fail, Rule, register
+from .base import Fail, Rule, register, steps
 
 #: The state keys this rule keeps (besides ``step``).
 KEYS = ("row_var", "col_var", "variance", "exp_avg")
@@ -79,7 +79,7 @@ def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: floa
     ``split`` (FSDP2) says which piece of the whole tensor ``x`` and the statistics that follow it are:
     the means and the RMS are then the whole tensor's, summed over the ranks."""
     split = split or _WHOLE
-    weight = float(state["step"]) ** beta2_decay  # 1 − β̂₂ₜ
+    weight = float(steps(state)) ** beta2_decay  # 1 − β̂₂ₜ
     if "row_var" in state:
         row_var, col_var = state["row_var"], state["col_var"]
         row_var.lerp_(_mean_square(x, -1, split), weight)

@@ -23,7 +23,7 @@ from torch.optim.adam import adam as _torch_adam
 
 from .. import kernels
 from ..quant.storage import Int8Storage
-from .base import Rule, register
+from .base import Rule, register, steps
 
 
 def adam_direction(
@@ -111,7 +111,7 @@ def _adam_int8(low: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Ten
         low.reshape(-1).float().contiguous(),
         state["exp_avg"].view(-1), Int8Storage.absmax(state, "exp_avg"),
         state["exp_avg_sq"].view(-1), Int8Storage.absmax(state, "exp_avg_sq"),
-        beta1=beta1, beta2=beta2, eps=float(group["eps"]), step=int(state["step"]),
+        beta1=beta1, beta2=beta2, eps=float(group["eps"]), step=steps(state),
     ).view(low.shape)
 
 
@@ -133,7 +133,7 @@ class Adam(Rule):
     def directions(self, lows, states, group, splits) -> list[Tensor]:  # noqa: ANN001 (the base's types)
         beta1, beta2 = group["betas"]
         return adam_direction(list(lows), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                              [int(s["step"]) for s in states], beta1, beta2, group["eps"])
+                              [steps(s) for s in states], beta1, beta2, group["eps"])
 
     def step_whole(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
                    group: dict[str, Any]) -> None:

@@ -18,7 +18,9 @@ the state in place from ``low``, return the direction N). Everything else has a 
   :meth:`Rule.step_whole` (Adam: torch's own AdamW), else by ``direction`` on the whole gradient;
 * ``defaults`` adds group keys (with their defaults) that the rule reads, and ``check`` validates them.
 
-The step counter ``state["step"]`` already counts this step when ``direction`` runs.
+The step counter ``state["step"]`` already counts this step when ``direction`` runs; a rule that
+corrects for the age of its state (Adam's bias correction, Adafactor's β̂₂ₜ) reads :func:`steps`, which
+restarts when ``on_refresh="reset"`` zeroes the state, as FRUGAL's code restarts its Adam.
 """
 
 from __future__ import annotations
@@ -124,6 +126,13 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name!r}>"
+
+
+def steps(state: dict[str, Any]) -> int:
+    """The steps the rule's state has seen: the step count since its state last started (a subspace change
+    under ``on_refresh="reset"`` starts it afresh, ``state["reset_step"]``), this step included."""
+    reset = state.get("reset_step")
+    return int(state["step"]) - (int(reset) if reset is not None else 0)
 
 
 REGISTRY: dict[str, Rule] = {}

@@ -6,8 +6,8 @@ shared norm-growth limiter and :func:`register` for updates defined outside the 
 """
 
 from .base import REGISTRY, Context, Limiter, Update, available, for_group, register
-from .scaling import Channel, TensorWise  # noqa: I001 (scaling before residual: fira uses its factors)
 from .residual import SGD, Drop, Fira, Sign
+from .scaling import Channel, TensorWise  # noqa: I001 (scaling before residual: fira uses its factors)
 
 __all__ = ["REGISTRY", "SGD", "Channel", "Context", "Drop", "Fira", "Limiter", "Sign", "TensorWise", "Update",
            "available", "for_group", "register"]
