@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import pickle
 import re
 import warnings
@@ -31,9 +30,6 @@ import lowrank_optim as lro
 from conftest import batches, lm_loss, make_model, roundtrip, train
 
 NAMES = list(lro.PRESETS)
-RUN_SLOW = os.environ.get("LRO_SLOW_TESTS") == "1"
-#: The preset whose slow cases always run, so that the default run still checks the contract.
-ALWAYS = "galore"
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -128,14 +124,7 @@ def test_copy_after_steps_then_step_both(name, how):
 
 
 # ------------------------------------------------------------------ 2. torch.compile
-def _slow(name: str):
-    return pytest.mark.skipif(
-        name != ALWAYS and not RUN_SLOW,
-        reason="slow: Dynamo traces the whole step (several seconds per case); set LRO_SLOW_TESTS=1",
-    )
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_slow(n)) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("foreach", [False, None], ids=["foreach_false", "foreach_default"])
 def test_compiled_step_equals_eager_or_refuses(name, foreach):
     """``torch.compile(opt.step)`` either gives eager's numbers bit for bit, over steps that include
