@@ -29,7 +29,8 @@ if not dist.is_available() or not dist.is_gloo_available():
 import lowrank_optim as lro  # noqa: E402
 
 CASES = {
-    "galore": (lro.GaLoreAdamW, {"projector_options": {"canonical_signs": True}}),
+    # the defaults: singular vectors get canonical signs wherever they are computed
+    "galore": (lro.GaLoreAdamW, {}),
     "apollo": (lro.APOLLO, {}),
     "apollo_mini": (lro.APOLLOMini, {"rank": 1}),
     # FRUGAL with the SGD residual: sign() of residual entries near 0 flips with the last bit of the sums
@@ -44,6 +45,9 @@ CASES = {
     "galore8bit": (lro.GaLoreAdamW8bit, {"min_8bit_size": 256, "proj_type": "right",
                                         "projector_options": {"canonical_signs": True}}),
     "galore-sparse": (lro.GaLoreAdamW, {"projector": "sparse"}),
+    # rotate on shards: INT8 moments dequantized, rotated and requantized; Adafactor's statistics rebuilt
+    "galore8bit-rotate": (lro.GaLoreAdamW8bit, {"min_8bit_size": 256, "proj_type": "right", "on_refresh": "rotate"}),
+    "galore_adafactor-rotate": (lro.GaLoreAdafactor, {"momentum": 0.9, "on_refresh": "rotate"}),
     "galore-dct-right": (lro.GaLoreAdamW, {"projector": "dct", "proj_type": "right"}),
     "galore-online_pca": (lro.GaLoreAdamW, {"projector": "online_pca", "projector_options": {"canonical_signs": True}}),
     # Q-GaLore: INT4 bases quantized in groups of 256 inside each rank's piece, the lazy schedule, INT8
@@ -58,8 +62,9 @@ CASES = {
 #: book moves that element's N by up to a few percent: lr · 5% · 5 steps ≈ 1e-3 on the weight (seen:
 #: 9.9e-4 on the embeddings), so 2e-3; weights move by up to 1.5e-2 in these 5 steps, and a structural
 #: error moves them by that much.
-TOLERANCE: dict[str, tuple[float, float]] = {"galore8bit": (1e-2, 2e-3), "qgalore": (1e-2, 2e-3)}
-VOCAB = {"galore8bit": 128, "qgalore": 128}
+TOLERANCE: dict[str, tuple[float, float]] = {"galore8bit": (1e-2, 2e-3), "qgalore": (1e-2, 2e-3),
+                                             "galore8bit-rotate": (1e-2, 2e-3)}
+VOCAB = {"galore8bit": 128, "qgalore": 128, "galore8bit-rotate": 128}
 
 
 def tiny_llama(seed: int = 0, vocab: int = 97):
@@ -128,6 +133,8 @@ def refusals() -> list[str]:
         (distribute_tensor(torch.randn(16, 8), mesh2d, [Replicate(), Shard(0)]), {}, "2-D device mesh"),
         (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"stochastic_rounding": True}, "stochastic_rounding=True is not built for FSDP2"),
         (distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)]), {"projector": "dct"}, "projector='dct' on the left side"),
+        (distribute_tensor(torch.randn(16, 8), mesh, [Shard(0)]), {"projector_options": {"canonical_signs": False}},
+         "canonical_signs=False \\(LAPACK's singular-vector signs"),
     ]
     import re
 
@@ -194,7 +201,7 @@ def run_workers(tmp_path, names):
 
 def test_every_preset_on_two_fsdp2_ranks_equals_one_process(tmp_path):
     r0, r1 = run_workers(tmp_path, list(CASES))
-    assert len(r0["refused"]) == len(r1["refused"]) == 5
+    assert len(r0["refused"]) == len(r1["refused"]) == 6
     for name in CASES:
         assert r0[name]["ok"], (name, r0[name])
         ratio = max(r0[name]["state"], r1[name]["state"]) / r0[name]["single"]
