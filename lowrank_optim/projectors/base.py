@@ -278,6 +278,12 @@ class Projector(abc.ABC):
         b = self.local_basis(low.device, low.dtype)
         return b @ low if self.side == "left" else low @ b
 
+    def residual(self, grad: Tensor, low: Tensor) -> Tensor:
+        """G − project_back(low) in ``low``'s dtype, as one fused ``addmm`` (no m×n temporary beside it)."""
+        b = self.local_basis(low.device, low.dtype)
+        g = grad.to(low.dtype)
+        return torch.addmm(g, b, low, alpha=-1.0) if self.side == "left" else torch.addmm(g, low, b, alpha=-1.0)
+
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
         """In place: ``weight ← beta·weight + alpha·project_back(low)``, as one ``addmm_``: no m×n
         temporary, and one rounding into the weight's dtype."""

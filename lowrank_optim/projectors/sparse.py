@@ -110,6 +110,12 @@ class SparseProjector(Projector):
         out = low.new_zeros(shape)
         return out.index_copy_(self._axis, self._state["idx"].to(low.device), low)
 
+    def residual(self, grad: Tensor, low: Tensor) -> Tensor:
+        if not self._gathers:
+            return super().residual(grad, low)
+        rest = grad.to(low.dtype, copy=True)
+        return rest.index_add_(self._axis, self._state["idx"].to(rest.device), low, alpha=-1.0)
+
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
         if not self._gathers:
             super().apply_back(weight, low, alpha, beta)

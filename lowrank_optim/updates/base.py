@@ -66,8 +66,7 @@ class Context:
 
     def residual(self) -> Tensor:
         """G − project_back(R), in R's dtype (a fresh tensor of W's local shape)."""
-        back = self.projector.project_back(self.low)
-        return torch.sub(self.grad.to(self.low.dtype), back, out=back)
+        return self.projector.residual(self.grad, self.low)
 
     def norm(self, x: Tensor, *, rows: str | None = None, dim: int | None = None,
              dtype: torch.dtype | None = None) -> Tensor:

@@ -39,18 +39,24 @@ class _Residual(Update):
     limited = True
     uses_residual = True
 
-    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float]:
-        """The residual term (computed in place in ``rest``) and its step size."""
+    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float, Tensor | None]:
+        """The residual term (computed in place in ``rest``), its step size, and a per-channel 0/1 factor
+        of the channels that take it (None: all of them)."""
         raise TypeError(f"update {self.name!r} defines no term")
 
     def apply(self, ctx: Context) -> None:
-        rest, alpha = self.term(ctx, ctx.residual())
+        rest, alpha, keep = self.term(ctx, ctx.residual())
         ctx.apply_back(ctx.direction, -ctx.lr * ctx.scale, ctx.decay)
-        factor = self.limit(ctx, ctx.norm(rest, rows="weight"))
-        if factor is None:
-            ctx.weight.add_(rest.to(ctx.weight.dtype), alpha=alpha)
+        w = ctx.weight
+        if ctx.group["limiter"] is not None:
+            if keep is not None:
+                rest.mul_(keep)
+            factor = self.limit(ctx, ctx.norm(rest, rows="weight"))
+            w.addcmul_(rest.to(w.dtype), factor.to(w.dtype), value=alpha)
+        elif keep is not None:
+            w.addcmul_(rest.to(w.dtype), keep.to(w.dtype), value=alpha)
         else:
-            ctx.weight.addcmul_(rest.to(ctx.weight.dtype), factor.to(ctx.weight.dtype), value=alpha)
+            w.add_(rest.to(w.dtype), alpha=alpha)
 
 
 @register
@@ -59,9 +65,9 @@ class Sign(_Residual):
 
     name = "sign"
 
-    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float]:
-        rest.mul_(~self.numerical_zero(ctx, rest)).sign_()
-        return rest, -ctx.lr * float(ctx.group["residual_lr_scale"])
+    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float, Tensor | None]:
+        keep = ~self.numerical_zero(ctx, rest)
+        return rest.sign_(), -ctx.lr * float(ctx.group["residual_lr_scale"]), keep
 
     @staticmethod
     def numerical_zero(ctx: Context, rest: Tensor) -> Tensor:
@@ -69,13 +75,14 @@ class Sign(_Residual):
         (columns of G for a left-side projection, rows for a right-side one, the vectors the projection
         acts on). sign() would turn them into full ±lr steps. A channel inside the subspace leaves
         1–13 ε₃₂ of its norm (measured with SVD bases up to 2048×512, rank 256) or 0.4 ε of a bf16
-        gradient's; a real residual is orders of magnitude above either."""
+        gradient's; a real residual is orders of magnitude above either. ‖G‖ per channel is
+        √(‖R‖² + ‖rest‖²) (the basis is orthonormal; a sum of squares, so no cancellation), which
+        spares a pass over G."""
         dim = 0 if ctx.side == "left" else 1
-        grad = ctx.grad
-        tol = ROUNDOFF_GRAD_EPS * torch.finfo(grad.dtype).eps + ROUNDOFF_COMPUTE_EPS * torch.finfo(rest.dtype).eps
-        rows = "weight" if dim == 0 else None
-        g = ctx.norm(grad, rows=rows, dim=dim, dtype=rest.dtype)
-        return ctx.norm(rest, rows=rows, dim=dim) <= tol * g
+        tol = ROUNDOFF_GRAD_EPS * torch.finfo(ctx.grad.dtype).eps + ROUNDOFF_COMPUTE_EPS * torch.finfo(rest.dtype).eps
+        r = ctx.norm(rest, rows="weight" if dim == 0 else None, dim=dim)
+        low = ctx.low.norm(dim=dim, keepdim=True)
+        return r <= tol * torch.sqrt(r.square() + low.square())
 
 
 @register
@@ -84,8 +91,8 @@ class SGD(_Residual):
 
     name = "sgd"
 
-    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float]:
-        return rest, -ctx.lr * float(ctx.group["residual_lr_scale"])
+    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float, Tensor | None]:
+        return rest, -ctx.lr * float(ctx.group["residual_lr_scale"]), None
 
 
 @register
@@ -94,5 +101,5 @@ class Fira(_Residual):
 
     name = "fira"
 
-    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float]:
-        return rest.mul_(channel_factors(ctx)), -ctx.lr * ctx.scale
+    def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float, Tensor | None]:
+        return rest.mul_(channel_factors(ctx)), -ctx.lr * ctx.scale, None
