@@ -78,7 +78,8 @@ class APOLLO(LowRankAdamW):
     N = M̂/(√V̂ + ε) as in the paper's algorithm (apollo-torch computes them from the uncorrected
     moments and applies the bias correction after the limiter, so its limiter also clips the
     bias-correction warm-up); channels follow the projected side, not the matrix's shape; weight decay
-    uses the pre-update weights.
+    uses the pre-update weights; the ratio is float32 and a channel whose projected gradient is exactly
+    zero gets 0 (1/1e-8 would overflow a float16 weight into inf, and 0·inf into NaN).
     """
 
     preset = {"projector": "random", "scaling": "channel", "limiter": 1.01, "scale": 1.0, "update_proj_gap": 200}
@@ -102,9 +103,12 @@ class FRUGAL(LowRankAdamW):
     arXiv:2411.07837. Every ``update_proj_gap`` steps a new subspace is chosen (SVD by default, as the
     paper's GaLore-style variant; ``projector="sparse"`` selects the columns of largest norm, close to
     the paper's column selection; ``rsvd`` and ``dct`` also serve; density ρ is rank / min(m, n));
-    Adam runs in it with moments reset at each new subspace; the residual
-    G − project_back(project(G)) is applied as −lr·residual_lr_scale·sign(residual). The residual
-    needs an orthonormal basis, so ``projector="random"`` (Gaussian, not semi-orthogonal) is refused.
+    Adam runs in it, restarted at each new subspace (moments zeroed and the bias correction counted
+    from the new subspace's first step, as FRUGAL's code sets its Adam's step to 0); the residual
+    G − project_back(project(G)) is applied as −lr·residual_lr_scale·sign(residual). A residual channel
+    that is round-off (a gradient column or row inside the subspace: below ~1e-5 of its norm in float32)
+    gets no step, where sign() would make it ±lr. The residual needs an orthonormal basis, so
+    ``projector="random"`` (Gaussian, not semi-orthogonal) is refused.
     """
 
     preset = {"projector": "svd", "residual": "sign", "residual_lr_scale": 1.0, "on_refresh": "reset",
