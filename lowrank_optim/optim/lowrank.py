@@ -52,10 +52,7 @@ from . import state as _state
 from . import step as _step
 from .groups import RankFallbackWarning
 from .options import CORE_DEFAULTS, check_group
-from .state import plain_state_dtype, state_dtype, uses_8bit  # noqa: F401 (re-exported)
-
-STATE_BITS, PROJ_BITS = options.STATE_BITS, options.PROJ_BITS
-CHUNK_BYTES = _step.CHUNK_BYTES
+from .state import plain_state_dtype
 
 
 class _PresetDefault:
