@@ -64,6 +64,34 @@ def test_phases_spread_refresh_cost_evenly():
     assert sorted(policies.phases([1.0] * 3, 10)) == [8, 9, 10]
 
 
+def _phases_by_definition(costs, gap):
+    """The definition, over every phase of the gap: costliest first, each to the least-loaded phase, ties to
+    the latest."""
+    load = [0.0] * (gap + 1)
+    out = [gap] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        out[i] = min(range(gap, 0, -1), key=lambda k: load[k])
+        load[out[i]] += costs[i]
+    return out
+
+
+@pytest.mark.parametrize("gap", [1, 2, 3, 7, 50])
+def test_phases_look_at_the_latest_phases_only_and_still_follow_the_definition(gap):
+    g = torch.Generator().manual_seed(gap)
+    for n in (1, 2, 6, 13):
+        costs = [float(c) for c in torch.randint(0, 4, (n,), generator=g)]  # ties and zero costs included
+        assert policies.phases(costs, gap) == _phases_by_definition(costs, gap)
+
+
+def test_a_gap_of_never_costs_nothing_to_schedule():
+    # update_proj_gap=10**9 ("never refresh") once built a list of 10**9 loads and scanned it per weight
+    assert policies.phases([2.0, 1.0, 3.0], 10**9) == [10**9 - 1, 10**9 - 2, 10**9]
+    opt = lro.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(8, 6))], "rank": 2,
+                            "update_proj_gap": 10**9}], lr=1e-3)
+    opt.param_groups[0]["params"][0].grad = torch.randn(8, 6)
+    opt.step()  # returned at once; it took minutes and gigabytes
+
+
 def test_resume_in_the_middle_of_a_gap_keeps_the_schedule_bit_for_bit():
     data = batches(3 * GAP)
     model = make_model()

@@ -97,11 +97,14 @@ def schedule(state: dict[str, Any], group: dict[str, Any], step: int, phase: int
 def phases(costs: list[float], gap: int) -> list[int]:
     """A phase in [1, gap] for each of a group's weights, spreading their refresh ``costs`` evenly: the
     costliest first, each to the least-loaded phase (ties: the latest, so a lone weight keeps
-    galore-torch's schedule, phase = gap)."""
-    load = [0.0] * (gap + 1)
+    galore-torch's schedule, phase = gap). Only the latest min(gap, n) phases of n weights are ever chosen:
+    while fewer than n are taken one of them is still unloaded, and the latest unloaded phase is the least
+    loaded one (costs are ≥ 0). So the work is n·min(gap, n), whatever the gap (10⁹ for "never")."""
+    phases = range(gap, gap - min(gap, len(costs)), -1)
+    load = dict.fromkeys(phases, 0.0)
     out = [gap] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        phase = min(range(gap, 0, -1), key=lambda k: load[k])
+        phase = min(phases, key=lambda k: load[k])
         out[i] = phase
         load[phase] += costs[i]
     return out
