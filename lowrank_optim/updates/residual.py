@@ -97,9 +97,46 @@ class SGD(_Residual):
 
 @register
 class Fira(_Residual):
-    """Fira: the residual scaled per channel by ‖N‖/‖R‖ (the paper's scale on the whole update)."""
+    """Fira: the residual scaled per channel by φ = ‖N‖/‖R‖ (the paper's scale on the whole update).
+
+    The residual is never built. φ scales the channels, the dimension the projection does not act on,
+    so it commutes with project_back, and scale·(project_back(N) + f·(G − project_back(R))·φ) is
+    scale·(f·φ∘G + project_back(N − f·φ∘R)): one ``addmm_`` and one ``addcmul_``, one m×n×r matmul fewer
+    than forming G − project_back(R) (f is the limiter's factor). The limiter's norm comes from the
+    channels' norms (:meth:`residual_norms`)."""
 
     name = "fira"
 
     def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float, Tensor | None]:
         return rest.mul_(channel_factors(ctx)), -ctx.lr * ctx.scale, None
+
+    def apply(self, ctx: Context) -> None:
+        phi = channel_factors(ctx)
+        if ctx.group["limiter"] is not None:
+            rows = "weight" if ctx.side == "right" else None  # the channels are split over the ranks, or whole
+            phi = phi * self.limit(ctx, ctx.norm(phi * self.residual_norms(ctx, phi.dtype), rows=rows))
+        alpha = -ctx.lr * ctx.scale
+        ctx.apply_back(ctx.direction - phi * ctx.low, alpha, ctx.decay)
+        w = ctx.weight
+        # float16's range cannot hold every ratio; float32 factors make addcmul_ compute in float32
+        f = phi if w.dtype == torch.float16 else phi.to(w.dtype)
+        w.addcmul_(ctx.grad.to(w.dtype), f, value=alpha)
+
+    @staticmethod
+    def residual_norms(ctx: Context, dtype: torch.dtype) -> Tensor:
+        """‖G_c − project_back(R)_c‖ per channel c without forming it: ‖G_c‖² − 2‖R_c‖² + R_cᵀ B R_c, as
+        R = project(G), with B the Gram matrix of project_back's basis (the identity for an orthonormal one;
+        the formula holds for any, an INT4 or online-PCA basis included). r×r×(m + n) work against the
+        residual's m×n×r. Its error is about ε·‖G_c‖²/‖residual_c‖: large only for a channel almost inside
+        the subspace, whose residual term is as small."""
+        low = ctx.low.to(dtype)
+        b = ctx.projector.local_basis(low.device, dtype)
+        if ctx.side == "right":  # low m×r, project_back(low) = low·b: channels are rows, local
+            gram = b @ b.t()
+            g, quad = ctx.norm(ctx.grad, dim=1, dtype=dtype), (low @ gram).mul_(low).sum(1, keepdim=True)
+            own = low.square().sum(1, keepdim=True)
+        else:  # low r×n (whole), project_back(low) = b·low: channels are columns, over the sharded rows
+            gram = ctx.comm.all_reduce_(b.t() @ b, "norms")
+            g, quad = ctx.norm(ctx.grad, rows="weight", dim=0, dtype=dtype), (gram @ low).mul_(low).sum(0, keepdim=True)
+            own = low.square().sum(0, keepdim=True)
+        return (g.square() - 2 * own + quad).clamp_(min=0).sqrt_()
