@@ -1,23 +1,33 @@
-"""Step times of every preset, its reference package and torch AdamW, measured interleaved.
+"""Step times of every preset, its reference package and torch AdamW, measured interleaved, in one run.
 
-    python bench/interleaved.py                # plain steps of every preset, LLaMA-60M shapes
-    python bench/interleaved.py --refresh      # GaLore refresh steps (an SVD of every weight)
+    python bench/interleaved.py                    # plain steps, refresh work and stalls (LLaMA-60M shapes)
+    python bench/interleaved.py --only plain       # or refresh, or stall
+    python bench/interleaved.py --stall-gap 50     # a shorter stall run (default: the papers' gap, 200)
 
-The pytest-benchmark suites time one implementation after another; on a shared or throttling
-machine that drift shows up as a ratio. Here each round steps every implementation once, in
-rotating order, so drift hits all of them alike; the table gives medians and their ratios.
+* **plain**: one step without a refresh, every preset against its reference package (galore-torch,
+  apollo-torch, fira) and ``torch.optim.AdamW(foreach=True)``;
+* **refresh**: the work of renewing all 56 subspaces, a step that refreshes every weight minus a plain
+  step, for GaLoreAdamW at its defaults (the short side's Gram matrix and eigh) and galore-torch (SVD);
+* **stall**: two gaps of steps at ``update_proj_gap`` (after the first step, which builds every subspace
+  in both packages), slowest step / median step: GaLoreAdamW's staggered refresh against galore-torch's
+  all-at-once one.
+
+The pytest-benchmark suites time one implementation after another; on a shared or throttling machine
+that drift shows up as a ratio. Here each round steps every implementation once, in rotating order, so
+drift hits all of them alike; the tables give medians and their ratios. ``--json`` writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
 
 import torch
 
-from test_step_presets import DEVICE, MODEL, PRESETS, _split, build_ours, build_reference
+from test_step_presets import DEVICE, MODEL, NEVER, PRESETS, _split, build_ours, build_reference
 
 
 def _sync() -> None:
@@ -33,10 +43,10 @@ def timed(opt) -> float:
     return time.perf_counter() - t
 
 
-def measure(optimizers: dict[str, torch.optim.Optimizer], rounds: int) -> dict[str, list[float]]:
+def measure(optimizers: dict[str, torch.optim.Optimizer], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
     for opt in optimizers.values():  # state allocation and the first refresh stay out of the timing
-        opt.step()
-        opt.step()
+        for _ in range(warmup):
+            opt.step()
     names = list(optimizers)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -45,41 +55,94 @@ def measure(optimizers: dict[str, torch.optim.Optimizer], rounds: int) -> dict[s
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--refresh", action="store_true", help="time GaLore refresh steps instead")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--presets", default=",".join(PRESETS))
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    print(f"{MODEL} shapes, device {DEVICE}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print()
-    print("| preset | step | lowrank-optim (ms) | reference (ms) | AdamW (ms) | vs reference | vs AdamW |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    presets = ["galore"] if args.refresh else args.presets.split(",")
+def reference_or_none(preset: str, gap: int = NEVER):
+    try:
+        return build_reference(preset, gap)
+    except BaseException:  # noqa: BLE001 - pytest.skip when there is no reference package
+        return None
+
+
+def ms(x: float | None) -> str:
+    return f"{x:.1f}" if x else "-"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def plain(presets: list[str], rounds: int) -> list[dict]:
+    print("| preset | lowrank-optim (ms) | reference (ms) | AdamW (ms) | vs reference | vs AdamW |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for preset in presets:
         opts = {"ours": build_ours(preset)}
-        try:
-            opts["reference"] = build_reference(preset)
-        except BaseException:  # noqa: BLE001 - pytest.skip when there is no reference package
-            pass
-        if args.refresh:
-            for opt in opts.values():
-                for group in opt.param_groups:
-                    if "rank" in group and group["rank"] is not None:
-                        group["update_proj_gap"] = 1
-        else:
-            params, _, _ = _split()
-            opts["adamw"] = torch.optim.AdamW([p for _, p in params], lr=1e-3, foreach=True)
-        times = measure(opts, args.rounds or (4 if args.refresh else 15))
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        ref = med.get("reference")
-        adamw = med.get("adamw")
-        cell = lambda x: f"{x:.1f}" if x else "-"  # noqa: E731
-        ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
-        kind = "refresh" if args.refresh else "plain"
-        print(f"| {preset} | {kind} | {cell(med['ours'])} | {cell(ref)} | {cell(adamw)} | "
-              f"{ratio(med['ours'], ref)} | {ratio(med['ours'], adamw)} |")
+        ref = reference_or_none(preset)
+        if ref is not None:
+            opts["reference"] = ref
+        params, _, _ = _split()
+        opts["adamw"] = torch.optim.AdamW([p for _, p in params], lr=1e-3, foreach=True)
+        slow = preset in ("galore8bit", "qgalore") and DEVICE == "cpu"
+        med = {k: statistics.median(v) * 1e3 for k, v in measure(opts, 5 if slow else rounds).items()}
+        row = {"preset": preset, **{f"{k}_ms": v for k, v in med.items()}}
+        rows.append(row)
+        print(f"| {preset} | {ms(med['ours'])} | {ms(med.get('reference'))} | {ms(med['adamw'])} | "
+              f"{ratio(med['ours'], med.get('reference'))} | {ratio(med['ours'], med['adamw'])} |", flush=True)
+    return rows
+
+
+def refresh(rounds: int) -> dict:
+    opts = {"ours refresh": build_ours("galore", gap=1, stagger=False), "ours plain": build_ours("galore"),
+            "galore-torch refresh": reference_or_none("galore", gap=1),
+            "galore-torch plain": reference_or_none("galore")}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    med = {k: statistics.median(v) * 1e3 for k, v in measure(opts, rounds).items()}
+    ours = med["ours refresh"] - med["ours plain"]
+    theirs = med.get("galore-torch refresh", 0) - med.get("galore-torch plain", 0) or None
+    print("| refresh of every subspace (GaLore, 56 weights) | lowrank-optim (ms) | galore-torch (ms) | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| refresh step | {ms(med['ours refresh'])} | {ms(med.get('galore-torch refresh'))} | "
+          f"{ratio(med['ours refresh'], med.get('galore-torch refresh'))} |")
+    print(f"| refresh work (refresh step − plain step) | {ms(ours)} | {ms(theirs)} | {ratio(ours, theirs)} |", flush=True)
+    return {"ours_refresh_work_ms": ours, "galore_torch_refresh_work_ms": theirs, **{k + " ms": v for k, v in med.items()}}
+
+
+def stall(gap: int) -> dict:
+    opts = {"lowrank-optim": build_ours("galore", gap=gap), "galore-torch": reference_or_none("galore", gap=gap)}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    times = measure(opts, 2 * gap, warmup=1)  # the warm-up step builds every subspace in both
+    print(f"| two gaps of {gap} steps (GaLore) | median step (ms) | slowest step (ms) | slowest / median |")
+    print("|---|---:|---:|---:|")
+    out = {}
+    for name, t in times.items():
+        med, worst = statistics.median(t) * 1e3, max(t) * 1e3
+        out[name] = {"median_ms": med, "slowest_ms": worst, "slowest_over_median": worst / med}
+        print(f"| {name} | {med:.1f} | {worst:.1f} | {worst / med:.2f} |", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("plain", "refresh", "stall"), action="append")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--stall-gap", type=int, default=200)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    parts = args.only or ["plain", "refresh", "stall"]
+    print(f"{MODEL} shapes, device {DEVICE}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    figures: dict = {"model": MODEL, "device": DEVICE, "threads": torch.get_num_threads()}
+    if "plain" in parts:
+        figures["plain"] = plain(args.presets.split(","), args.rounds)
+        print()
+    if "refresh" in parts:
+        figures["refresh"] = refresh(max(3, args.rounds // 3))
+        print()
+    if "stall" in parts:
+        figures["stall"] = stall(args.stall_gap)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

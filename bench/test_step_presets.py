@@ -34,6 +34,9 @@ PRESETS = {
     # is not in our dev extra)
     "galore8bit": (lro.GaLoreAdamW8bit, RANK, {}, None),
     "qgalore": (lro.QGaLoreAdamW, RANK, {}, None),
+    # other inner rules: torch's Adafactor and Muon are their full-rank counterparts, not references
+    "galore_adafactor": (lro.GaLoreAdafactor, RANK, {}, None),
+    "sumo": (lro.SUMO, RANK, {}, None),
 }
 
 
@@ -44,20 +47,20 @@ def _split():
     return params, low, plain
 
 
-def build_ours(preset):
+def build_ours(preset, gap=NEVER, **extra):
     cls, rank, keys, _ = PRESETS[preset]
     _, low, plain = _split()
-    return cls([{"params": low, "rank": rank, "update_proj_gap": NEVER, **keys}, {"params": plain}],
+    return cls([{"params": low, "rank": rank, "update_proj_gap": gap, **keys, **extra}, {"params": plain}],
                lr=1e-3, weight_decay=0.0)
 
 
-def build_reference(preset):
+def build_reference(preset, gap=NEVER):
     _, rank, _, package = PRESETS[preset]
     if package is None:
         pytest.skip(f"{preset} has no reference package on the package index")
     mod = pytest.importorskip(package, reason=f"{package} is not installed")
     _, low, plain = _split()
-    keys = dict(rank=rank, update_proj_gap=NEVER, proj_type="std")
+    keys = dict(rank=rank, update_proj_gap=gap, proj_type="std")
     if preset == "galore":
         return mod.GaLoreAdamW([{"params": low, **keys, "scale": 0.25}, {"params": plain}], lr=1e-3,
                                no_deprecation_warning=True)

@@ -40,6 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     mem.add_argument("--measure", action="store_true",
                      help="on CUDA, also run 3 real training steps of our optimizer (transformers' LLaMA) and report the measured peak")
+    mem.add_argument("--cap-gib", type=float, default=None,
+                     help="with --measure: cap torch's CUDA allocator at this many GiB (e.g. 24), so a setup that would not "
+                     "fit a card of that size fails with out-of-memory (the CUDA context's few hundred MiB are not counted)")
     mem.add_argument("--json", action="store_true", help='print {"ours": {...}, "adamw": {...}} in bytes')
     _add_train_parsers(sub)
     return parser
@@ -178,6 +181,8 @@ def _memory(args: argparse.Namespace) -> int:
     from . import memory
 
     keys = {"projector": args.projector} if args.projector else {}
+    if args.cap_gib is not None and not args.measure:
+        raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     report = memory.estimate(
         args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
         batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, **keys,
@@ -186,7 +191,7 @@ def _memory(args: argparse.Namespace) -> int:
     if args.measure:
         measured = memory.measure_peak(
             args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
-            batch=args.batch or 1, seq=args.seq or 256, checkpointing=args.checkpointing, **keys,
+            batch=args.batch or 1, seq=args.seq or 256, checkpointing=args.checkpointing, cap_gib=args.cap_gib, **keys,
         )
     if args.json:
         import json

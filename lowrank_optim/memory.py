@@ -486,12 +486,20 @@ def _random_token_steps(model: nn.Module, opt: torch.optim.Optimizer, handle: An
     return losses
 
 
-def measure_peak(config: str | Path | dict[str, Any], optimizer: str | type = "galore", **kw: Any) -> int:
+def measure_peak(config: str | Path | dict[str, Any], optimizer: str | type = "galore", *,
+                 cap_gib: float | None = None, **kw: Any) -> int:
     """Peak CUDA memory (bytes allocated by torch) over a few real training steps, set up as
-    :func:`estimate` describes it (same keyword arguments, plus ``steps``)."""
+    :func:`estimate` describes it (same keyword arguments, plus ``steps``). ``cap_gib`` caps this
+    process's CUDA memory (``torch.cuda.set_per_process_memory_fraction``) so that a setup which would
+    not fit a card of that size fails with out-of-memory instead of borrowing a bigger card's memory."""
     if not torch.cuda.is_available():
         raise RuntimeError("--measure runs real training steps on a CUDA GPU, and none is available here; "
                            "the estimate itself needs none")
+    if cap_gib is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        if not 0 < cap_gib * 2**30 <= total:
+            raise ValueError(f"cap_gib must be in (0, {total / 2**30:.1f}] (this device's memory), got {cap_gib}")
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
