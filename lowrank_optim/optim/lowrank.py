@@ -47,7 +47,7 @@ from .. import projectors as _projectors
 from .. import rules as _rules
 from ..projectors import Projector
 from . import groups as _groups
-from . import loading, options, writeback
+from . import loading, nonfinite, options, writeback
 from . import state as _state
 from . import step as _step
 from .groups import RankFallbackWarning
@@ -115,6 +115,8 @@ class LowRankAdamW(Optimizer):
             U Vᵀ, SUMO) or ``newton_schulz`` (Muon's iteration) and its steps.
         beta2_decay, clip_threshold: Adafactor's decay exponent c (β̂₂ₜ = 1 − t^c, −0.8) and update
             clipping threshold d (1.0); its ε₁ is ``eps``.
+        nonfinite: a gradient with inf or NaN: ``raise`` (refused before any change), ``skip`` (the step
+            is skipped and counted in ``group["nonfinite_skipped"]``) or ``ignore`` (:mod:`.nonfinite`).
         foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
             at a time; both give the same numbers on CPU).
         maximize: maximize the objective (step along +G), as ``torch.optim.AdamW``.
@@ -165,6 +167,7 @@ class LowRankAdamW(Optimizer):
         ns_steps: int = PRESET_DEFAULT,
         beta2_decay: float = PRESET_DEFAULT,
         clip_threshold: float = PRESET_DEFAULT,
+        nonfinite: str = PRESET_DEFAULT,
         foreach: bool | None = None,
         maximize: bool = False,
         capturable: bool = False,
@@ -223,10 +226,6 @@ class LowRankAdamW(Optimizer):
         super().add_param_group(param_group)
         self._cache().clear()
         _groups.warn_fallbacks(self, self.param_groups[-1])
-
-
-
-
 
     def _label(self, group: dict[str, Any], i: int) -> str:
         """The parameter's name where the groups carry names, else its position."""
@@ -303,9 +302,9 @@ class LowRankAdamW(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` (re-evaluating the loss) runs with grad enabled.
 
-        Every check (sparse gradients, non-finite gradients at a refresh, the refresh itself) runs
-        for all parameters before any weight or state is written, so a step that raises leaves the
-        model and the optimizer exactly as they were.
+        Every check (sparse, misshapen and non-finite gradients, the refresh itself) runs for all
+        parameters before any weight or state is written, so a step that raises leaves the model and
+        the optimizer exactly as they were.
         """
         loss = None
         if closure is not None:
@@ -325,6 +324,8 @@ class LowRankAdamW(Optimizer):
         self._step_subset({id(p) for p in params})
 
     def _step_subset(self, only: set[int] | None) -> None:
+        if nonfinite.skip_step(self, only):  # before anything: raises, or skips and counts (nonfinite=)
+            return
         groups = [_step.as_float_lr(g) for g in self.param_groups]
         plans = [_step.plan(self, group, only) for group in groups]
         for group, (plain, low) in zip(groups, plans):
@@ -345,7 +346,6 @@ class LowRankAdamW(Optimizer):
             for p in group["params"]:
                 if not self.state[p]:
                     self.state[p].update(_step.placeholder(self, group, p))
-
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

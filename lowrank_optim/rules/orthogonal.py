@@ -58,12 +58,19 @@ def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device:
 
 def orthogonalize_svd(x: Tensor) -> Tensor:
     """U Vᵀ of ``x``'s thin SVD (in ``x``'s dtype, float32 at least), with negligible singular
-    values dropped rather than given an arbitrary direction."""
+    values dropped rather than given an arbitrary direction.
+
+    A matrix holding inf or NaN (a momentum that took a non-finite gradient under ``nonfinite="ignore"``)
+    has no SVD, and LAPACK would raise midway through a step: it gives NaN everywhere instead, as Adam's
+    update does from such a moment. Decided on the device, without a host synchronisation."""
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    finite = torch.isfinite(work).all()
+    work = torch.where(finite, work, torch.zeros((), dtype=work.dtype, device=work.device))
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     tol = max(x.shape) * torch.finfo(work.dtype).eps * s.amax()
     keep = (s > tol).to(work.dtype)
-    return (u * keep) @ vh
+    out = (u * keep) @ vh
+    return torch.where(finite, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
 
 
 def newton_schulz(x: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
