@@ -1,5 +1,6 @@
-"""Hostile input to the optimizer: non-finite and misshapen gradients (``nonfinite=``). Each either is
-refused before anything changes, or (``skip``) leaves the run as if the step had not been taken."""
+"""Hostile input to the optimizer: non-finite and misshapen gradients (``nonfinite=``), and state dicts
+of another optimizer, method or rank, or with mangled values. Each either is refused before anything
+changes, or (``skip``) leaves the run as if the step had not been taken."""
 
 from __future__ import annotations
 
@@ -137,3 +138,90 @@ def test_nonfinite_option_is_validated():
     model = make_model()
     with pytest.raises(ValueError, match=r"invalid nonfinite='warn': choose 'raise' .* 'skip' .* or 'ignore'"):
         lro.GaLoreAdamW(lro.param_groups(model, rank=8), nonfinite="warn")
+
+
+# ---------------------------------------------------------------------------- load_state_dict
+def trained(cls=lro.GaLoreAdamW, **kw):
+    model = make_model()
+    opt = cls(lro.param_groups(model, rank=kw.pop("rank", 8), update_proj_gap=3), lr=1e-2, **kw)
+    train(model, opt, batches(2))
+    return model, opt
+
+
+def foreign_adamw_state_dict():
+    model = make_model()
+    named = dict(model.named_parameters())
+    opt = lro.GaLoreAdamW(lro.param_groups(model, rank=8))
+    groups = [[named[n] for n in g["param_names"]] for g in opt.param_groups]
+    adamw = torch.optim.AdamW([{"params": ps} for ps in groups], lr=1e-2)
+    train(model, adamw, batches(2))
+    return adamw.state_dict()
+
+
+def mangle(key, value):
+    def edit(sd):
+        sd["state"][0][key] = value(sd["state"][0][key]) if callable(value) else value
+    return edit
+
+
+def nan_basis(sd):
+    sd["state"][0]["projector"]["P"][0, 0] = NAN
+
+
+LOADS = [
+    ("torch-adamw", lambda sd: foreign_adamw_state_dict(),
+     (r"param group 0: the state dict has no 'rank' \(it was saved by another optimizer, e.g. torch.optim.AdamW\), "
+      r"and this group has rank=8")),
+    ("rank-4-into-8", lambda sd: trained(rank=4)[1].state_dict(),
+     r"param group 0: the state dict has rank=4, this optimizer rank=8; a state dict of another method or rank"),
+    ("apollo-into-galore", lambda sd: trained(lro.APOLLO)[1].state_dict(),
+     r"param group 0: the state dict has projector='random', this optimizer projector='svd'"),
+    ("8bit-into-32bit", lambda sd: trained(lro.GaLoreAdamW8bit, min_8bit_size=0)[1].state_dict(),
+     r"param group 0: the state dict has state_bits=8, this optimizer state_bits=32"),
+    ("nan-basis", nan_basis, r"parameter 'layers.0.q_proj.weight': its projector's P holds inf or NaN"),
+    ("negative-v", mangle("exp_avg_sq", lambda v: -v - 1), r"exp_avg_sq holds negative values"),
+    ("nan-m", mangle("exp_avg", lambda v: v.fill_(NAN)), r"exp_avg holds inf or NaN"),
+    ("float64-m", mangle("exp_avg", lambda v: v.double()), r"exp_avg is torch.float64; this optimizer keeps it in torch.float32"),
+    ("int64-v", mangle("exp_avg_sq", lambda v: v.long()), r"exp_avg_sq is torch.int64"),
+    ("step-negative", mangle("step", torch.tensor(-5.0)), r"step=-5.0; a step count is an integer >= 0"),
+    ("step-nan", mangle("step", NAN), r"step=nan; it must be finite"),
+    ("step-fraction", mangle("step", torch.tensor(2.5)), r"step=2.5"),
+    ("step-vector", mangle("step", torch.ones(3)), r"step must be a real scalar tensor"),
+    ("state-not-dict", lambda sd: sd["state"].__setitem__(0, [1, 2]), r"the state of parameter 0 is a list"),
+]
+
+
+@pytest.mark.parametrize("edit,match", [c[1:] for c in LOADS], ids=[c[0] for c in LOADS])
+def test_foreign_or_mangled_state_dict_is_refused_and_nothing_changes(edit, match):
+    """Before, a torch.optim.AdamW state dict turned GaLoreAdamW into AdamW (rank None), a rank-4 dict made
+    a rank-8 optimizer rank 4, and mangled values loaded and broke the next step. Now each is a
+    ValueError naming the key, the optimizer keeps its state, and its next step is the one it would
+    have taken (against a twin never given the bad dict)."""
+    model, opt = trained()
+    twin_model, twin = trained()
+    sd = copy.deepcopy(opt.state_dict())
+    sd = edit(sd) or sd
+    before = frozen(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert same(frozen(model, opt), before)
+    assert opt.param_groups[0]["rank"] == 8
+    data = batches(2, seed=5)
+    train(model, opt, data)
+    train(twin_model, twin, data)
+    assert same(model.state_dict(), twin_model.state_dict())
+
+
+def test_plain_adamw_state_dict_still_loads_into_an_unprojected_optimizer():
+    """A group saved without our keys is torch.optim.AdamW's: it loads where every group is plain, and
+    then steps as torch's AdamW goes on (our plain parameters are torch's AdamW, bit for bit)."""
+    model = make_model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, adamw, batches(2))
+    twin = copy.deepcopy(model)
+    with pytest.warns(lro.RankFallbackWarning):
+        ours = lro.GaLoreAdamW(twin.parameters(), lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    train(model, adamw, batches(2, seed=3))
+    train(twin, ours, batches(2, seed=3))
+    assert same(model.state_dict(), twin.state_dict())

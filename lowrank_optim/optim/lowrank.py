@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from itertools import chain
@@ -349,7 +348,9 @@ class LowRankAdamW(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``; the whole checkpoint is validated before anything changes.
+        """Load a ``state_dict()``; the whole checkpoint is validated before anything changes
+        (:mod:`.loading`: a state dict of another method or rank, or with malformed values, is refused
+        naming the key, and the optimizer keeps its state).
 
         Unlike ``torch.optim.Optimizer.load_state_dict``, tensors keep the dtype they were saved in
         (float32 moments of a bf16 weight stay float32, integer indices stay integers) and only move
@@ -361,27 +362,10 @@ class LowRankAdamW(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("an optimizer state_dict needs the keys 'state' and 'param_groups'")
-        new_groups = loading.loaded_groups(self, deepcopy(state_dict["param_groups"]))
-        id_map = dict(zip(chain.from_iterable(sg["params"] for sg in state_dict["param_groups"]),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        group_of = {p: ng for ng in new_groups for p in ng["params"]}
-        new_state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        for key, value in state_dict["state"].items():
-            if key in id_map:
-                p = id_map[key]
-                value = _state.normalize_step(_state.to_device(value, distributed.local(p).device))
-                loading.check_loaded_state(self, p, group_of[p], value)
-                new_state[p] = value
-            else:
-                new_state[key] = value
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self.__setstate__(loading.loaded(self, state_dict))
         self._cache().clear()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
 
     # ------------------------------------------------------------------ introspection
     def state_nbytes(self) -> dict[str, int]:
