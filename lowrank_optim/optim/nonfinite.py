@@ -12,6 +12,10 @@ The group key ``nonfinite`` says what a step does with them:
   refresh (an SVD of a non-finite gradient poisons the basis), and for the parameters of a group with
   ``state_bits=8`` and INT8 weights (a block's scale cannot hold inf or NaN).
 
+Under layer-wise updates (``step_parameters``) each call is a step of its own: a refused or skipped call
+leaves the parameters of that call as they were (and counts one skip), not those stepped earlier in
+the same backward.
+
 The check is one pass over each gradient: a float32 sum per gradient (``torch._foreach_norm`` on CUDA),
 non-finite when any element is, confirmed exactly (``isfinite``) only for the gradients it flags (a sum
 of finite values can overflow), then one host synchronisation for all of them. On FSDP2 shards the flags
