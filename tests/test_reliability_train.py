@@ -217,6 +217,49 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary file
 
 
+def test_a_full_disk_during_a_distributed_save_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+    """The same for --fsdp (a 1-rank mesh in this process): torch.distributed.checkpoint reports the
+    ENOSPC of a shard as a CheckpointException (a BaseException, so ``except Exception`` let it through
+    as a traceback) whose text is torch.save's ``unexpected pos``, not the disk's. Without a tmpfs, the
+    shard files of the save of step 4 are written to a stream that raises ENOSPC after 256 KiB."""
+    out = tmp_path / "disk" / "run"
+    with small_disk(tmp_path / "disk", "9m") as mounted:
+        if not mounted:
+            from torch.distributed.checkpoint import filesystem
+
+            real_create = filesystem.FileSystem.create_stream
+
+            class FullDisk:
+                """A shard's stream on a disk that fills after 256 KiB: inside a tensor's torch.save,
+                which wraps the ENOSPC in ``unexpected pos`` as it does on a real disk."""
+
+                def __init__(self, f):
+                    self.f, self.written = f, 0
+
+                def write(self, data):
+                    self.written += len(data)
+                    if self.written > 2**18:
+                        raise OSError(28, "No space left on device")
+                    return self.f.write(data)
+
+                def __getattr__(self, name):
+                    return getattr(self.f, name)
+
+            @contextlib.contextmanager
+            def create_stream(self, path, mode):
+                with real_create(self, path, mode) as f:
+                    yield FullDisk(f) if f".{checkpoint.DCP_NAME}.4.tmp" in str(path) else f
+
+            monkeypatch.setattr(filesystem.FileSystem, "create_stream", create_stream)
+        rc, err = cli(capsys, *flags(corpus, out, "--fsdp", "--max-steps", "6", "--save-every", "2", "--eval-every", "6"))
+        assert rc == 2
+        assert one_line_error(err) == (f"lowrank-optim pretrain: error: could not save the checkpoint to "
+                                       f"{str(out / checkpoint.DCP_NAME)!r} (No space left on device); the previous "
+                                       "checkpoint is unchanged")
+        assert checkpoint.load_dcp_meta(out / checkpoint.DCP_NAME)["step"] == 2
+        assert sorted(p.name for p in out.iterdir()) == [checkpoint.DCP_NAME, "metrics.jsonl"]
+
+
 def test_a_failing_metrics_write_is_one_line(tmp_path, corpus, capsys, monkeypatch):
     """metrics.jsonl's append fails (ENOSPC) after step 1 of a resumed run: one line naming the file and
     the intact checkpoint, status 2, every rank alike (before: a traceback)."""

@@ -10,6 +10,8 @@ the digests and the tensors-only reading of distributed checkpoints.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,17 +117,17 @@ def _save_fsdp(run: _Run, at: int, position: int) -> None:
     final = run.out / ckpt_io.DCP_NAME
     tmp = run.out / f".{ckpt_io.DCP_NAME}.{at}.tmp"
     failed = lambda why: f"could not save the checkpoint to {str(final)!r} ({why}); the previous checkpoint is unchanged"  # noqa: E731
-    error = None
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
     dist.barrier()
+    writer = _recording_writer(tmp)
+    why = None
     try:
-        dcp.save(_dcp_state(run.model, run.opt), checkpoint_id=str(tmp))
+        dcp.save(_dcp_state(run.model, run.opt), storage_writer=writer)
     except dcp_failures() as err:  # raised on every rank: DCP gathers the ranks' write results
-        error = failed(reason(err))
-    files = _gather_digests(tmp, error is None)
-    if error is None and isinstance(files, str):
-        error = failed(files)
+        why = writer.os_error.strerror if writer.os_error is not None else reason(err)
+    files = _gather_digests(tmp, why, writer.os_error is not None)
+    error = failed(files) if isinstance(files, str) else None
     if error is None and is_main:
         meta = {"format": ckpt_io.DCP_FORMAT, "version": ckpt_io.VERSION, **_meta(run, at, position)}
         try:
@@ -140,19 +142,55 @@ def _save_fsdp(run: _Run, at: int, position: int) -> None:
     agree(error)  # also the barrier: no rank goes on before the checkpoint is in place
 
 
-def _gather_digests(tmp: Path, ok: bool) -> dict[str, Any] | str:
+def _recording_writer(path: Path) -> Any:
+    """torch's FileSystemWriter for ``path`` whose streams keep, in ``writer.os_error``, the first OSError a
+    write of this rank raised: torch.save inside it turns ENOSPC into ``RuntimeError: ... unexpected pos``,
+    and DCP hands that RuntimeError to the ranks pickled, without its cause."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    writer = FileSystemWriter(str(path))
+    writer.os_error = None
+    create = writer.fs.create_stream
+
+    @contextmanager
+    def create_stream(p: Any, mode: str) -> Iterator[Any]:
+        try:
+            with create(p, mode) as stream:
+                yield stream
+        except BaseException as err:
+            writer.os_error = writer.os_error or _os_error(err)
+            raise
+
+    writer.fs.create_stream = create_stream  # the instance's, which the writer hands to its write threads
+    return writer
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError (with its text) that ``err`` is, or was raised while handling."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.strerror:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _gather_digests(tmp: Path, why: str | None, exact: bool) -> dict[str, Any] | str:
     """The digests of every rank's shard files (each rank hashes the ``__<rank>_*.distcp`` it wrote), or
-    the first rank's reason it could not."""
-    mine: dict[str, Any] | str = {}
-    if ok:
+    why a rank could not save: ``why`` of the first rank that knows the OSError itself (``exact``), else
+    of the first that failed."""
+    mine: dict[str, Any] | tuple[bool, str] = (exact, why) if why is not None else {}
+    if why is None:
         try:
             mine = integrity.files_digest(tmp, [p.name for p in tmp.glob(f"__{dist.get_rank()}_*.distcp")])
         except OSError as err:
-            mine = err.strerror or str(err)
+            mine = (True, err.strerror or str(err))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    failure = next((m for m in everyone if isinstance(m, str)), None)
-    return failure if failure is not None else {k: v for m in everyone for k, v in m.items()}
+    failures = sorted((not m[0], rank, m[1]) for rank, m in enumerate(everyone) if isinstance(m, tuple))
+    return failures[0][2] if failures else {k: v for m in everyone for k, v in m.items()}
 
 
 # ----------------------------------------------------------------- resuming
