@@ -51,10 +51,11 @@ def backward(model, tokens, poison=None):
 # ---------------------------------------------------------------------------- nonfinite=
 @pytest.mark.parametrize("name,cls,kw", PRESET_CASES, ids=[c[0] for c in PRESET_CASES])
 def test_non_finite_gradient_raise_skip_ignore(name, cls, kw):
-    """At step 1 (no refresh: the gap is 3) one NaN in one gradient. ``raise`` (the default) refuses
-    with nothing changed; ``skip`` changes nothing but the counter, which a checkpoint keeps, and the
-    run then equals one that never took that step, bit for bit; ``ignore`` never raises once something
-    changed, and later steps with finite gradients go on (SUMO's SVD of a NaN momentum included)."""
+    """At step 1 one NaN in one gradient (gap 3, staggered: the weights of phase 1 renew their subspace
+    there). ``raise`` (the default) refuses with nothing changed; ``skip`` changes nothing but the
+    counter, which a checkpoint keeps, and the run then equals one that never took that step, bit for
+    bit; ``ignore`` never raises once something changed, and later steps with finite gradients go on
+    (SUMO's SVD of a NaN momentum included)."""
     data = batches(4)
     model, opt = build(cls, kw)
     assert all(g["nonfinite"] == "raise" for g in opt.param_groups)
@@ -108,15 +109,20 @@ def test_sumo_nan_momentum_does_not_raise_midway():
     x[2, 3] = NAN
     assert orthogonalize_svd(x).isnan().all()
     assert torch.allclose(orthogonalize_svd(torch.eye(4) * 3), torch.eye(4))
-    model, opt = build(lro.SUMO, {}, nonfinite="ignore")
-    data = batches(3)
+    # stagger=False: every subspace renews at steps 0, 3, 6 (gap 3), so step 1 is a non-refresh step for all
+    model, opt = build(lro.SUMO, {}, nonfinite="ignore", stagger=False)
+    data = batches(2)
     train(model, opt, data[:1])
     backward(model, data[1], NAN)
     opt.step()
     state = opt.state[model.layers[0].up_proj.weight]
     assert int(state["step"]) == 2 and state["momentum_buffer"].isnan().any()
-    backward(model, data[2])
-    opt.step()  # raised _LinAlgError before
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # clean gradients at steps 2 and 3 (a refresh): raised _LinAlgError before
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        opt.step()
+    assert int(state["step"]) == 4
 
 
 def test_misshapen_gradient_at_a_refresh_is_refused_before_anything():
