@@ -193,6 +193,8 @@ LOADS = [
     ("step-nan", mangle("step", NAN), r"step=nan; it must be finite"),
     ("step-fraction", mangle("step", torch.tensor(2.5)), r"step=2.5"),
     ("step-vector", mangle("step", torch.ones(3)), r"step must be a real scalar tensor"),
+    ("next-refresh-negative", mangle("next_refresh", torch.tensor(-3)), r"next_refresh=-3.0; it must be an integer"),
+    ("next-refresh-nan", mangle("next_refresh", torch.tensor(NAN)), r"next_refresh=nan; it must be finite"),
     ("state-not-dict", lambda sd: sd["state"].__setitem__(0, [1, 2]), r"the state of parameter 0 is a list"),
 ]
 

@@ -8,8 +8,9 @@ What is refused, naming the group or parameter and the key:
   ``torch.optim.AdamW`` saves them, loads only into a group that has their defaults: an unprojected one);
 * a state that does not fit: a projected parameter's state without a projector or the reverse, a basis of
   another shape or rank, the rule's keys missing or of another shape;
-* malformed values: a ``step`` that is not a finite integer ≥ 0, moments of another dtype than the step
-  keeps them in, non-finite moments or bases, negative second moments.
+* malformed values: a ``step`` (or ``next_refresh``, the step of the next subspace refresh) that is not a
+  finite integer ≥ 0, moments of another dtype than the step keeps them in, non-finite moments or bases,
+  negative second moments.
 
 Hyperparameters (``lr``, ``betas``, ``scale``, ``update_proj_gap``, ...) are taken from the state dict, as
 ``torch.optim.Optimizer.load_state_dict`` does.
