@@ -143,12 +143,22 @@ def test_a_tampered_schedule_is_refused(saved_run):
         saving._load_schedule(run, {**state, "base_lrs": [0.3]}, 2, Path("ckpt"))
 
 
-def test_a_config_mismatch_names_the_key(saved_run):
+def test_a_config_mismatch_names_the_key(saved_run, tmp_path, corpus, capsys):
+    """--resume with a config that differs in one key (before: 'a different run', no key named): the
+    line names the key and both values; the same for an optimizer option."""
     saved = checkpoint.load(saved_run / "checkpoint.pt")
     config = json.loads(saved["run"]["config"])
     now = {**saved["run"], "config": json.dumps({**config, "rms_norm_eps": 1e-5}, sort_keys=True)}
     with pytest.raises(CheckpointError, match=r"from a different run \(config.rms_norm_eps: checkpoint 1e-06, now 1e-05\)"):
         checkpoint.check_same_run(saved["run"], now, "ckpt")
+    out = copy_run(saved_run, tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(Path(TINY).read_text()), "rms_norm_eps": 1e-5}))
+    for extra, named in ((["--config", str(other)], "config.rms_norm_eps: checkpoint 1e-06, now 1e-05"),
+                         (["--update-proj-gap", "3"], "options.update_proj_gap: checkpoint 2, now 3")):
+        rc, err = cli(capsys, *flags(corpus, out, "--max-steps", "4", "--resume", *extra))
+        assert rc == 2 and f"is from a different run ({named}); resume with the same settings" in one_line_error(err)
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 2
 
 
 def test_a_version_1_checkpoint_without_digest_still_loads(saved_run, tmp_path):
@@ -276,7 +286,7 @@ def test_a_failing_metrics_write_is_one_line(tmp_path, corpus, capsys, monkeypat
         def __getattr__(self, name):
             return getattr(self.real, name)
 
-    monkeypatch.setattr(train_loop, "open", lambda path, mode="r": FullDisk(open(path, mode)), raising=False)
+    monkeypatch.setattr(train_loop, "open", lambda *args, **kw: FullDisk(open(*args, **kw)), raising=False)
     rc, err = cli(capsys, *flags(corpus, out, "--max-steps", "3", "--resume"))
     assert rc == 2
     assert one_line_error(err).endswith(f"could not write the metrics to {str(out / 'metrics.jsonl')!r} (No space "
@@ -351,6 +361,22 @@ def test_divergence_at_a_refresh_is_one_line_and_metrics_links_are_not_followed(
            "has a non-finite gradient (inf or NaN) at step 0)" in line and line.endswith("lower --lr (now 0.03)")
 
 
+def test_a_resumed_run_does_not_follow_a_metrics_link(saved_run, tmp_path, corpus, capsys):
+    """On --resume, metrics.jsonl is a link: to a file (before: read, kept records from it) or to a
+    path that does not exist (before: appending through it created that file). The link is replaced by
+    a file of this run's records; the target is neither read nor written."""
+    victim, absent = tmp_path / "victim.txt", tmp_path / "absent.txt"
+    victim.write_text('{"step": 1}\n')
+    for target in (victim, absent):
+        out = copy_run(saved_run, tmp_path / target.stem)
+        (out / "metrics.jsonl").unlink()
+        (out / "metrics.jsonl").symlink_to(target)
+        rc, err = cli(capsys, *flags(corpus, out, "--max-steps", "4", "--resume"))
+        assert rc == 0, err
+        assert not (out / "metrics.jsonl").is_symlink() and [r["step"] for r in records(out)] == [3, 4]
+    assert victim.read_text() == '{"step": 1}\n' and not absent.exists()
+
+
 # ---------------------------------------------------------------------------- two writers, SIGTERM
 def test_two_runs_on_one_out_and_preemption_by_sigterm(tmp_path, corpus, capsys):
     """Two runs started together on one --out (before: both ran, metrics.jsonl held every step twice and
@@ -422,6 +448,34 @@ def test_dcp_files_are_listed_and_checked(fsdp_run, tmp_path):
     shard.unlink()
     assert checkpoint.check_dcp_files(folder, meta).endswith("is corrupt: its file '__0_0.distcp' is missing")
     assert checkpoint.check_dcp_files(folder, meta, rank=0, world=2) is None  # rank 0 of 2: .metadata only
+
+
+def test_a_truncated_or_missing_shard_is_one_line(fsdp_run, tmp_path, corpus, capsys):
+    """A shard cut to half its size, or deleted (before: a CheckpointException traceback, which
+    ``except Exception`` misses): refused in one line naming the file. With meta.pt's digests rewritten
+    to match the cut shard, torch's reader itself meets the short file: one line too."""
+    for case in ("truncated", "missing", "resigned"):
+        out = copy_run(fsdp_run, tmp_path / case)
+        folder = out / checkpoint.DCP_NAME
+        shard = folder / "__0_0.distcp"
+        size = shard.stat().st_size
+        if case == "missing":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[: size // 2])
+        if case == "resigned":
+            meta = torch.load(folder / checkpoint.DCP_META, weights_only=True)
+            meta["files"]["__0_0.distcp"] = integrity.file_digest(shard)
+            checkpoint.save_file(integrity.with_digest({k: v for k, v in meta.items() if k != "digest"}),
+                                 folder / checkpoint.DCP_META)
+        rc, err = cli(capsys, *flags(corpus, out, "--fsdp", "--max-steps", "2", "--resume"))
+        assert rc == 2, case
+        line = one_line_error(err)
+        why = {"truncated": f"is corrupt: its file '__0_0.distcp' has {size // 2} bytes, {size} were written "
+                            "(truncated or replaced)",
+               "missing": "is corrupt: its file '__0_0.distcp' is missing",
+               "resigned": "does not fit this model and optimizer, or is corrupt ("}[case]
+        assert f"the checkpoint {str(folder)!r} {why}" in line, (case, line)
 
 
 def test_fsdp_resume_runs_no_code_and_refuses_bit_rot(fsdp_run, tmp_path, corpus, capsys):

@@ -283,7 +283,11 @@ def _holding_out(a: TrainArgs, log: Callable[[str], None] | None) -> Iterator[No
 
 
 def _rewrite_metrics(path: Path, upto: int) -> None:
-    """Keep the records of steps <= ``upto`` (those a resumed run does not repeat), atomically."""
+    """Keep the records of steps <= ``upto`` (those a resumed run does not repeat), atomically. A link in
+    the file's place is not read: it is replaced by an empty file, its target left as it is."""
+    if path.is_symlink():
+        outdir.create_empty(path)
+        return
     if not path.exists():
         return
     kept = []
@@ -569,12 +573,18 @@ def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], da
 
 # ----------------------------------------------------------------- metrics, wrapping
 def _start_metrics(run: _Run, step: int) -> None:
-    """Rank 0 empties the metrics file, or on ``--resume`` keeps its records up to ``step``."""
+    """Rank 0 empties the metrics file, or on ``--resume`` keeps its records up to ``step``; if it cannot,
+    every rank stops with its reason (no rank goes on to the steps' collectives alone)."""
+    error = None
     if run.metrics_path is not None and run.is_main:
-        if run.a.resume:
-            _rewrite_metrics(run.metrics_path, step)
-        else:
-            outdir.create_empty(run.metrics_path)  # not through a link: its target is never truncated
+        try:
+            if run.a.resume:
+                _rewrite_metrics(run.metrics_path, step)
+            else:
+                outdir.create_empty(run.metrics_path)  # not through a link: its target is never truncated
+        except TrainError as err:
+            error = str(err)
+    saving.agree(error)
 
 
 def _wrap_model(run: _Run) -> _Wrapped:
@@ -661,7 +671,14 @@ class _Metrics:
 
     def __init__(self, run: _Run) -> None:
         self.path = run.metrics_path if run.is_main else None
-        self.file = open(self.path, "a") if self.path is not None else None  # noqa: SIM115
+        self.file = None
+        error = None
+        if self.path is not None:
+            try:
+                self.file = open(self.path, "a", opener=_no_follow)  # noqa: SIM115 (closed by close())
+            except OSError as err:
+                error = f"cannot open {str(self.path)!r} to append the metrics: {err.strerror or err}"
+        saving.agree(error)
 
     def write(self, rec: dict[str, Any], saved_at: int | None) -> str | None:
         if self.file is None:
@@ -680,6 +697,11 @@ class _Metrics:
             with contextlib.suppress(OSError):  # a full disk fails the flush of what is left, again
                 self.file.close()
             self.file = None
+
+
+def _no_follow(path: str, flags: int) -> int:
+    """``open``'s opener that never writes through a link in the file's place (ELOOP instead)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
 
 
 def _progress_bar(run: _Run, step: int) -> Any:

@@ -77,7 +77,8 @@ class OutLock:
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                           0o644)
         except OSError as err:
             raise TrainError(f"cannot lock --out {str(self.path.parent)!r}: {self.path.name}: "
                              f"{err.strerror or err} (remove it if it is a link)") from None
@@ -147,7 +148,7 @@ def create_empty(path: Path) -> None:
         if path.is_dir() and not path.is_symlink():
             raise TrainError(f"{str(path)!r} is a folder; remove it")
         path.unlink()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         os.close(os.open(path, flags, 0o666))
     except OSError as err:
