@@ -125,11 +125,13 @@ def test_sumo_nan_momentum_does_not_raise_midway():
     assert int(state["step"]) == 4
 
 
-def test_misshapen_gradient_at_a_refresh_is_refused_before_anything():
-    """A gradient of the wrong shape (``p.grad.data`` replaced) at a refresh step was partly applied."""
-    model, opt = build(lro.GaLoreAdamW, {})
+@pytest.mark.parametrize("stagger", [False, True])
+def test_misshapen_gradient_at_a_refresh_is_refused_before_anything(stagger):
+    """A gradient of the wrong shape (``p.grad.data`` replaced) at a refresh step was partly applied.
+    Step 3 renews every subspace with stagger=False (gap 3), those of phase 3 with the default."""
+    model, opt = build(lro.GaLoreAdamW, {}, stagger=stagger)
     data = batches(4)
-    train(model, opt, data[:3])  # the next step (3) refreshes
+    train(model, opt, data[:3])
     backward(model, data[3])
     w = model.layers[1].down_proj.weight
     w.grad.data = torch.randn(w.shape[1], w.shape[0])
