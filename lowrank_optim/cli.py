@@ -164,14 +164,19 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run_train_command(name: str, fn, args: argparse.Namespace) -> int:
-    """Run pretrain/compare; bad input is one line on stderr and exit status 2."""
+    """Run pretrain/compare; bad input is one line on stderr and exit status 2; a run stopped by SIGTERM
+    or SIGINT (saved at a step boundary) one line and 128 + the signal's number (143, 130)."""
     from .train import TrainError
+    from .train.preempt import Stopped
 
     try:
         return fn(args)
     except (TrainError, ValueError, FileNotFoundError) as err:
         print(f"lowrank-optim {name}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"lowrank-optim {name}: {stop}", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(f"lowrank-optim {name}: interrupted (the last checkpoint, if any, is intact)", file=sys.stderr)
         return 130

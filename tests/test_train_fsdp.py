@@ -24,11 +24,13 @@ except ImportError:
     pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
 
 
-# One torchrun launch runs the command line four times (the process group is set up once): FSDP for
-# 4 steps; FSDP stopped after step 2; the same resumed; an option FSDP2 shards do not support.
+# One torchrun launch runs the command line five times (the process group is set up once): FSDP for
+# 4 steps; FSDP stopped after step 2; the same resumed; an option FSDP2 shards do not support; a run
+# preempted by a SIGTERM that only rank 1 receives, after its step 2.
 WORKER = textwrap.dedent("""
-    import sys
+    import os, signal, sys
     from lowrank_optim.cli import main
+    from lowrank_optim.train import loop
     from lowrank_optim.train.loop import process_group
 
     flags, out = sys.argv[1:-1], sys.argv[-1]
@@ -37,6 +39,16 @@ WORKER = textwrap.dedent("""
                       ["--out", out + "/part", "--resume"]):
             assert main(["pretrain", *flags, "--fsdp", *extra]) == 0, extra
         assert main(["pretrain", *flags, "--fsdp", "--projector", "dct", "--out", out + "/bad"]) == 2
+        real_step = loop._train_step
+
+        def step_then_signal(run, progress, wrapped):
+            done = real_step(run, progress, wrapped)
+            if run.rank == 1 and progress.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return done
+
+        loop._train_step = step_then_signal
+        assert main(["pretrain", *flags, "--fsdp", "--save-every", "0", "--out", out + "/preempted"]) == 143
 """)
 
 
@@ -83,7 +95,7 @@ def test_torchrun_fsdp_two_processes(tmp_path, capsys):
     bound was set from the float32 measurement and is kept."""
     res = torchrun(tmp_path, WORKER, *FLAGS, "--batch-size", "2", str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("held-out loss") == 3  # rank 0 reports each run, rank 1 does not
+    assert res.stdout.count("held-out loss") == 3  # rank 0 reports each finished run, rank 1 does not
     # the unsupported option: refused when the optimizer is built, one line per rank, no traceback
     bad = [ln for ln in res.stderr.splitlines() if ln.startswith("lowrank-optim pretrain: error:")]
     assert len(bad) == 2 and bad[0].startswith("lowrank-optim pretrain: error: galore:") and "FSDP2" in bad[0], res.stderr[-3000:]
@@ -114,6 +126,17 @@ def test_torchrun_fsdp_two_processes(tmp_path, capsys):
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in c], rel=5e-3)
     assert [r["step"] for r in a if "eval_loss" in r] == [r["step"] for r in c if "eval_loss" in r] == [2, 4]
     assert [r["eval_loss"] for r in a if "eval_loss" in r] == pytest.approx([r["eval_loss"] for r in c if "eval_loss" in r], rel=5e-3)
+
+    # SIGTERM on rank 1 alone: both ranks stop after step 2 (they agree at the step boundary), both write
+    # their shards of the checkpoint of step 2 (save-every 0 would have saved only at step 4), status 143
+    preempted = tmp_path / "preempted"
+    stops = [ln for ln in res.stderr.splitlines() if ln.startswith("lowrank-optim pretrain: stopped by SIGTERM")]
+    stop = "lowrank-optim pretrain: stopped by SIGTERM after step 2; the checkpoint of step 2 is saved; --resume continues"
+    assert stops == [stop, stop], res.stderr[-3000:]
+    assert sorted(p.name for p in preempted.iterdir()) == [checkpoint.DCP_NAME, "metrics.jsonl"]
+    assert checkpoint.load_dcp_meta(preempted / checkpoint.DCP_NAME)["step"] == 2
+    for key in ("step", "loss", "grad_norm", "lr", "eval_loss"):  # the run stopped by --stop-at 2, to the bit
+        assert [r.get(key) for r in records(preempted)] == [r.get(key) for r in records(part)[:2]], key
 
     # --resume of the other kind's checkpoint says which flag to use
     capsys.readouterr()

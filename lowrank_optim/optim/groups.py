@@ -16,6 +16,7 @@ from .. import projectors as _projectors
 from .. import rules as _rules
 from ..projectors.base import choose_side
 from . import options
+from .nonfinite import SKIPPED
 
 if TYPE_CHECKING:
     from .lowrank import LowRankAdamW
@@ -38,6 +39,7 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
     param_group["params"] = list(params)
     if "betas" in param_group and isinstance(param_group["betas"], list):
         param_group["betas"] = tuple(param_group["betas"])
+    param_group.setdefault(SKIPPED, 0)  # steps skipped for a non-finite gradient (nonfinite="skip")
     known = [*opt.defaults, *options.part_defaults()]
     for key in param_group:
         if key in known or key in ("params", "param_names"):

@@ -1,19 +1,69 @@
 """Loading a state dict: the saved groups and every parameter's state are checked against this optimizer
 before anything changes, so a refused checkpoint leaves the optimizer as it was.
+
+What is refused, naming the group or parameter and the key:
+
+* a state dict of another method or rank: a saved group whose ``rank``, ``projector``, ``rule``, residual,
+  scaling, refresh policy or storage differs from this optimizer's (a group saved without these keys, as
+  ``torch.optim.AdamW`` saves them, loads only into a group that has their defaults: an unprojected one);
+* a state that does not fit: a projected parameter's state without a projector or the reverse, a basis of
+  another shape or rank, the rule's keys missing or of another shape;
+* malformed values: a ``step`` (or ``next_refresh``, the step of the next subspace refresh) that is not a
+  finite integer ≥ 0, moments of another dtype than the step keeps them in, non-finite moments or bases,
+  negative second moments.
+
+Hyperparameters (``lr``, ``betas``, ``scale``, ``update_proj_gap``, ...) are taken from the state dict, as
+``torch.optim.Optimizer.load_state_dict`` does.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from .. import distributed
 from .. import rules as _rules
 from . import options
 from . import state as _state
 
 if TYPE_CHECKING:
     from .lowrank import LowRankAdamW
+
+#: Group keys that choose the method and the layout of its state: a state dict must agree on them.
+METHOD_KEYS = ("rank", "projector", "proj_type", "rule", "residual", "scaling", "on_refresh", "refresh",
+               "state_bits", "proj_bits")
+
+
+def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:
+    """The ``{"state", "param_groups"}`` that loading ``state_dict`` into ``opt`` gives, every part checked
+    (ValueError naming what does not fit); ``opt`` is not touched."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError("an optimizer state_dict is a dict with a dict 'state' and a list 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if not all(isinstance(sg, dict) and isinstance(sg.get("params"), list) for sg in saved_groups):
+        raise ValueError("each of the state dict's param_groups must be a dict with a list 'params'")
+    new_groups = loaded_groups(opt, deepcopy(saved_groups))
+    id_map = dict(zip(chain.from_iterable(sg["params"] for sg in saved_groups),
+                      chain.from_iterable(g["params"] for g in opt.param_groups)))
+    group_of = {p: ng for ng in new_groups for p in ng["params"]}
+    new_state: defaultdict[Any, Any] = defaultdict(dict)
+    for key, value in state_dict["state"].items():
+        if key in id_map:
+            p = id_map[key]
+            if not isinstance(value, dict):
+                raise ValueError(f"{type(opt).__name__}.load_state_dict: the state of parameter {key!r} is a "
+                                 f"{type(value).__name__}, not a dict")
+            value = _state.normalize_step(_state.to_device(value, distributed.local(p).device))
+            check_loaded_state(opt, p, group_of[p], value)
+            new_state[p] = value
+        else:
+            new_state[key] = value
+    return {"state": new_state, "param_groups": new_groups}
 
 
 def loaded_groups(opt: "LowRankAdamW", saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -30,8 +80,25 @@ def loaded_groups(opt: "LowRankAdamW", saved_groups: list[dict[str, Any]]) -> li
         if "param_names" in g and "param_names" not in sg:
             ng["param_names"] = g["param_names"]
         options.check_group(ng, f"{type(opt).__name__} loaded param group {k}")
+        _check_same_method(f"{type(opt).__name__}.load_state_dict: param group {k}", g, sg)
         new_groups.append(ng)
     return new_groups
+
+
+def _check_same_method(where: str, group: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse a saved group of another method, rank or storage than ``group`` (see :data:`METHOD_KEYS`)."""
+    for key in METHOD_KEYS:
+        ours = group.get(key, options.CORE_DEFAULTS.get(key))
+        if key in saved:
+            if saved[key] != ours:
+                raise ValueError(
+                    f"{where}: the state dict has {key}={saved[key]!r}, this optimizer {key}={ours!r}; a state "
+                    f"dict of another method or rank does not load. Build the optimizer with {key}={saved[key]!r} "
+                    "to resume it")
+        elif ours != options.CORE_DEFAULTS.get(key):
+            raise ValueError(
+                f"{where}: the state dict has no {key!r} (it was saved by another optimizer, e.g. "
+                f"torch.optim.AdamW), and this group has {key}={ours!r}; its state cannot be loaded here")
 
 
 def check_loaded_state(opt: "LowRankAdamW", p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -50,12 +117,14 @@ def check_loaded_state(opt: "LowRankAdamW", p: Tensor, group: dict[str, Any], st
         try:
             proj.load_state_dict(proj.import_state(state["projector"]))
             proj.check_fits(tuple(p.shape))
-        except (ValueError, TypeError, KeyError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ValueError(f"{where}: {err}") from None
-        shape = proj.low_rank_shape(tuple(p.shape))
+        _state.check_finite_entries(where, "its projector's", state["projector"])
+        shape, dtype = proj.low_rank_shape(tuple(p.shape)), _state.state_dtype(p.dtype)
     else:
         if "projector" in state:
             raise ValueError(f"{where}: saved state is low-rank, but this group updates the parameter as "
                              "plain AdamW (check rank and the parameter's shape)")
-        rule, shape = _rules.get(rule.plain_rule), tuple(p.shape)
+        rule, shape, dtype = _rules.get(rule.plain_rule), tuple(p.shape), opt._plain_moment_dtype(group, p)
     _state.check_loaded(where, rule, group, state, shape)
+    _state.check_values(where, rule, state, dtype)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from itertools import chain
@@ -47,7 +46,7 @@ from .. import projectors as _projectors
 from .. import rules as _rules
 from ..projectors import Projector
 from . import groups as _groups
-from . import loading, options, writeback
+from . import loading, nonfinite, options, writeback
 from . import state as _state
 from . import step as _step
 from .groups import RankFallbackWarning
@@ -113,6 +112,8 @@ class LowRankAdamW(Optimizer):
             U Vᵀ, SUMO) or ``newton_schulz`` (Muon's iteration) and its steps.
         beta2_decay, clip_threshold: Adafactor's decay exponent c (β̂₂ₜ = 1 − t^c, −0.8) and update
             clipping threshold d (1.0); its ε₁ is ``eps``.
+        nonfinite: a gradient with inf or NaN: ``raise`` (refused before any change), ``skip`` (the step
+            is skipped and counted in ``group["nonfinite_skipped"]``) or ``ignore`` (:mod:`.nonfinite`).
         foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
             at a time; both give the same numbers on CPU).
         maximize: maximize the objective (step along +G), as ``torch.optim.AdamW``.
@@ -163,6 +164,7 @@ class LowRankAdamW(Optimizer):
         ns_steps: int = PRESET_DEFAULT,
         beta2_decay: float = PRESET_DEFAULT,
         clip_threshold: float = PRESET_DEFAULT,
+        nonfinite: str = PRESET_DEFAULT,
         foreach: bool | None = None,
         maximize: bool = False,
         capturable: bool = False,
@@ -221,10 +223,6 @@ class LowRankAdamW(Optimizer):
         super().add_param_group(param_group)
         self._cache().clear()
         _groups.warn_fallbacks(self, self.param_groups[-1])
-
-
-
-
 
     def _label(self, group: dict[str, Any], i: int) -> str:
         """The parameter's name where the groups carry names, else its position."""
@@ -301,9 +299,9 @@ class LowRankAdamW(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` (re-evaluating the loss) runs with grad enabled.
 
-        Every check (sparse gradients, non-finite gradients at a refresh, the refresh itself) runs
-        for all parameters before any weight or state is written, so a step that raises leaves the
-        model and the optimizer exactly as they were.
+        Every check (sparse, misshapen and non-finite gradients, the refresh itself) runs for all
+        parameters before any weight or state is written, so a step that raises leaves the model and
+        the optimizer exactly as they were.
         """
         loss = None
         if closure is not None:
@@ -323,6 +321,8 @@ class LowRankAdamW(Optimizer):
         self._step_subset({id(p) for p in params})
 
     def _step_subset(self, only: set[int] | None) -> None:
+        if nonfinite.skip_step(self, only):  # before anything: raises, or skips and counts (nonfinite=)
+            return
         groups = [_step.as_float_lr(g) for g in self.param_groups]
         plans = [_step.plan(self, group, only) for group in groups]
         for group, (plain, low) in zip(groups, plans):
@@ -344,10 +344,11 @@ class LowRankAdamW(Optimizer):
                 if not self.state[p]:
                     self.state[p].update(_step.placeholder(self, group, p))
 
-
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``; the whole checkpoint is validated before anything changes.
+        """Load a ``state_dict()``; the whole checkpoint is validated before anything changes
+        (:mod:`.loading`: a state dict of another method or rank, or with malformed values, is refused
+        naming the key, and the optimizer keeps its state).
 
         Unlike ``torch.optim.Optimizer.load_state_dict``, tensors keep the dtype they were saved in
         (float32 moments of a bf16 weight stay float32, integer indices stay integers) and only move
@@ -359,27 +360,10 @@ class LowRankAdamW(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("an optimizer state_dict needs the keys 'state' and 'param_groups'")
-        new_groups = loading.loaded_groups(self, deepcopy(state_dict["param_groups"]))
-        id_map = dict(zip(chain.from_iterable(sg["params"] for sg in state_dict["param_groups"]),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        group_of = {p: ng for ng in new_groups for p in ng["params"]}
-        new_state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        for key, value in state_dict["state"].items():
-            if key in id_map:
-                p = id_map[key]
-                value = _state.normalize_step(_state.to_device(value, distributed.local(p).device))
-                loading.check_loaded_state(self, p, group_of[p], value)
-                new_state[p] = value
-            else:
-                new_state[key] = value
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self.__setstate__(loading.loaded(self, state_dict))
         self._cache().clear()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
 
     # ------------------------------------------------------------------ introspection
     def state_nbytes(self) -> dict[str, int]:

@@ -44,7 +44,10 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     stochastic_rounding=None,
     rule="adam",
     momentum=None,
+    nonfinite="raise",
 )
+#: What a step does with a gradient that holds inf or NaN (see :mod:`.nonfinite`).
+NONFINITE = ("raise", "skip", "ignore")
 
 
 def part_defaults() -> dict[str, Any]:
@@ -98,6 +101,9 @@ def _check_adam(group: dict[str, Any], fail: Callable[[str, str], None]) -> None
         fail("foreach", "foreach must be None, True or False")
     if group.get("maximize", False) not in (True, False):
         fail("maximize", "maximize must be True or False")
+    if group.get("nonfinite", "raise") not in NONFINITE:
+        fail("nonfinite", "choose 'raise' (refuse the step, nothing changed), 'skip' (skip the step and count it) "
+             "or 'ignore' (step anyway, as torch.optim.AdamW does)")
 
 
 def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:

@@ -114,6 +114,64 @@ def _check_int8(where: str, state: dict[str, Any], key: str, numel: int) -> None
                          "(one per block of 256); the checkpoint's are incomplete")
 
 
+def check_values(where: str, rule: _rules.Rule, state: dict[str, Any], dtype: torch.dtype) -> None:
+    """Raise ValueError for values a step cannot continue from: a ``step`` that is not a finite integer
+    >= 0, the rule's float moments in another dtype than ``dtype`` (what the step keeps them in) or
+    non-finite, a key in ``rule.nonnegative`` below zero, INT8 codes with a bad absmax, a ``reset_step``
+    outside [0, step], a ``proj_gap`` below 1, a ``next_refresh`` (the refresh schedule) below 0."""
+    step = _scalar(where, "step", state["step"])
+    if step < 0 or step != int(step):
+        raise ValueError(f"{where}: step={step!r}; a step count is an integer >= 0")
+    for key in rule.keys:
+        value = local(state.get(key))
+        if not isinstance(value, Tensor):
+            continue
+        if value.dtype == torch.uint8 and f"{key}_absmax" in state:
+            check_finite_entries(where, "", {f"{key}_absmax": state[f"{key}_absmax"]}, nonnegative=True)
+            continue
+        if value.dtype != dtype:
+            raise ValueError(f"{where}: {key} is {value.dtype}; this optimizer keeps it in {dtype} (was the "
+                             "state dict edited, or saved for a parameter of another dtype?)")
+        check_finite_entries(where, "", {key: value}, nonnegative=key in rule.nonnegative)
+    for key, lowest, highest in (("reset_step", 0, step), ("proj_gap", 1, float("inf")),
+                                 ("next_refresh", 0, float("inf"))):
+        if key in state:
+            value = _scalar(where, key, state[key])
+            if not lowest <= value <= highest or value != int(value):
+                raise ValueError(f"{where}: {key}={value!r}; it must be an integer in [{lowest}, {highest}]")
+
+
+def _scalar(where: str, key: str, value: Any) -> float:
+    value = local(value)
+    if not isinstance(value, Tensor) or value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{where}: {key} must be a real scalar tensor, got {_describe(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: {key}={number!r}; it must be finite")
+    return number
+
+
+def check_finite_entries(where: str, what: str, entries: dict[str, Any], nonnegative: bool = False) -> None:
+    """Raise ValueError when a floating-point tensor among ``entries`` holds inf or NaN (or, with
+    ``nonnegative``, a negative value), naming the key."""
+    for key, value in entries.items():
+        value = local(value)
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.device.type == "meta":
+            continue
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {what + ' ' if what else ''}{key} holds inf or NaN; the state dict is "
+                             "corrupt (resume from an earlier checkpoint)")
+        if nonnegative and value.numel() and bool((value < 0).any()):
+            raise ValueError(f"{where}: {what + ' ' if what else ''}{key} holds negative values, and it is a "
+                             "second moment (>= 0); the state dict is corrupt")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value) if len(repr(value)) < 40 else type(value).__name__
+
+
 def normalize_step(state: dict[str, Any]) -> dict[str, Any]:
     """A loaded state with a Python-number ``step`` (torch.optim.AdamW loads those) gets the float32 tensor."""
     step = state.get("step")

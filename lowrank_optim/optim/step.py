@@ -64,6 +64,10 @@ def plan(opt: "LowRankAdamW", group: dict[str, Any], only: set[int] | None) -> t
                 f"{type(opt).__name__}: parameter {opt._label(group, i)} has a sparse gradient, which is not "
                 "supported; use torch.optim.SparseAdam for it or build the embedding with sparse=False"
             )
+        if p.grad.shape != p.shape:
+            raise ValueError(f"{type(opt).__name__}: parameter {opt._label(group, i)} has a gradient of shape "
+                             f"{tuple(p.grad.shape)}, but the parameter is {tuple(p.shape)}; nothing was changed. "
+                             "Give it a gradient of its own shape (was p.grad.data replaced?)")
         grad = local(p.grad)
         item = Item(p, -grad if group["maximize"] else grad, opt._comm(p))
         if not opt.is_low_rank(p, group):

@@ -62,13 +62,29 @@ def orthogonalize_svd(x: Tensor) -> Tensor:
     dropped rather than given an arbitrary direction.
 
     Computed (for float32 and narrower ``x``) as the polar factor X (XᵀX)^(-1/2) on the short side, from
-    the r×r Gram matrix's ``eigh`` in float64 (the Gram matrix squares the condition number; float64 keeps every direction float32's SVD
-    resolves): the same U Vᵀ to float32 rounding, at a fraction of LAPACK's thin SVD's time for the m×r
-    momenta of a low-rank step (0.3–0.6x on LLaMA-60M shapes)."""
+    the r×r Gram matrix's ``eigh`` in float64 (the Gram matrix squares the condition number; float64 keeps
+    every direction float32's SVD resolves): the same U Vᵀ to float32 rounding, at a fraction of LAPACK's
+    thin SVD's time for the m×r momenta of a low-rank step (0.3–0.6x on LLaMA-60M shapes).
+
+    A matrix holding inf or NaN (a momentum that took a non-finite gradient under ``nonfinite="ignore"``)
+    has no eigendecomposition, and LAPACK would raise midway through a step: it gives NaN everywhere
+    instead, as Adam's update does from such a moment. Decided on the device, without a host
+    synchronisation."""
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    if work.dtype == torch.float64:  # no wider Gram matrix to take: LAPACK's SVD
-        u, s, vh = torch.linalg.svd(work, full_matrices=False)
-        return (u * (s > max(work.shape) * torch.finfo(work.dtype).eps * s.amax()).to(work.dtype)) @ vh
+    finite = torch.isfinite(work).all()
+    work = torch.where(finite, work, torch.zeros((), dtype=work.dtype, device=work.device))
+    out = _svd_factor(work) if work.dtype == torch.float64 else _gram_polar(work)
+    return torch.where(finite, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
+
+
+def _svd_factor(work: Tensor) -> Tensor:
+    """U Vᵀ from LAPACK's thin SVD (float64: there is no wider Gram matrix to take)."""
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    return (u * (s > max(work.shape) * torch.finfo(work.dtype).eps * s.amax()).to(work.dtype)) @ vh
+
+
+def _gram_polar(work: Tensor) -> Tensor:
+    """X (XᵀX)^(-1/2) on the short side, from the Gram matrix's ``eigh`` in float64."""
     tall = work.shape[0] >= work.shape[1]
     y = (work if tall else work.t()).double()
     evals, evecs = torch.linalg.eigh(y.t() @ y)

@@ -11,18 +11,24 @@ with ``torch.load(weights_only=True)``):
   NumPy's global generator;
 * ``run``: the settings that define the trajectory (config, optimizer and its options, data, seed,
   batch and sequence sizes, schedule, dtype, world size), compared field by field on ``--resume``;
-* ``format`` and ``version``, to refuse files that are not ours.
+* ``format`` and ``version``, to refuse files that are not ours;
+* ``digest``: SHA-256 digests of every tensor and of the whole tree (:mod:`.integrity`), checked on
+  ``--resume``, so a flipped bit is refused naming the tensor (version 1 files, written before digests,
+  still load, unchecked).
 
 Saving writes a temporary file in the same folder (``.checkpoint.pt.<random>.tmp``), flushes and
 fsyncs it, then ``os.replace``-s it over ``checkpoint.pt``: a reader sees the old file or the new
 one, never a partial one, and a save that fails (full disk, an exception midway) removes its
-temporary file and leaves the existing checkpoint as it was.
+temporary file and leaves the existing checkpoint as it was. A write that fails inside ``torch.save``
+(which reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos``)
+is raised as the OSError the file gave, so the caller can say "No space left on device".
 
 Under ``--fsdp`` the checkpoint is a folder, ``DIR/checkpoint.dcp/``, written by
 ``torch.distributed.checkpoint`` from every rank: ``model`` and ``optim`` (``get_model_state_dict`` /
 ``get_optimizer_state_dict``, each rank writing its own rows, ``__<rank>_0.distcp`` and
 ``.metadata``), plus ``meta.pt`` from rank 0 with everything else above (``step``, ``position``,
-``scheduler``, ``rng``, ``run``, ``format``, ``version``). Every rank writes into a temporary folder
+``scheduler``, ``rng``, ``run``, ``format``, ``version``, ``digest``) and ``files``: the size and SHA-256
+of every file of the folder, checked before torch reads any of them. Every rank writes into a temporary folder
 ``.checkpoint.dcp.<step>.tmp``; after a barrier rank 0 moves the previous folder aside
 (``.checkpoint.dcp.old``), renames the new one into place and deletes the old one
 (:func:`replace_dir`). A reader (:func:`dcp_path`) takes the aside copy if a crash left no
@@ -31,6 +37,7 @@ Under ``--fsdp`` the checkpoint is a folder, ``DIR/checkpoint.dcp/``, written by
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -43,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import integrity
 from .errors import CheckpointError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -51,7 +59,9 @@ DCP_NAME = "checkpoint.dcp"
 DCP_META = "meta.pt"
 FORMAT = "lowrank-optim pretrain checkpoint"
 DCP_FORMAT = "lowrank-optim pretrain checkpoint (FSDP2, torch.distributed.checkpoint)"
-VERSION = 1
+VERSION = 2
+#: Versions this lowrank-optim reads: 1 (no digests) and 2.
+READS = (1, 2)
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +99,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def restore_rng(state: Any, where: str | os.PathLike[str]) -> None:
+    """:func:`set_rng_state` from a checkpoint; a state that does not load is a CheckpointError, and the
+    generators are left as they were."""
+    before = rng_state()
+    try:
+        set_rng_state(state)
+    except Exception as err:  # noqa: BLE001 - any malformed entry: TypeError, KeyError, ValueError, RuntimeError...
+        set_rng_state(before)
+        raise CheckpointError(f"--resume: the checkpoint {str(where)!r} is corrupt: its random generator state does "
+                              f"not load ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+                              ) from None
+
+
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
@@ -96,7 +119,8 @@ def _as_tuple(x: Any) -> Any:
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    If anything fails before the replace, the temporary file is removed and ``path`` is untouched.
+    If anything fails before the replace, the temporary file is removed and ``path`` is untouched; a
+    failed write is raised as its OSError (see the module doc).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -104,15 +128,43 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         with suppress(OSError):  # mkstemp makes it 0600; give it an ordinary file's mode
             os.chmod(tmp, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            _save_to(obj, f)
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
+
+
+class _Sink:
+    """A binary file for ``torch.save`` that remembers the OSError a write raised (torch wraps it)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_to(obj: Any, f: Any) -> None:
+    """``torch.save(obj, f)``, flushed and fsynced; a failed write raises its own OSError."""
+    sink = _Sink(f)
+    try:
+        torch.save(obj, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -128,9 +180,7 @@ def _fsync_dir(folder: Path) -> None:
 def save_file(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path``, flushed and fsynced (into a folder not yet in place)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+        _save_to(obj, f)
 
 
 def _aside(final: Path) -> Path:
@@ -201,9 +251,11 @@ def _read_checked(file: Path, where: Path, format_: str, what: str, keys: tuple[
         raise CheckpointError(f"--resume: the checkpoint {str(where)!r} is corrupt or unreadable ({reason[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != format_:
         raise CheckpointError(f"--resume: {str(where)!r} is not a lowrank-optim {what} checkpoint")
-    if ckpt.get("version") != VERSION:
+    if ckpt.get("version") not in READS:
         raise CheckpointError(f"--resume: {str(where)!r} has checkpoint version {ckpt.get('version')!r}; this "
-                              f"lowrank-optim reads version {VERSION}")
+                              f"lowrank-optim reads versions {', '.join(map(str, READS))}")
+    if ckpt["version"] >= 2:
+        integrity.verify_tree(ckpt, where)
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise CheckpointError(f"--resume: the checkpoint {str(where)!r} lacks {', '.join(missing)}")
@@ -223,14 +275,55 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_dcp_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``meta.pt`` of the distributed checkpoint folder ``path`` (see the module doc), checked for
-    our format; the model and optimizer are read by ``torch.distributed.checkpoint.load``."""
+    our format; the model and optimizer are read by ``torch.distributed.checkpoint.load``, once
+    :func:`check_dcp_files` has checked every file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--resume: no checkpoint at {str(path)!r} (nothing to resume; drop --resume to start)")
     if not (path / DCP_META).is_file() or not (path / ".metadata").is_file():
         raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is incomplete (no {DCP_META} or .metadata)")
-    return _read_checked(path / DCP_META, path, DCP_FORMAT, "pretrain --fsdp",
+    meta = _read_checked(path / DCP_META, path, DCP_FORMAT, "pretrain --fsdp",
                          ("scheduler", "step", "position", "rng", "run"))
+    files = meta.get("files")
+    if meta["version"] >= 2 and not (isinstance(files, dict) and ".metadata" in files
+                                     and all(isinstance(v, dict) for v in files.values())):
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} does not list its files; it is corrupt")
+    return meta
+
+
+def check_dcp_files(path: Path, meta: dict[str, Any], rank: int = 0, world: int = 1) -> str | None:
+    """Why the files of the distributed checkpoint ``path`` are not those ``meta`` lists (None: they
+    are); rank ``rank`` of ``world`` checks every ``world``-th of them."""
+    files = meta.get("files")
+    if not isinstance(files, dict):  # version 1: nothing listed
+        return None
+    names = sorted(files)[rank::world]
+    why = integrity.verify_files(path, files, names)
+    return None if why is None else f"--resume: the checkpoint {str(path)!r} is corrupt: {why}"
+
+
+def check_progress(saved: dict[str, Any], path: str | os.PathLike[str], max_steps: int, per_step: int) -> int:
+    """The checkpoint's ``step``, once it, ``position`` and the scheduler's state are those a run of
+    this schedule writes (CheckpointError naming the entry otherwise)."""
+    step, position, sched = saved.get("step"), saved.get("position"), saved.get("scheduler")
+
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"--resume: the checkpoint {str(path)!r} is corrupt: {what}")
+
+    if not _is_int(step) or not 0 <= step <= max_steps:
+        refuse(f"step={step!r}, not a step of this run (0 to --max-steps {max_steps})")
+    if not _is_int(position) or position != step * per_step:
+        refuse(f"position={position!r}, but {step} steps of {per_step} sequences end at {step * per_step}")
+    if not isinstance(sched, dict) or not _is_int(sched.get("last_epoch")) or sched["last_epoch"] != step:
+        last = sched.get("last_epoch") if isinstance(sched, dict) else type(sched).__name__
+        refuse(f"its scheduler state ({last!r}) is not that of step {step}")
+    if not isinstance(saved.get("rng"), dict):
+        refuse(f"its random generator state is a {type(saved.get('rng')).__name__}, not a dict")
+    return step
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -238,6 +331,9 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | o
     diffs: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
+        if where == "config" and isinstance(a, str) and isinstance(b, str):  # the config is kept as JSON text
+            with suppress(ValueError):
+                a, b = json.loads(a), json.loads(b)
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b), key=str):
                 walk(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
@@ -257,6 +353,7 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-__all__ = ["CHECKPOINT_NAME", "DCP_FORMAT", "DCP_META", "DCP_NAME", "FORMAT", "VERSION", "check_same_run", "dcp_path",
-           "has_checkpoint", "load", "load_dcp_meta", "remove_other", "replace_dir", "rng_state", "save_atomic",
-           "save_file", "set_rng_state"]
+__all__ = ["CHECKPOINT_NAME", "DCP_FORMAT", "DCP_META", "DCP_NAME", "FORMAT", "READS", "VERSION", "check_dcp_files",
+           "check_progress", "check_same_run", "dcp_path",
+           "has_checkpoint", "load", "load_dcp_meta", "remove_other", "replace_dir", "restore_rng", "rng_state",
+           "save_atomic", "save_file", "set_rng_state"]

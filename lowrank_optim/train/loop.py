@@ -33,7 +33,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
+from . import outdir, preempt, saving
 from .data import Corpus, c4_sources, local_corpus, stdlib_corpus
+from ..projectors import NonFiniteGradientError
 from .errors import TrainError, require
 from .optimizers import build_optimizer, optimizer_settings, state_bytes
 
@@ -250,21 +252,42 @@ def load_data(a: TrainArgs, corpus: Corpus | None = None) -> tuple[Any, torch.Te
 
 
 def _prepare_out(out: Path, a: TrainArgs) -> None:
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {str(out)!r} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise TrainError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from None
+    outdir.prepare(out)
     if a.save and not a.resume and not a.overwrite and ckpt_io.has_checkpoint(out):
         raise TrainError(f"--out {str(out)!r} already holds a checkpoint: pass --resume to continue that run, "
                          "--overwrite to start a new one there, or choose another --out")
 
 
+@contextlib.contextmanager
+def _holding_out(a: TrainArgs, log: Callable[[str], None] | None) -> Iterator[None]:
+    """Rank 0 holds ``--out``'s lock for the run (:class:`.outdir.OutLock`: a second run there is refused
+    naming this one) and removes what killed saves left there; every rank fails alike if it cannot."""
+    lock = outdir.OutLock(Path(a.out)) if a.out is not None and distributed()[0] == 0 else None
+    error = None
+    if lock is not None:
+        try:
+            outdir.prepare(lock.path.parent)
+            lock.acquire()
+            count, size = outdir.remove_temporaries(lock.path.parent)
+            if count:
+                (log or (lambda m: print(m, file=sys.stderr)))(
+                    f"removed {count} temporary file(s) of interrupted saves ({size / 2**20:.1f} MiB) from {a.out}")
+        except TrainError as err:
+            error = str(err)
+    try:
+        saving.agree(error)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _rewrite_metrics(path: Path, upto: int) -> None:
-    """Keep the records of steps <= ``upto`` (those a resumed run does not repeat), atomically."""
+    """Keep the records of steps <= ``upto`` (those a resumed run does not repeat), atomically. A link in
+    the file's place is not read: it is replaced by an empty file, its target left as it is."""
+    if path.is_symlink():
+        outdir.create_empty(path)
+        return
     if not path.exists():
         return
     kept = []
@@ -276,10 +299,15 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
             kept.append(line)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~ckpt_io.umask())
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    try:
+        os.chmod(tmp, 0o666 & ~ckpt_io.umask())
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)  # replaces a link itself, never its target
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise TrainError(f"could not rewrite {str(path)!r} ({err.strerror or err}); the checkpoint is intact") from None
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -335,115 +363,29 @@ def _full(t: Any) -> Any:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _agree(error: str | None) -> None:
-    """Raise ``error`` of rank 0 on every rank (a save that rank 0 finishes alone)."""
-    box = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise TrainError(box[0])
-
-
-def _check_kind(out: Path, fsdp: bool) -> None:
-    """Refuse ``--resume`` of the other kind's checkpoint with a message that says which flag to use."""
-    has_pt, has_dcp = (out / ckpt_io.CHECKPOINT_NAME).exists(), ckpt_io.dcp_path(out).exists()
-    if fsdp and has_pt and not has_dcp:
-        raise ckpt_io.CheckpointError(f"--resume: {str(out)!r} holds the checkpoint of a run without --fsdp "
-                                      f"({ckpt_io.CHECKPOINT_NAME}); resume it without --fsdp")
-    if not fsdp and has_dcp and not has_pt:
-        raise ckpt_io.CheckpointError(f"--resume: {str(out)!r} holds the checkpoint of an --fsdp run "
-                                      f"({ckpt_io.DCP_NAME}); resume it with --fsdp, under the same torchrun")
-
-
-def _dcp_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-
-
-def _save_fsdp(out: Path, at: int, position: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               sched: Any, run_spec: dict[str, Any]) -> None:
-    """Every rank writes its shards into ``.checkpoint.dcp.<step>.tmp``, rank 0 adds ``meta.pt``;
-    after a barrier rank 0 puts the folder in place (:func:`.checkpoint.replace_dir`)."""
-    import shutil
-
-    import torch.distributed.checkpoint as dcp
-
-    is_main = dist.get_rank() == 0
-    final = out / ckpt_io.DCP_NAME
-    tmp = out / f".{ckpt_io.DCP_NAME}.{at}.tmp"
-    error = None
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
-    dist.barrier()
-    try:
-        dcp.save(_dcp_state(model, opt), checkpoint_id=str(tmp))
-    except Exception as err:  # raised on every rank: DCP gathers the ranks' write results
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        error = f"could not save the checkpoint to {str(final)!r} ({first[:200]}); the previous checkpoint is unchanged"
-    if error is None and is_main:
-        meta = {"format": ckpt_io.DCP_FORMAT, "version": ckpt_io.VERSION, "step": at, "position": position,
-                "scheduler": sched.state_dict(), "rng": ckpt_io.rng_state(), "run": run_spec}
-        try:
-            ckpt_io.save_file(meta, tmp / ckpt_io.DCP_META)
-            ckpt_io.replace_dir(tmp, final)
-            ckpt_io.remove_other(out, fsdp=True)
-        except OSError as err:
-            error = (f"could not save the checkpoint to {str(final)!r} ({err.strerror or err}); "
-                     "the previous checkpoint is unchanged")
-    if is_main and error is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _agree(error)  # also the barrier: no rank goes on before the checkpoint is in place
-
-
-def _load_fsdp(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-               run_spec: dict[str, Any]) -> tuple[int, int]:
-    """Restore an ``--fsdp`` checkpoint into the sharded ``model``, ``opt`` and ``sched`` and the global
-    generators; returns (step, position)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    meta = ckpt_io.load_dcp_meta(path)
-    ckpt_io.check_same_run(meta["run"], run_spec, path)
-    init = getattr(opt, "init_state", None)
-    if callable(init):  # the template DCP loads into; torch's DSD would otherwise run a zero-gradient step
-        init()
-    try:
-        state = _dcp_state(model, opt)
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
-        sched.load_state_dict(meta["scheduler"])
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ckpt_io.CheckpointError(f"--resume: the checkpoint {str(path)!r} does not fit this model and "
-                                      f"optimizer ({first[:160]})") from None
-    ckpt_io.set_rng_state(meta["rng"])
-    return int(meta["step"]), int(meta["position"])
-
-
 # --------------------------------------------------------------------------- the run
 def pretrain(a: TrainArgs, *, corpus: Corpus | None = None, log: Callable[[str], None] | None = None) -> RunResult:
     """Train as ``a`` says (see :class:`TrainArgs` and the module doc); returns what it measured.
 
     ``corpus`` reuses already-loaded data (``compare`` loads it once). Bad input raises
-    :class:`TrainError` with a one-line message.
+    :class:`TrainError` with a one-line message; SIGTERM or SIGINT during the steps raises
+    :class:`.preempt.Stopped` after saving (see :mod:`.preempt`).
     """
     from ..models import load_config
 
     _check_args(a)
-    with process_group(single=a.fsdp):
+    with process_group(single=a.fsdp), _holding_out(a, log):
         return _pretrain(a, load_config(a.config), corpus, log)
 
 
 def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: Callable[[str], None] | None) -> RunResult:
     """:func:`pretrain` inside its process group: build the run, resume it if asked, train, report."""
     run = _build_run(a, config, corpus, log)
-    step, position = _resume(run)
+    step, position = saving.resume(run)
     run.say(f"data: {run.data_name}")
     _start_metrics(run, step)
     wrapped = _wrap_model(run)
-    progress = _Progress(step=step, position=position)
+    progress = _Progress(step=step, position=position, saved_at=step if a.resume else None)
     _train(run, progress, wrapped)
     return _result(run, progress)
 
@@ -503,6 +445,7 @@ class _Progress:
 
     step: int
     position: int
+    saved_at: int | None = None  # the step of the checkpoint in --out (None: none yet)
     curve: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -628,47 +571,20 @@ def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], da
     return run_spec
 
 
-# ----------------------------------------------------------------- resuming, wrapping
-def _resume(run: _Run) -> tuple[int, int]:
-    """(step, position) to start from: (0, 0), or with ``--resume`` those of the checkpoint in
-    ``--out``, whose model, optimizer, schedule and generators it restores."""
-    a = run.a
-    if not a.resume:
-        return 0, 0
-    _check_kind(run.out, a.fsdp)
-    if a.fsdp:
-        step, position = _load_fsdp(ckpt_io.dcp_path(run.out), run.model, run.opt, run.sched, run.run_spec)
-    else:
-        step, position = _load_single_file(run.ckpt_path, run.model, run.opt, run.sched, run.run_spec)
-    run.say(f"resumed from {run.ckpt_path} at step {step}")
-    return step, position
-
-
-def _load_single_file(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                      run_spec: dict[str, Any]) -> tuple[int, int]:
-    """Restore a single-file checkpoint into ``model``, ``opt`` and ``sched`` and the global generators;
-    returns (step, position)."""
-    saved = ckpt_io.load(path)
-    ckpt_io.check_same_run(saved["run"], run_spec, path)
-    try:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ckpt_io.CheckpointError(f"--resume: the checkpoint {str(path)!r} does not fit this model and "
-                                      f"optimizer ({first[:160]})") from None
-    ckpt_io.set_rng_state(saved["rng"])
-    return int(saved["step"]), int(saved["position"])
-
-
+# ----------------------------------------------------------------- metrics, wrapping
 def _start_metrics(run: _Run, step: int) -> None:
-    """Rank 0 empties the metrics file, or on ``--resume`` keeps its records up to ``step``."""
+    """Rank 0 empties the metrics file, or on ``--resume`` keeps its records up to ``step``; if it cannot,
+    every rank stops with its reason (no rank goes on to the steps' collectives alone)."""
+    error = None
     if run.metrics_path is not None and run.is_main:
-        if run.a.resume:
-            _rewrite_metrics(run.metrics_path, step)
-        else:
-            run.metrics_path.write_text("")
+        try:
+            if run.a.resume:
+                _rewrite_metrics(run.metrics_path, step)
+            else:
+                outdir.create_empty(run.metrics_path)  # not through a link: its target is never truncated
+        except TrainError as err:
+            error = str(err)
+    saving.agree(error)
 
 
 def _wrap_model(run: _Run) -> _Wrapped:
@@ -697,34 +613,95 @@ def _wrap_model(run: _Run) -> _Wrapped:
 def _train(run: _Run, progress: _Progress, wrapped: _Wrapped) -> None:
     """Step until ``run.last``: a metrics record a step (rank 0), held-out evaluation every
     ``eval_every`` steps and checkpoints every ``save_every`` (both at the last step too), and the
-    progress bar. The layer-wise hooks are removed however it ends."""
+    progress bar. SIGTERM and SIGINT stop it at a step boundary with a checkpoint (:mod:`.preempt`).
+    The layer-wise hooks are removed however it ends."""
     last = run.last
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     bar = _progress_bar(run, progress.step)
-    metrics_file = open(run.metrics_path, "a") if run.metrics_path is not None and run.is_main else None  # noqa: SIM115
+    metrics = _Metrics(run)
     try:
-        while progress.step < last:
-            rec, mem_text = _train_step(run, progress, wrapped)
-            step = progress.step
-            if step % run.eval_every == 0 or step == last:
-                _evaluate_now(run, progress, rec, bar)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            if bar is not None:
-                bar.set_postfix_str(f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | mem {mem_text}",
-                                    refresh=False)
-                bar.update(1)
-            if (run.save_every and step % run.save_every == 0) or step == last:
-                _save(run, step, progress.position)
+        with preempt.StopSignals() as stop:
+            while progress.step < last:
+                rec, mem_text = _train_step(run, progress, wrapped)
+                step = progress.step
+                if step % run.eval_every == 0 or step == last:
+                    _evaluate_now(run, progress, rec, bar)
+                failure = metrics.write(rec, progress.saved_at)
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | mem {mem_text}",
+                                        refresh=False)
+                    bar.update(1)
+                saved = bool(run.save_every and step % run.save_every == 0) or step == last
+                if saved and failure is None:
+                    _save_now(run, stop, progress)
+                _stop_if_asked(run, stop, progress, saved, failure)
     finally:
         if bar is not None:
             bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        metrics.close()
         if wrapped.handle is not None:
             wrapped.handle.remove()
+
+
+def _save_now(run: _Run, stop: preempt.StopSignals, progress: _Progress) -> None:
+    """Checkpoint the step just taken; a signal waits until the save is complete."""
+    with stop.saving():
+        saving.save(run, progress.step, progress.position)
+    if run.a.save and run.ckpt_path is not None:
+        progress.saved_at = progress.step
+
+
+def _stop_if_asked(run: _Run, stop: preempt.StopSignals, progress: _Progress, saved: bool,
+                   failure: str | None) -> None:
+    """At a step boundary, on every rank alike: stop with ``failure`` (rank 0 could not write the metrics),
+    or, after a signal, save (unless this step just did) and raise :class:`.preempt.Stopped`."""
+    signum, failed = stop.requested(run.world, run.device, failure is not None)
+    if failed:
+        raise TrainError(failure or "rank 0 could not write the metrics (see its message); stopping every rank")
+    if signum:
+        if not saved:
+            _save_now(run, stop, progress)
+        raise preempt.Stopped(signum, progress.step, saved=progress.saved_at == progress.step)
+
+
+class _Metrics:
+    """Rank 0's ``metrics.jsonl``, one record appended a step; a failed write (a full disk) is reported,
+    not raised, so that every rank can stop alike at the step boundary."""
+
+    def __init__(self, run: _Run) -> None:
+        self.path = run.metrics_path if run.is_main else None
+        self.file = None
+        error = None
+        if self.path is not None:
+            try:
+                self.file = open(self.path, "a", opener=_no_follow)  # noqa: SIM115 (closed by close())
+            except OSError as err:
+                error = f"cannot open {str(self.path)!r} to append the metrics: {err.strerror or err}"
+        saving.agree(error)
+
+    def write(self, rec: dict[str, Any], saved_at: int | None) -> str | None:
+        if self.file is None:
+            return None
+        try:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        except OSError as err:
+            kept = f"the checkpoint of step {saved_at} is intact" if saved_at is not None else "no checkpoint was saved yet"
+            return (f"could not write the metrics to {str(self.path)!r} ({err.strerror or err}) after step "
+                    f"{rec['step']}; {kept}: free space, then --resume")
+        return None
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # a full disk fails the flush of what is left, again
+                self.file.close()
+            self.file = None
+
+
+def _no_follow(path: str, flags: int) -> int:
+    """``open``'s opener that never writes through a link in the file's place (ELOOP instead)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
 
 
 def _progress_bar(run: _Run, step: int) -> Any:
@@ -744,12 +721,16 @@ def _train_step(run: _Run, progress: _Progress, wrapped: _Wrapped) -> tuple[dict
     step's metrics record and the memory text for the progress bar."""
     t0 = time.perf_counter()
     lr = float(run.opt.param_groups[0]["lr"])
-    loss_sum = _accumulate_gradients(run, wrapped, progress.position)
-    grad_norm = _update(run, wrapped)
+    try:
+        loss_sum = _accumulate_gradients(run, wrapped, progress.position)
+        loss_value = _step_loss(run, loss_sum, progress.step + 1)  # a diverged loss stops before the update
+        grad_norm = _update(run, wrapped)
+    except NonFiniteGradientError as err:  # the optimizer refused the step (layer-wise: the rest of it)
+        raise TrainError(f"a gradient holds inf or NaN at step {progress.step + 1} ({str(err).split(';')[0]}); "
+                         f"the checkpoint on disk is intact; lower --lr (now {_lr(run)})") from None
     run.sched.step()
     progress.step += 1
     progress.position += run.per_step
-    loss_value = _step_loss(run, loss_sum, progress.step)
     elapsed = time.perf_counter() - t0
     progress.train_seconds += elapsed
     progress.trained_tokens += run.tokens_per_step
@@ -812,8 +793,12 @@ def _step_loss(run: _Run, loss_sum: torch.Tensor, step: int) -> float:
         mean_loss /= run.world
     loss_value = float(mean_loss)
     if not math.isfinite(loss_value):
-        raise TrainError(f"the training loss is {loss_value} at step {step}; lower --lr (now {a.options.get('lr') or run.settings.get('lr')})")
+        raise TrainError(f"the training loss is {loss_value} at step {step}; lower --lr (now {_lr(run)})")
     return loss_value
+
+
+def _lr(run: _Run) -> Any:
+    return run.a.options.get("lr") or run.settings.get("lr")
 
 
 def _evaluate_now(run: _Run, progress: _Progress, rec: dict[str, Any], bar: Any) -> None:
@@ -831,36 +816,7 @@ def _evaluate_now(run: _Run, progress: _Progress, rec: dict[str, Any], bar: Any)
         run.say(msg)
 
 
-# ----------------------------------------------------------------- saving, the report
-def _save(run: _Run, at: int, position: int) -> None:
-    """Checkpoint step ``at`` (next sequence ``position``), if the run saves: every rank writes its
-    shards under FSDP2, else rank 0 writes the single file."""
-    a = run.a
-    if a.fsdp:
-        if a.save and run.ckpt_path is not None:
-            _save_fsdp(run.out, at, position, run.model, run.opt, run.sched, run.run_spec)
-        return
-    if a.save and run.is_main and run.ckpt_path is not None:
-        _save_single_file(run.out, run.ckpt_path, at, position, run.model, run.opt, run.sched, run.run_spec)
-
-
-def _save_single_file(out: Path, path: Path, at: int, position: int, model: torch.nn.Module,
-                      opt: torch.optim.Optimizer, sched: Any, run_spec: dict[str, Any]) -> None:
-    """Write the checkpoint of step ``at`` to ``path`` atomically, then delete an earlier run's
-    ``--fsdp`` checkpoint from ``out``."""
-    obj = {
-        "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "step": at, "position": position,
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "rng": ckpt_io.rng_state(), "run": run_spec,
-    }
-    try:
-        ckpt_io.save_atomic(obj, path)
-    except OSError as err:
-        raise TrainError(f"could not save the checkpoint to {str(path)!r} ({err.strerror or err}); "
-                         "the previous checkpoint is unchanged") from None
-    ckpt_io.remove_other(out, fsdp=False)
-
-
+# ----------------------------------------------------------------- the report
 def _result(run: _Run, progress: _Progress) -> RunResult:
     """What the run measured; evaluates once more if this invocation did not (it resumed at the end,
     or stopped before any evaluation)."""
