@@ -254,7 +254,7 @@ def _weight_and_gradient_bytes(groups: list[dict[str, Any]], int8: bool,
         from .quant.weights import Int8Weight
 
         # the layers quantize_model_int8 targets are param_groups' low-rank ones
-        quantized = [x[1] if isinstance(x, tuple) else x for g in groups if "rank" in g for x in g["params"]]
+        quantized = [x[1] if isinstance(x, tuple) else x for g in groups if g.get("rank") is not None for x in g["params"]]
         weight_bytes += sum(Int8Weight.stored_bytes(p.numel()) - _nbytes(p) for p in quantized)
     grad_bytes = max((_nbytes(p) for p in trainable), default=0) if layerwise else sum(_nbytes(p) for p in trainable)
     return trainable, weight_bytes, adamw_weight_bytes, grad_bytes
@@ -348,7 +348,7 @@ def _muon_state_bytes(groups: list[dict[str, Any]]) -> int:
             p = item[1] if isinstance(item, tuple) else item
             if p.requires_grad:
                 p.grad = torch.empty_like(p)
-                split["rank" in g].append(p)
+                split[g.get("rank") is not None].append(p)
     parts = [{"params": ps, "use_muon": use_muon} for use_muon, ps in split.items() if ps]
     if not parts:
         return 0

@@ -23,6 +23,8 @@ STATE_BITS = (32, 8)
 PROJ_BITS = (32, 4)
 #: torch.optim.AdamW's flags: accepted as False, refused by name as True (see :func:`check_flags`).
 ADAMW_FLAGS = ("amsgrad", "capturable", "differentiable", "fused")
+#: ``rank="auto"``: the group takes the constructor's rank, else its preset's (``optim.groups.auto_rank``).
+AUTO_RANK = "auto"
 
 #: The core's keys and their defaults (the method keys a preset may override, then torch's flags).
 CORE_DEFAULTS: dict[str, Any] = dict(
@@ -43,6 +45,7 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     stochastic_rounding=None,
     rule="adam",
     momentum=None,
+    match_adamw_rms=False,
 )
 
 
@@ -101,8 +104,12 @@ def _check_adam(group: dict[str, Any], fail: Callable[[str, str], None]) -> None
 
 def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
     rank = group.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        fail("rank", "rank must be an integer >= 1 (or None for plain AdamW)")
+    if rank is not None and rank != AUTO_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        fail("rank", "rank must be an integer >= 1, 'auto' (the preset's rank for the weights' width) or None "
+             "(plain AdamW)")
+    if group.get("match_adamw_rms", False) not in (True, False):
+        fail("match_adamw_rms", "pass True (the low-rank update scaled to AdamW's update RMS, so AdamW's lr "
+             "carries over) or False (the preset's scale)")
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
         fail("update_proj_gap", "the refresh interval must be an integer >= 1 (steps between refreshes)")

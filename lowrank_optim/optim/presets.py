@@ -88,10 +88,12 @@ class APOLLO(LowRankAdamW):
 class APOLLOMini(LowRankAdamW):
     """APOLLO-Mini: APOLLO with a rank-1 projection and one scale factor per tensor (Zhu et al. 2025).
 
-    SGD-level memory: two 1×n (or m×1) moments and a seed per weight. Build the groups with
-    ``lro.param_groups(model, rank=1)``. Paper settings: rank 1, scale 128 (the update is multiplied
-    by √128, as apollo-torch does), gap 200, lr 0.01.
+    SGD-level memory: two 1×n (or m×1) moments and a seed per weight. A group that asks for low rank
+    without a number (``lro.param_groups(model)``, ``rank="auto"``) gets rank 1. Paper settings: rank 1,
+    scale 128 (the update is multiplied by √128, as apollo-torch does), gap 200, lr 0.01.
     """
+
+    default_rank = 1
 
     preset = {"projector": "random", "scaling": "tensor", "limiter": 1.01, "scale": 128.0, "update_proj_gap": 200}
 

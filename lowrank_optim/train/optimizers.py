@@ -194,8 +194,8 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     from .. import param_groups
 
     groups = param_groups(model)
-    hidden = [p for g in groups if "rank" in g for _, p in g["params"]]
-    rest = [p for g in groups if "rank" not in g for _, p in g["params"]]
+    hidden = [p for g in groups if g.get("rank") is not None for _, p in g["params"]]
+    rest = [p for g in groups if g.get("rank") is None for _, p in g["params"]]
     return hidden, rest
 
 
