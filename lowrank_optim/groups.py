@@ -36,7 +36,7 @@ def param_groups(
     rank: int | str | None = AUTO,
     update_proj_gap: int | None = None,
     scale: float | None = None,
-    target_modules: Iterable[str] | None = None,
+    target_modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
     proj_type: str | None = None,
     no_decay: Iterable[str] | Callable[[str, Tensor], bool] | None = None,
     **low_rank_keys: Any,
@@ -45,7 +45,8 @@ def param_groups(
 
     The low-rank group holds the weight of every ``nn.Linear`` whose qualified module name contains
     one of ``target_modules`` (default: every linear layer except ``lm_head`` and any layer whose
-    weight is tied to an embedding); it carries ``rank`` and whichever of ``update_proj_gap``,
+    weight is tied to an embedding; or, with a predicate ``(module_name, module) -> bool``, every
+    ``nn.Linear`` it accepts); it carries ``rank`` and whichever of ``update_proj_gap``,
     ``scale``, ``proj_type`` and further keys (``projector="svd"``, ``lr=...``) are given; keys left
     out take the optimizer's defaults (each preset's own: GaLore's scale 0.25, APOLLO-Mini's 128).
     ``rank="auto"`` (the default) leaves the number to the optimizer: a rank given to its
@@ -80,20 +81,24 @@ def param_groups(
     return groups
 
 
-def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | None) -> set[int]:
+def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> set[int]:
     """The ids of the linear weights ``param_groups`` projects."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups takes the model (an nn.Module), got {type(model).__name__}; "
                         "for a list of parameters build the groups by hand")
+    embedding_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None
+    }
+    if callable(target_modules):
+        return {id(m.weight) for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and m.weight is not None and m.weight.dim() == 2
+                and id(m.weight) not in embedding_weights and target_modules(n, m)}
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = None if target_modules is None else list(target_modules)
     if targets is not None and not targets:
         raise ValueError("target_modules is empty; pass None to project every linear layer")
 
-    embedding_weights = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None
-    }
     chosen: set[int] = set()
     for mod_name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.weight is None or module.weight.dim() != 2:
