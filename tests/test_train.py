@@ -296,6 +296,16 @@ def test_compare_rejects_unknown_names_before_training(tmp_path, capsys):
     assert rc == 2 and "written name:key=value" in err
 
 
+def test_compare_checks_every_entry_s_options_before_training_any(tmp_path, capsys):
+    for entry, message in [("galore:rnak=4", "unknown option 'rnak'; did you mean 'rank'?"),
+                           ("galore:rank=0", "invalid rank=0"), ("apollo:scaling=row", "invalid scaling='row'")]:
+        rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", f"adamw,{entry}", "--max-steps", "2",
+                         "--out", str(tmp_path / "c"))
+        assert rc == 2 and err.startswith(f"lowrank-optim compare: error: --optimizers: entry '{entry}': "), err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "c").exists()  # nothing trained, nothing written
+
+
 # --------------------------------------------------------------------------- compare
 def test_compare_two_optimizers(tmp_path, capsys):
     rc, out, _ = cli(capsys, "compare", *SMALL, "--optimizers", "adamw,galore:rank=8", "--max-steps", "4",
