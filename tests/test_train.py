@@ -354,7 +354,7 @@ assert (rc, rc2) == (2, 2), (rc, rc2)
     assert res.stderr.splitlines() == [
         'lowrank-optim pretrain: error: training a LLaMA (LlamaForCausalLM) needs the transformers package: '
         'pip install "lowrank-optim[train]"',
-        'lowrank-optim pretrain: error: --data c4 needs the datasets package: pip install "lowrank-optim[train]"',
+        'lowrank-optim pretrain: error: --data c4 needs the datasets package: pip install "lowrank-optim[c4]"',
     ]
 
 
