@@ -169,7 +169,10 @@ class LayerwiseOptimizer(Optimizer):
         self.__dict__["trainer_attached"] = False
 
     def __getattr__(self, name: str) -> Any:  # the hook dictionaries, defaults, ...
-        return getattr(self.__dict__["optimizer"], name)
+        inner = self.__dict__.get("optimizer")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
