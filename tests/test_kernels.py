@@ -575,3 +575,22 @@ def test_cuda_extension_is_optional_here():
     assert cuda_ext.load() is None
     assert "CUDA" in cuda_ext.unavailable_reason()
     assert all((cuda_ext.source_dir() / name).is_file() for name in cuda_ext.SOURCES + cuda_ext.HEADERS)
+
+
+@pytest.mark.parametrize("code", ref.CODES)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_nearest_code_lookup_equals_searchsorted_everywhere_it_can_differ(code, signed):
+    """The reference finds a value's code from two table lookups over float32 bit patterns instead of
+    torch.searchsorted over the 255 midpoints (8x less time per element on a CPU). It can only differ from
+    searchsorted at a midpoint or next to one, or outside [-1, 1]: every midpoint, its float32 neighbours
+    on both sides, ±0, tiny and huge values, ±inf and NaN are checked, with 10^6 uniform values besides."""
+    mid = ref.code_midpoints(code, signed)
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38,
+                            float("inf"), -float("inf"), float("nan"), -float("nan")])
+    x = torch.cat([mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)), special,
+                   torch.rand(10**6, generator=g) * 2 - 1, torch.rand(10**4, generator=g) * 1e-6])
+    want = torch.searchsorted(mid, x, right=False).to(torch.uint8)
+    assert torch.equal(ref._nearest(x, mid), want)
+    even = x.numel() // 2 * 2
+    assert torch.equal(ref._nearest(x[:even].view(-1, 2), mid), want[:even].view(-1, 2))  # any shape

@@ -27,13 +27,14 @@ def ref_opt(groups, **kw):
 
 
 #: galore-torch keeps LAPACK's singular-vector signs, which matter across refreshes (the moments are kept):
-#: ours take the same through the explicit option (our default is canonical signs). galore-torch ignores the key.
+#: ours take the same through the explicit option (our default is canonical signs), and renew every subspace
+#: together (stagger=False; ours spread the refreshes over the gap by default). galore-torch ignores the keys.
 LAPACK = {"canonical_signs": False}
 
 
 def galore_groups(model, rank=8, gap=3, scale=0.25, proj_type="std"):
     groups = lro.param_groups(model, rank=rank, update_proj_gap=gap, scale=scale, proj_type=proj_type,
-                              projector_options=LAPACK)
+                              projector_options=LAPACK, stagger=False)
     # galore-torch takes bare tensors
     return [{**g, "params": [p for _, p in g["params"]]} for g in groups]
 
@@ -58,7 +59,7 @@ def test_trajectory_matches_galore_torch_step_by_step(proj_type):
     for make in (lro.GaLoreAdamW, ref_opt):
         params = [torch.nn.Parameter(w.clone()) for w in init]
         opt = make([{"params": params[:2], "rank": 6, "update_proj_gap": 4, "scale": 0.25, "proj_type": proj_type,
-                     "projector_options": LAPACK},
+                     "projector_options": LAPACK, "stagger": False},
                     {"params": params[2:]}], lr=1e-2, eps=1e-12, weight_decay=0.0)
         steps = []
         for g in grads:

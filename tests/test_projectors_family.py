@@ -344,14 +344,15 @@ def test_online_pca_starts_from_the_svd_then_descends_without_one(monkeypatch, p
     G1 = decaying_matrix(40, 30, seed=2, decay=0.8)
     ref = lro.projectors.make("svd", 4, proj_type=proj_type)
     ref.update(G0)
-    calls = {"svd": 0}
-    real_svd = torch.linalg.svd
+    calls = {"svd": 0}  # factorizations: the SVD or, as the svd projector computes it, the Gram matrix's eigh
+    for name in ("svd", "eigh"):
+        real = getattr(torch.linalg, name)
 
-    def counting_svd(*args, **kw):
-        calls["svd"] += 1
-        return real_svd(*args, **kw)
+        def counting(*args, _real=real, **kw):
+            calls["svd"] += 1
+            return _real(*args, **kw)
 
-    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+        monkeypatch.setattr(torch.linalg, name, counting)
     proj = lro.projectors.make("online_pca", 4, proj_type=proj_type, lr=0.3)
     proj.update(G0)
     assert calls["svd"] == 1

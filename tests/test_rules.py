@@ -185,7 +185,7 @@ def test_orthogonal_matches_float64_reference_across_refreshes(shape, proj_type,
     state = next(iter(opt.state.values()))
     m, n = shape
     assert state["momentum_buffer"].shape == ((4, n) if side == "left" else (m, 4))
-    assert set(state) == {"step", "momentum_buffer", "projector"}
+    assert set(state) == {"step", "momentum_buffer", "projector", "next_refresh"}  # one momentum, the basis, the schedule
 
 
 def test_orthogonal_with_rank_equal_short_side_is_muon_with_its_lr_adjustment():

@@ -52,10 +52,7 @@ from . import state as _state
 from . import step as _step
 from .groups import RankFallbackWarning
 from .options import CORE_DEFAULTS, check_group
-from .state import plain_state_dtype, state_dtype, uses_8bit  # noqa: F401 (re-exported)
-
-STATE_BITS, PROJ_BITS = options.STATE_BITS, options.PROJ_BITS
-CHUNK_BYTES = _step.CHUNK_BYTES
+from .state import plain_state_dtype
 
 
 class _PresetDefault:
@@ -99,7 +96,8 @@ class LowRankAdamW(Optimizer):
         limiter: None, or γ ≥ 1: the full-rank term (APOLLO's scaled gradient, a residual) may not
             grow faster than γ per step.
         on_refresh: what the rule's state does when the subspace changes: ``keep``, ``reset``, ``rotate``.
-        refresh: ``fixed`` (every update_proj_gap steps) or ``lazy`` (Q-GaLore's per-layer schedule).
+        refresh: ``fixed`` (every update_proj_gap steps) or ``lazy`` (Q-GaLore's per-layer schedule);
+            ``stagger`` (True): each weight on its own phase of the gap (False: all together, galore-torch).
         state_bits: 32, or 8 for the rule's state stored as blockwise INT8 (a dynamic code book per
             block of 256, dequantized for the update and requantized after it), for every state tensor
             of at least ``min_8bit_size`` (4096) elements, low-rank and plain alike; smaller ones stay
@@ -199,10 +197,10 @@ class LowRankAdamW(Optimizer):
             )
 
     def _part_options(self, given: dict[str, Any]) -> dict[str, Any]:
-        known = options.part_defaults()
+        known = self.method_defaults()
         for key in given:
             if key not in known:
-                close = difflib.get_close_matches(key, [*known, *self.method_defaults()], n=1, cutoff=0.75)
+                close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}{hint}")
         return given

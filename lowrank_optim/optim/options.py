@@ -39,6 +39,7 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     limiter=None,
     on_refresh="keep",
     refresh="fixed",
+    stagger=True,
     state_bits=32,
     min_8bit_size=4096,
     proj_bits=32,
@@ -126,6 +127,9 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
         fail("on_refresh", f"choose one of {', '.join(policies.ON_REFRESH)}")
     if group["refresh"] not in policies.REFRESH:
         fail("refresh", f"choose one of {', '.join(policies.REFRESH)}")
+    if group["stagger"] not in (True, False):
+        fail("stagger", "choose True (each weight renews its subspace on its own phase of the gap) or False "
+             "(all together at multiples of the gap, as galore-torch)")
 
 
 def _check_method(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:

@@ -4,7 +4,12 @@
   (FRUGAL, Grass: ``rule.reset``), ``rotate`` (DCTAdamW, SUMO: ``rule.rotate`` with the change of
   basis between the old and new subspace; Adam: M ← map(M), V ← |map(V)|);
 * ``refresh``: ``fixed`` every ``update_proj_gap`` steps, or ``lazy`` (Q-GaLore): a layer whose
-  subspace stops moving refreshes less and less often.
+  subspace stops moving refreshes less and less often;
+* ``stagger``: when in the gap. Every subspace is built at the first step; after it, with ``stagger=True``
+  (the default) each weight renews on its own phase φ ∈ [1, gap] (the optimizer spreads the weights'
+  refresh costs evenly over the phases, :func:`phases`), so no step carries more than its share of
+  refresh work; ``stagger=False`` renews every weight together at multiples of the gap, as galore-torch.
+  The next refresh step is kept in the state (``next_refresh``), so a resumed run keeps the schedule.
 
 The rule works on float views of its state whatever the storage (INT8 moments are dequantized,
 rotated and requantized), and on FSDP2 shards on this rank's piece, with the change of basis summed
@@ -57,8 +62,49 @@ def mapping(old: Projector, new: Projector, device: torch.device, dtype: torch.d
 
 
 def init(group: dict[str, Any]) -> dict[str, Tensor]:
-    """The state a policy keeps: under ``reset``, the step at which the rule's state last started."""
-    return {"reset_step": torch.tensor(0.0, dtype=torch.float32)} if group["on_refresh"] == "reset" else {}
+    """The state the policies keep: the step of the next refresh (0: the first step) and, under ``reset``,
+    the step at which the rule's state last started."""
+    out = {"next_refresh": torch.tensor(0, dtype=torch.int64)}
+    if group["on_refresh"] == "reset":
+        out["reset_step"] = torch.tensor(0.0, dtype=torch.float32)
+    return out
+
+
+def due(state: dict[str, Any], group: dict[str, Any], step: int, proj: Projector) -> bool:
+    """Whether ``proj``'s subspace renews at ``step`` (counted before this step's increment)."""
+    if proj.refresh_every_step or not proj.initialized:
+        return True
+    upcoming = state.get("next_refresh")
+    if upcoming is None:  # a checkpoint from before the schedule was kept: galore-torch's
+        return step % current_gap(state, group) == 0
+    return step >= int(upcoming)
+
+
+def schedule(state: dict[str, Any], group: dict[str, Any], step: int, phase: int) -> None:
+    """After a refresh at ``step``: the next one is the first later step that is ``gap − phase`` steps before
+    a multiple of the current gap, so a weight keeps its place in the gap whatever the gap becomes (Q-GaLore's
+    lazy schedule doubles it). With ``stagger=False``, or for a lone weight (phase = gap), that is the next
+    multiple, as galore-torch and q-galore-torch schedule it."""
+    early = group["update_proj_gap"] - phase if group["stagger"] else 0
+    gap = current_gap(state, group)
+    upcoming = step + (-early - step - 1) % gap + 1
+    if isinstance(state.get("next_refresh"), Tensor):
+        state["next_refresh"].fill_(upcoming)
+    else:
+        state["next_refresh"] = torch.tensor(upcoming, dtype=torch.int64)
+
+
+def phases(costs: list[float], gap: int) -> list[int]:
+    """A phase in [1, gap] for each of a group's weights, spreading their refresh ``costs`` evenly: the
+    costliest first, each to the least-loaded phase (ties: the latest, so a lone weight keeps
+    galore-torch's schedule, phase = gap)."""
+    load = [0.0] * (gap + 1)
+    out = [gap] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        phase = min(range(gap, 0, -1), key=lambda k: load[k])
+        out[i] = phase
+        load[phase] += costs[i]
+    return out
 
 
 def carry(policy: str, rule: _rules.Rule, view: dict[str, Any], old: Projector, new: Projector,

@@ -81,7 +81,7 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
     step = int(state["step"]) if "step" in state else 0
     # The first step starts from a fresh projector, whatever init_state() put there.
     proj = opt._projector(p, group) if step else opt._new_projector(group, p)
-    if proj.refresh_every_step or step % policies.current_gap(state, group) == 0 or not proj.initialized:
+    if policies.due(state, group, step, proj):
         try:
             item.previous, proj = proj, proj.refreshed(item.grad)
         except NonFiniteGradientError as err:
@@ -202,9 +202,21 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
     if "step" not in state:
         state.update(_state.fresh(rule, update, group, piece, split, shape))
         state.update(policies.init(group))
+    if it.previous is not None:
+        policies.schedule(state, group, int(state["step"]), _refresh_phase(opt, p, group))
     state["step"] += 1
     view, split.pieces = _state.local_view(state, rule.keys)
     return _Prepared(it, low, piece, split, view)
+
+
+def _refresh_phase(opt: "LowRankAdamW", p: Tensor, group: dict[str, Any]) -> int:
+    """``p``'s phase in its group's refresh gap (``policies.phases``), from every projected weight's cost."""
+    phases = opt._cache().setdefault("phases", {})
+    if id(p) not in phases:
+        low = [q for q in group["params"] if opt.is_low_rank(q, group)]
+        costs = [q.shape[0] * q.shape[1] * min(q.shape) for q in low]
+        phases.update(zip(map(id, low), policies.phases(costs, group["update_proj_gap"])))
+    return phases[id(p)]
 
 
 def _commit_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, Any], it: Item,

@@ -1,0 +1,196 @@
+"""When subspaces renew (staggered over the gap by default) and how the SVD projector renews them (the
+Gram matrix of the short side and eigh)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowrank_optim as lro
+from conftest import batches, decaying_matrix, lm_loss, make_model, roundtrip, train
+from lowrank_optim.optim import policies
+from lowrank_optim.projectors.svd import top_singular_pairs
+
+GAP = 5
+
+
+def refresh_log(opt, model, data, **kw):
+    """For each step, the names of the weights whose subspace renewed in it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    log = []
+    for tokens in data:
+        before = {id(p): s.get("projector") for p, s in opt.state.items()}
+        opt.zero_grad()
+        lm_loss(model, tokens).backward()
+        opt.step()
+        log.append(sorted(names[id(p)] for p, s in opt.state.items()
+                          if "projector" in s and s["projector"] is not before.get(id(p))))
+    return log
+
+
+def galore(model, **kw):
+    return lro.GaLoreAdamW(lro.param_groups(model, rank=4, update_proj_gap=GAP, **kw), lr=1e-2)
+
+
+def test_first_step_builds_every_subspace_then_each_renews_once_a_gap_on_its_own_phase():
+    model = make_model()  # 6 projected weights: q (32×32), up (48×32), down (32×48) in 2 blocks
+    log = refresh_log(galore(model), model, batches(1 + 3 * GAP))
+    projected = sorted(n for n, p in model.named_parameters() if p.dim() == 2 and "proj" in n)
+    assert log[0] == projected
+    later = log[1:]
+    for name in projected:
+        steps = [t + 1 for t, names in enumerate(later) if name in names]
+        assert len(steps) == 3 and all(b - a == GAP for a, b in zip(steps, steps[1:])), (name, steps)
+    # 6 weights over 5 phases: no step renews more than ceil(6 / 5) of them, and the two that share a
+    # phase are the cheapest (the costliest first, each to the least-loaded phase)
+    assert max(len(names) for names in later) == math.ceil(len(projected) / GAP)
+
+
+def test_stagger_false_renews_every_subspace_together_as_galore_torch():
+    model = make_model()
+    log = refresh_log(galore(model, stagger=False), model, batches(2 * GAP + 1))
+    assert [t for t, names in enumerate(log) if names] == [0, GAP, 2 * GAP]
+    assert all(len(names) in (0, 6) for names in log)
+
+
+def test_phases_spread_refresh_cost_evenly():
+    costs = [8.0, 8.0, 4.0, 4.0, 2.0, 2.0, 1.0]
+    phases = policies.phases(costs, 4)
+    load = [sum(c for c, p in zip(costs, phases) if p == k) for k in range(1, 5)]
+    assert max(load) - min(load) <= 2.0  # the optimum for these costs (29 over 4 phases) is 8 / 7
+    assert policies.phases([3.0], 200) == [200]  # a lone weight: galore-torch's schedule
+    assert sorted(policies.phases([1.0] * 3, 10)) == [8, 9, 10]
+
+
+def test_resume_in_the_middle_of_a_gap_keeps_the_schedule_bit_for_bit():
+    data = batches(3 * GAP)
+    model = make_model()
+    opt = galore(model)
+    train(model, opt, data)
+    model_a = make_model()
+    opt_a = galore(model_a)
+    train(model_a, opt_a, data[: GAP + 2])
+    ckpt = roundtrip({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+    model_b = make_model(seed=5)
+    model_b.load_state_dict(ckpt["model"])
+    opt_b = galore(model_b)
+    opt_b.load_state_dict(ckpt["opt"])
+    train(model_b, opt_b, data[GAP + 2:])
+    for (name, a), b in zip(model.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_without_a_schedule_renews_at_multiples_of_the_gap():
+    """State saved before the schedule was kept has no next_refresh: it renews as before (t % gap == 0)."""
+    W = torch.nn.Parameter(torch.zeros(24, 16))
+    opt = lro.GaLoreAdamW([{"params": [W], "rank": 4, "update_proj_gap": GAP}], lr=1e-3)
+    W.grad = decaying_matrix(24, 16, seed=1, dtype=torch.float32)
+    opt.step()
+    sd = opt.state_dict()
+    del sd["state"][0]["next_refresh"]
+    opt.load_state_dict(sd)
+    steps = []
+    for t in range(1, 2 * GAP + 1):
+        before = opt.state[W]["projector"]
+        W.grad = decaying_matrix(24, 16, seed=t, dtype=torch.float32)
+        opt.step()
+        if opt.state[W]["projector"] is not before:
+            steps.append(t)
+    assert steps == [GAP, 2 * GAP]
+
+
+def test_lazy_refresh_keeps_each_weights_phase_as_its_gap_doubles():
+    model = make_model()
+    opt = galore(model, refresh="lazy")
+    W = model.layers[0].up_proj.weight
+    phase = next(int(opt.state[W]["next_refresh"]) for _ in [train(model, opt, batches(1))])
+    state = {"proj_gap": torch.tensor(4 * GAP), "next_refresh": torch.tensor(0)}
+    group = {"update_proj_gap": GAP, "stagger": True, "refresh": "lazy"}
+    policies.schedule(state, group, 0, phase)
+    assert (int(state["next_refresh"]) + GAP - phase) % (4 * GAP) == 0  # the same place before each multiple
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_layerwise_updates_follow_the_same_schedule(k):
+    data = batches(2 * GAP)
+
+    def run(layerwise):
+        model = make_model()
+        opt = galore(model)
+        if layerwise:
+            handle = lro.layerwise(model, opt, accumulation_steps=k)
+            for tokens in data:
+                handle.backward(lm_loss(model, tokens) / k)
+            handle.remove()
+        else:
+            for i, tokens in enumerate(data):
+                (lm_loss(model, tokens) / k).backward()
+                if (i + 1) % k == 0:
+                    opt.step()
+                    opt.zero_grad()
+        return model
+
+    for a, b in zip(run(False).parameters(), run(True).parameters()):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------- the refresh
+def real_gradients(steps: int = 12) -> list[torch.Tensor]:
+    """The gradients of the test model's weights over a few steps of training: their spectra are a real
+    network's (a steep head, then a flat tail), unlike a synthetic matrix's."""
+    model = make_model(dim=48, hidden=96)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = []
+    for tokens in batches(steps, batch=8, seq=16):
+        opt.zero_grad()
+        lm_loss(model, tokens).backward()
+        out += [p.grad.clone() for n, p in model.named_parameters() if p.dim() == 2 and "proj" in n]
+        opt.step()
+    return out
+
+
+def test_the_gram_refresh_captures_the_svds_energy_on_real_gradients():
+    """≥ 0.999 of the top-r energy of the exact (float64 LAPACK) SVD, for every weight and step: the
+    Gram matrix's eigenvectors are the same subspace up to float32 rounding where the spectrum is
+    resolved, and wherever two singular values at the rank boundary are too close to resolve, either
+    vector of the pair carries the same energy."""
+    worst = 1.0
+    for g in real_gradients():
+        for rank in (4, 16):
+            u, v = top_singular_pairs(g, rank)
+            s = torch.linalg.svdvals(g.double())
+            best = float((s[:rank] ** 2).sum())
+            worst = min(worst, float((u.double().t() @ g.double()).square().sum()) / best,
+                        float((g.double() @ v.double()).square().sum()) / best)
+            eye = torch.eye(rank)
+            assert torch.allclose(u.t() @ u, eye, atol=1e-4) and torch.allclose(v.t() @ v, eye, atol=1e-4)
+    assert worst >= 0.999, worst
+
+
+def test_the_gram_refresh_falls_back_where_float32_cannot_resolve_the_rank():
+    """A gradient of rank 2 asked for rank 4: the Gram matrix's last eigenvalues are rounding, so the
+    refresh takes LAPACK's SVD (orthonormal whatever the rank); the basis stays finite and orthonormal."""
+    g = torch.outer(torch.linspace(1, 2, 40), torch.linspace(-1, 1, 24))
+    g = g + torch.outer(torch.linspace(-1, 1, 40), torch.linspace(0, 1, 24))
+    for x in (g, g.t().contiguous()):
+        u, v = top_singular_pairs(x, 4)
+        assert torch.isfinite(u).all() and torch.isfinite(v).all()
+        torch.testing.assert_close(u.t() @ u, torch.eye(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(v.t() @ v, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_the_gram_refresh_and_lapacks_svd_give_the_same_signed_basis():
+    """Canonical signs (the largest-magnitude entry of each right singular vector positive) make the basis
+    independent of the solver: the Gram matrix's eigenvectors and LAPACK's SVD agree with their signs, to
+    float32 rounding (a few 1e-6 here: well-separated singular values, decay 0.7 per index)."""
+    from lowrank_optim.projectors.svd import _canonical_pairs
+
+    for g in (decaying_matrix(30, 20, seed=4, dtype=torch.float32), decaying_matrix(20, 30, seed=5, dtype=torch.float32)):
+        u, v = top_singular_pairs(g, 5)
+        lu, _, lvh = torch.linalg.svd(g, full_matrices=False)
+        cu, cv = _canonical_pairs(lu[:, :5], lvh[:5].t())
+        torch.testing.assert_close(u, cu, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, cv, rtol=0, atol=1e-5)
+        assert (v[v.abs().argmax(dim=0), torch.arange(5)] > 0).all()
