@@ -104,9 +104,24 @@ def test_auto_rank_is_a_quarter_of_the_width_and_the_presets_own():
         assert lro.APOLLO(model).param_groups[0]["rank"] == 8  # a module stands for param_groups(model)
         mini = lro.APOLLOMini(model)
     assert mini.param_groups[0]["rank"] == 1
-    assert (mini.param_groups[0]["scaling"], mini.param_groups[0]["scale"]) == ("tensor", 128.0)
+    assert (mini.param_groups[0]["scaling"], mini.param_groups[0]["scale"]) == ("tensor", 8.0)  # 128 * 32 / 512
     wide = nn.Sequential(nn.Linear(512, 1376), nn.Linear(1376, 512), nn.Linear(512, 512))
     assert lro.GaLoreAdamW(wide).param_groups[0]["rank"] == 128  # the paper's rank at LLaMA-60M
+
+
+def test_apollo_mini_scale_is_the_paper_s_from_width_512_and_keeps_its_relative_step_below():
+    """scale="auto": 128 at width >= 512 (LLaMA-60M and up), 128·d/512 below, so √(scale/d), the rank-1
+    update's size against an AdamW step, stays the paper's 0.5 at 60M; a number given is kept."""
+    def scale_at(width, **kw):
+        model = nn.Sequential(nn.Linear(width, 4 * width), nn.Linear(4 * width, width))
+        return lro.APOLLOMini(model, **kw).param_groups[0]["scale"]
+
+    assert (scale_at(1024), scale_at(512), scale_at(128)) == (128.0, 128.0, 32.0)
+    assert scale_at(128, scale=128.0) == 128.0
+    model = make_model()
+    assert lro.APOLLOMini(lro.param_groups(model, scale=4.0)).param_groups[0]["scale"] == 4.0
+    with pytest.raises(ValueError, match="scale='auto' is for presets with a width rule"):
+        lro.GaLoreAdamW(model, scale="auto")
 
 
 def test_match_adamw_rms_sets_the_scale_from_width_and_rank():

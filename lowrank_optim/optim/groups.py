@@ -67,12 +67,14 @@ def as_params(params: Any, where: str, given: dict[str, Any]) -> Any:
 
 
 def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]:
-    """``param_group`` with ``rank="auto"`` and ``match_adamw_rms`` turned into numbers, once, when it joins.
+    """``param_group`` with ``rank="auto"``, ``match_adamw_rms`` and ``scale="auto"`` turned into numbers, once,
+    when it joins.
 
     ``rank="auto"`` (``lro.param_groups``' default) takes an integer ``rank`` given to the constructor,
     else the preset's :func:`auto_rank` of the group's weights. ``match_adamw_rms=True`` sets ``scale``
     to :func:`adamw_rms_scale`, so that the group's low-rank update has the RMS of an AdamW update and
-    AdamW's learning rate carries over; a ``scale`` given beside it is an error. What is stored (and
+    AdamW's learning rate carries over; a ``scale`` given beside it is an error. ``scale="auto"`` (APOLLO-Mini's
+    default) is the preset's :func:`auto_scale` of the group's width. What is stored (and
     saved in ``state_dict()``) is the numbers, so a checkpoint loads into any optimizer built the same way.
     """
     merged = {**options.part_defaults(), **opt.defaults, **param_group}
@@ -88,6 +90,8 @@ def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]
                              "size; give one of them (match_adamw_rms=True sets scale from the rank and the width)")
         d = _short_side(param_group["params"])
         param_group = {**param_group, "scale": adamw_rms_scale(merged, d, rank)}
+    if param_group.get("scale", merged.get("scale")) == options.AUTO_RANK:
+        param_group = {**param_group, "scale": auto_scale(type(opt), _short_side(param_group["params"]), where)}
     return param_group
 
 
@@ -109,6 +113,16 @@ def auto_rank(cls: type, short_side: int) -> int:
     if fixed is not None:
         return int(fixed)
     return max(1, short_side // 4)
+
+
+def auto_scale(cls: type, short_side: int, where: str) -> float:
+    """The ``scale`` of a group with ``scale="auto"``: the preset's ``width_scale(short_side)`` (APOLLO-Mini's
+    default); a preset without one refuses it."""
+    rule = getattr(cls, "width_scale", None)
+    if rule is None:
+        raise ValueError(f"{where}: scale='auto' is for presets with a width rule (APOLLOMini); give "
+                         f"{cls.__name__} a number (its default is {cls.method_defaults()['scale']!r})")
+    return float(rule(short_side))
 
 
 def adamw_rms_scale(group: dict[str, Any], short_side: int, rank: int) -> float:
