@@ -90,6 +90,16 @@ def test_defaults_are_the_papers_from_llama_60m_up_and_tuned_below():
     assert optimizer_settings("apollo", tiny) == {**optimizer_settings("apollo", m60), "rank": 32}
 
 
+def test_match_adamw_rms_replaces_the_table_s_scale():
+    """``galore:lr=0.001:match_adamw_rms=True`` in compare: the table's scale (the paper's, for the paper's
+    lr) gives way to the matched one, sqrt(128 / 32) = 2 on llama_tiny; a scale given beside it is refused."""
+    model = tiny_model()
+    assert "scale" not in optimizer_settings("galore", model, match_adamw_rms=True)
+    opt = build_optimizer("galore", model, lr=1e-3, match_adamw_rms=True)
+    assert (opt.param_groups[0]["scale"], opt.param_groups[0]["lr"]) == (2.0, 1e-3)
+    with pytest.raises(TrainError, match="scale=0.5 and match_adamw_rms=True"):
+        build_optimizer("galore", model, scale=0.5, match_adamw_rms=True)
+
 
 def test_a_preset_without_a_table_entry_gets_the_generic_low_rank_defaults(monkeypatch):
     monkeypatch.setitem(lro.PRESETS, "brand_new", lro.GaLoreAdamW)

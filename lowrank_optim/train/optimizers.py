@@ -133,6 +133,9 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
     if name not in BASELINES and name not in PRESETS:
         raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}")
     settings = dict(DEFAULTS.get(name, DEFAULTS["*"]))
+    if options.get("match_adamw_rms") is True and options.get("scale") is None:
+        # match_adamw_rms sets the scale itself: the table's (the paper's, for the paper's lr) gives way
+        settings.pop("scale", None)
     settings.update({k: v for k, v in options.items() if v is not None})
     if name in BASELINES:
         extra = sorted(set(settings) - set(BASELINES[name]))
