@@ -39,7 +39,8 @@ except ImportError as err:  # pragma: no cover - the train extra brings it
     raise ImportError('lowrank_optim.hf needs transformers: pip install "lowrank-optim[train]"') from err
 
 from .groups import param_groups
-from .layerwise import LayerwiseUpdates, layerwise as _layerwise
+from .layerwise import LayerwiseUpdates
+from .layerwise import layerwise as _layerwise
 from .optim import LowRankAdamW, RankFallbackWarning
 
 __all__ = ["LayerwiseOptimizer", "LayerwiseTrainer", "optimizers", "parse_optim_args"]

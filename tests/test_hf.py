@@ -127,7 +127,7 @@ def assert_close_weights(a, b, what):
     # (accumulation), 1.3e-7 (layer-wise). atol 1e-5 leaves room for other thread counts and still
     # catches any real difference: a step missed, doubled or unclipped moves weights by ~lr = 2e-3.
     for k, v in a.items():
-        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=lambda m: f"{what}, {k}: {m}")
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{what}, {k}: {m}")
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
