@@ -80,7 +80,7 @@ def build_opt(model, name: str, rank: int):
 def projected_weights(model, rank: int) -> list[tuple[str, tuple[int, ...]]]:
     """The 2-D weights param_groups puts in the low-rank group (what a low-rank preset projects)."""
     groups = lro.param_groups(model, rank=rank)
-    low = [g for g in groups if "rank" in g]
+    low = [g for g in groups if g.get("rank") is not None]
     return [(n, tuple(p.shape)) for n, p in (low[0]["params"] if low else []) if p.dim() == 2]
 
 
@@ -88,7 +88,7 @@ def projected_params(model, name: str, rank: int) -> list[torch.Tensor]:
     """The parameters the low-rank presets project (none for the AdamW baseline)."""
     if CASES[name][0] is None:
         return []
-    return [p for g in lro.param_groups(model, rank=rank) if "rank" in g for _, p in g["params"]]
+    return [p for g in lro.param_groups(model, rank=rank) if g.get("rank") is not None for _, p in g["params"]]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

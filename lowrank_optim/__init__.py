@@ -24,6 +24,16 @@ from .optim import (
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
 
+
+def __getattr__(name: str):
+    # lro.hf imports transformers, so it is loaded on first use rather than with the package
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 PRESETS = {
     "galore": GaLoreAdamW,
     "galore8bit": GaLoreAdamW8bit,

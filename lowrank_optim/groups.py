@@ -1,46 +1,104 @@
 """Parameter groups for a model: low-rank keys on the 2-D weights of linear layers, plain AdamW
-for everything else (embeddings, the output head, norms, biases)."""
+for everything else (embeddings, the output head, norms, biases), and no weight decay on the
+parameters that loops usually exempt from it (norm gains and biases)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 # Output heads are projected by no method we implement: their rows are per-token and the papers keep
 # them full rank.
 _HEAD_NAMES = ("lm_head",)
 
+#: ``rank="auto"``: the optimizer picks the rank (its preset's own, see ``LowRankAdamW.auto_rank``).
+AUTO = "auto"
+
+
+def _no_decay_rule(no_decay: Iterable[str] | Callable[[str, Tensor], bool] | None) -> Callable[[str, Tensor], bool]:
+    """The predicate ``(name, parameter) -> bool`` for parameters without weight decay."""
+    if no_decay is None:
+        # nanoGPT's rule (configure_optimizers) and, for LLaMA/GPT-style models, Hugging Face Trainer's
+        # (biases and norm weights): every parameter of fewer than 2 dimensions.
+        return lambda name, p: p.dim() < 2
+    if callable(no_decay):
+        return no_decay
+    if isinstance(no_decay, str):
+        no_decay = [no_decay]
+    names = set(no_decay)
+    return lambda name, p: name in names
+
 
 def param_groups(
     model: nn.Module,
-    rank: int = 128,
+    rank: int | str | None = AUTO,
     update_proj_gap: int | None = None,
     scale: float | None = None,
-    target_modules: Iterable[str] | None = None,
+    target_modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
     proj_type: str | None = None,
+    no_decay: Iterable[str] | Callable[[str, Tensor], bool] | None = None,
     **low_rank_keys: Any,
 ) -> list[dict[str, Any]]:
-    """Two parameter groups for ``model``: ``[low_rank_group, plain_group]``.
+    """Up to three parameter groups for ``model``: ``[low_rank, plain, no_decay]``.
 
     The low-rank group holds the weight of every ``nn.Linear`` whose qualified module name contains
     one of ``target_modules`` (default: every linear layer except ``lm_head`` and any layer whose
-    weight is tied to an embedding); it carries ``rank`` and whichever of ``update_proj_gap``,
+    weight is tied to an embedding; or, with a predicate ``(module_name, module) -> bool``, every
+    ``nn.Linear`` it accepts); it carries ``rank`` and whichever of ``update_proj_gap``,
     ``scale``, ``proj_type`` and further keys (``projector="svd"``, ``lr=...``) are given; keys left
     out take the optimizer's defaults (each preset's own: GaLore's scale 0.25, APOLLO-Mini's 128).
-    The plain group holds every other parameter. Parameters are given as ``(name, tensor)`` pairs so that the optimizer's
-    warnings and errors name them. Empty groups are left out.
+    ``rank="auto"`` (the default) leaves the number to the optimizer: a rank given to its
+    constructor, else its preset's (a quarter of the weights' short side; APOLLO-Mini: 1).
+
+    The plain group holds the other parameters with weight decay (embeddings, the output head); the
+    ``no_decay`` group the parameters for which ``no_decay`` holds, with ``weight_decay=0.0``: by
+    default every parameter of fewer than 2 dimensions (norm gains and biases), which is nanoGPT's
+    rule and, on LLaMA- and GPT-style models, Hugging Face Trainer's. ``no_decay`` may also be a
+    collection of parameter names or a predicate ``(name, parameter) -> bool`` (``lro.hf`` passes
+    Trainer's own names). Neither plain group projects anything, whatever ``rank`` the optimizer's
+    constructor is given (they carry ``rank=None``). Parameters are given as ``(name, tensor)``
+    pairs so that the optimizer's warnings and errors name them. Empty groups are left out.
     """
+    chosen = _low_rank_weights(model, target_modules)
+    exempt = _no_decay_rule(no_decay)
+    low, plain, free = [], [], []
+    for name, p in model.named_parameters():
+        if id(p) in chosen:
+            low.append((name, p))
+        else:
+            (free if exempt(name, p) else plain).append((name, p))
+    groups: list[dict[str, Any]] = []
+    if low:
+        given = dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+        keys = {k: v for k, v in given.items() if v is not None}
+        groups.append({"params": low, "rank": rank, **keys, **low_rank_keys})
+    if plain:
+        groups.append({"params": plain, "rank": None})
+    if free:
+        groups.append({"params": free, "rank": None, "weight_decay": 0.0})
+    return groups
+
+
+def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> set[int]:
+    """The ids of the linear weights ``param_groups`` projects."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups takes the model (an nn.Module), got {type(model).__name__}; "
+                        "for a list of parameters build the groups by hand")
+    embedding_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None
+    }
+    if callable(target_modules):
+        return {id(m.weight) for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and m.weight is not None and m.weight.dim() == 2
+                and id(m.weight) not in embedding_weights and target_modules(n, m)}
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = None if target_modules is None else list(target_modules)
     if targets is not None and not targets:
         raise ValueError("target_modules is empty; pass None to project every linear layer")
 
-    embedding_weights = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None
-    }
     chosen: set[int] = set()
     for mod_name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.weight is None or module.weight.dim() != 2:
@@ -61,15 +119,9 @@ def param_groups(
             f"target_modules={targets} matches no nn.Linear in the model; its linear layers are "
             f"named like {linear[:5]}"
         )
+    return chosen
 
-    low, plain = [], []
-    for name, p in model.named_parameters():
-        (low if id(p) in chosen else plain).append((name, p))
-    groups: list[dict[str, Any]] = []
-    if low:
-        given = dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
-        keys = {k: v for k, v in given.items() if v is not None}
-        groups.append({"params": low, "rank": rank, **keys, **low_rank_keys})
-    if plain:
-        groups.append({"params": plain})
-    return groups
+
+def is_low_rank_group(group: dict[str, Any]) -> bool:
+    """Whether a group from :func:`param_groups` is the low-rank one."""
+    return group.get("rank") is not None

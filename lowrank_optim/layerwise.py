@@ -348,11 +348,13 @@ class LayerwiseUpdates:
         """Whether the next backward pass steps the optimizer (it is the k-th of its accumulation)."""
         return self.micro_steps % self._k == self._k - 1
 
-    def backward(self, loss: Tensor, **kwargs: Any) -> bool:
+    def backward(self, loss: Tensor, steps: bool | None = None, **kwargs: Any) -> bool:
         """``loss.backward(**kwargs)`` with layer-wise updates; returns True when it stepped.
 
         With ``max_grad_norm`` (and no DDP) a stepping pass runs the measuring backward first (one
-        extra backward, see the module doc); the graph is then kept until the real pass.
+        extra backward, see the module doc); the graph is then kept until the real pass. ``steps``
+        says whether this pass steps, for loops that decide it themselves (Hugging Face Trainer's
+        shorter last accumulation of an epoch); None counts ``accumulation_steps``.
         """
         if self._removed:
             raise RuntimeError("layerwise: this handle was removed; build a new one with lro.layerwise(...)")
@@ -360,8 +362,8 @@ class LayerwiseUpdates:
             if self._bracketed:
                 raise RuntimeError("layerwise: backward() called inside a backward of the same handle")
             self._close_pass()  # a plain loss.backward() that raised before its end
-        steps = self.will_step
-        self._open_pass(bracketed=True)
+        steps = self.will_step if steps is None else bool(steps)
+        self._open_pass(bracketed=True, steps=steps)
         try:
             if steps and self._max_grad_norm is not None and self._ddp is None:
                 self._measure(loss, kwargs)
@@ -422,11 +424,11 @@ class LayerwiseUpdates:
         )
 
     # ------------------------------------------------------------------ passes
-    def _open_pass(self, bracketed: bool) -> None:
+    def _open_pass(self, bracketed: bool, steps: bool | None = None) -> None:
         self._pass_open = True
         self._bracketed = bracketed
         self._pass_task = torch._C._current_graph_task_id()
-        self._pass_steps = self.will_step
+        self._pass_steps = self.will_step if steps is None else steps
         self._stepped = set()
         self._reduced = False
         self._pending = []

@@ -20,7 +20,7 @@ and reports the peak memory torch allocated, to set beside the estimate.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class MemoryReport:
     adamw: Breakdown
     optimizer: str
     settings: dict[str, Any]
+    #: what the table should say beside the numbers (weights a rank leaves unprojected, ...)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, dict[str, int]]:
         """``{"ours": {...}, "adamw": {...}}``, each with the five parts and ``total`` in bytes."""
@@ -76,13 +78,17 @@ class MemoryReport:
                  f"|{'-' * 19}|{'-' * 14}|{'-' * 14}|"]
         for r in rows:
             if r == "activations" and not self.settings.get("batch"):
-                a = b = "not estimated"
+                a = b = "n/a"
             else:
                 a, b = f"{ours[r] / GIB:.2f}", f"{adamw[r] / GIB:.2f}"
             lines.append(f"| {r:<17} | {a:>12} | {b:>12} |")
+        notes = list(self.notes)
+        if not self.settings.get("batch"):
+            notes.append("The totals leave out activations, which depend on the batch: give --batch and --seq "
+                         "(and --checkpointing) to estimate them.")
         if self.settings.get("weights") == "int8":
-            lines.append("\nThe adamw column keeps bf16 weights: AdamW cannot update INT8 weights without a master copy.")
-        return "\n".join(lines)
+            notes.append("The adamw column keeps bf16 weights: AdamW cannot update INT8 weights without a master copy.")
+        return "\n".join(lines + ([""] if notes else []) + notes)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -172,7 +178,8 @@ def estimate(
             column factor per 2-D weight, a full second moment for the rest; ``muon``: one momentum
             buffer per hidden 2-D weight, AdamW's two moments for the embeddings, head, norms and
             biases), or an optimizer class.
-        rank: the low-rank groups' rank (default 1 for ``apollo_mini``, else 128).
+        rank: the low-rank groups' rank (default: the preset's for this width, a quarter of the hidden
+            size; 1 for ``apollo_mini``).
         weights: ``bf16``, ``fp32`` or ``int8`` (default: bf16 for a config, the module's own
             dtypes for a module). Gradients take the weights' dtype; ``int8`` stores the projected
             linear weights as ``lro.quantize_model_int8`` does (1 byte each plus 8 per group of 256,
@@ -190,10 +197,10 @@ def estimate(
     int8 = weights == "int8"
     # INT8 holds only the projected weights: the others keep bf16 for a config, their own dtype for a module
     model, config, dtype = _estimated_model(model_or_config, None if int8 else weights)
+    built = param_groups(model, rank="auto" if rank is None else rank, target_modules=target_modules, **keys)
     if rank is None:
-        rank = _default_rank(name)
-
-    groups = _meta_groups(param_groups(model, rank=rank, target_modules=target_modules, **keys), dtype)
+        rank = _default_rank(cls, built)
+    groups = _meta_groups([{**g, "rank": rank} if g.get("rank") is not None else g for g in built], dtype)
     trainable, weight_bytes, adamw_weight_bytes, grad_bytes = _weight_and_gradient_bytes(groups, int8, layerwise)
     activations = _estimated_activations(config, batch, seq, checkpointing, dtype)
 
@@ -207,12 +214,29 @@ def estimate(
     settings = dict(rank=rank if cls is not None else None,
                     weights="int8" if int8 else (weights or ("bf16" if config else None)), state_bits=state_bits,
                     layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
-    return MemoryReport(ours, adamw, name, settings)
+    return MemoryReport(ours, adamw, name, settings, _unprojected_note(groups, rank) if cls is not None else [])
 
 
-def _default_rank(name: str) -> int:
-    """The low-rank groups' rank when none is given: 1 for APOLLO-Mini, else 128."""
-    return 1 if name == "apollo_mini" else 128
+def _default_rank(cls: type | None, groups: list[dict[str, Any]]) -> int:
+    """The low-rank groups' rank when none is given: the preset's own for this width (``rank="auto"``: a
+    quarter of the weights' short side, APOLLO-Mini 1); a quarter of it for the baselines' columns."""
+    from .optim import LowRankAdamW
+    from .optim.groups import _short_side, auto_rank
+
+    low = [p for g in groups if g.get("rank") is not None for p in g["params"]]
+    return auto_rank(cls or LowRankAdamW, _short_side(low))
+
+
+def _unprojected_note(groups: list[dict[str, Any]], rank: int) -> list[str]:
+    """A note naming how many of the weights the groups would project a ``rank`` leaves as plain AdamW."""
+    low = [x for g in groups if g.get("rank") is not None for x in g["params"]]
+    shapes = [tuple((x[1] if isinstance(x, tuple) else x).shape) for x in low]
+    full = [s for s in shapes if len(s) == 2 and min(s) <= rank]
+    if not full:
+        return []
+    return [f"rank {rank} leaves {len(full)} of the {len(shapes)} linear weights unprojected: their short side "
+            f"is not larger than the rank, so they are stepped as plain AdamW with full-size moments. Use a "
+            f"rank below {min(min(s) for s in full)} to project them all."]
 
 
 def _check_estimate_args(name: str, cls: type | None, weights: str | None, state_bits: int | None,
@@ -254,7 +278,7 @@ def _weight_and_gradient_bytes(groups: list[dict[str, Any]], int8: bool,
         from .quant.weights import Int8Weight
 
         # the layers quantize_model_int8 targets are param_groups' low-rank ones
-        quantized = [x[1] if isinstance(x, tuple) else x for g in groups if "rank" in g for x in g["params"]]
+        quantized = [x[1] if isinstance(x, tuple) else x for g in groups if g.get("rank") is not None for x in g["params"]]
         weight_bytes += sum(Int8Weight.stored_bytes(p.numel()) - _nbytes(p) for p in quantized)
     grad_bytes = max((_nbytes(p) for p in trainable), default=0) if layerwise else sum(_nbytes(p) for p in trainable)
     return trainable, weight_bytes, adamw_weight_bytes, grad_bytes
@@ -348,7 +372,7 @@ def _muon_state_bytes(groups: list[dict[str, Any]]) -> int:
             p = item[1] if isinstance(item, tuple) else item
             if p.requires_grad:
                 p.grad = torch.empty_like(p)
-                split["rank" in g].append(p)
+                split[g.get("rank") is not None].append(p)
     parts = [{"params": ps, "use_muon": use_muon} for use_muon, ps in split.items() if ps]
     if not parts:
         return 0
@@ -405,7 +429,7 @@ def train_steps(
     weights = "bf16" if int8 else weights
     cfg = load_config(config)
     if rank is None:
-        rank = _default_rank(name)
+        rank = "auto"  # the preset's own for this width
     model = _real_model(cfg, WEIGHT_DTYPES[weights], int8, checkpointing, device)
     opt = _real_optimizer(model, name, cls, rank, state_bits, keys)
     handle = make_layerwise(model, opt) if layerwise else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def test_list_names_every_preset_and_projector(capsys):
         assert key in out and cls.__name__ in out
     for name in lro.projectors.available():
         assert f"  {name} " in out
+    lines = out.splitlines()
+    # one column for every description, and every description whole: the first paragraph of each
+    # docstring, wrapped, ends with its sentence
+    starts = {re.match(r"  \S+(?: \S+)?\s{2,}", line).end() for line in lines if re.match(r"  \S", line)}
+    assert len(starts) == 1, starts
+    text = " ".join(line.strip() for line in lines)
+    for cls in lro.PRESETS.values():
+        summary = " ".join(x.strip() for x in cls.__doc__.strip().split("\n\n")[0].splitlines())
+        assert summary in text, cls
 
 
 def test_unknown_command_is_an_error(capsys):

@@ -103,7 +103,7 @@ def test_lr_scheduler_drives_both_kinds_of_parameter():
     train(model, opt, batches(2, seed=9), sched)  # lr is 0 now: nothing may move
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0, 0.0]
 
 
 def test_step_with_closure_evaluates_with_grad_enabled_and_returns_loss():

@@ -76,10 +76,10 @@ def test_rejected_add_param_group_changes_nothing():
     extra = torch.nn.Linear(16, 16)
     with pytest.raises(ValueError, match="invalid rank"):
         opt.add_param_group({"params": [extra.weight], "rank": 0})
-    assert len(opt.param_groups) == 2
+    assert len(opt.param_groups) == 3
     with pytest.raises(ValueError, match="complex"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))]})
-    assert len(opt.param_groups) == 2
+    assert len(opt.param_groups) == 3
 
 
 def test_rank_not_below_short_side_falls_back_with_one_warning_naming_it():
@@ -157,7 +157,7 @@ def test_non_finite_gradient_at_refresh_names_the_parameter_and_changes_nothing(
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda sd: sd["param_groups"].pop(), "1 parameter groups, this optimizer has 2"),
+        (lambda sd: sd["param_groups"].pop(), "2 parameter groups, this optimizer has 3"),
         (lambda sd: sd["param_groups"][0]["params"].pop(), "param group 0: loaded state dict has"),
         (lambda sd: sd["state"][0]["projector"].__setitem__("P", torch.zeros(3, 3)),
          r"parameter 'layers.0.q_proj.weight'.*rank-3 basis"),

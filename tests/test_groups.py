@@ -1,6 +1,10 @@
-"""lro.param_groups: which parameters get low-rank keys."""
+"""lro.param_groups: which parameters get low-rank keys and which no weight decay; the presets' own
+ranks for ``rank="auto"``; ``match_adamw_rms``."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import pytest
 import torch
@@ -16,25 +20,46 @@ def names(group):
 
 def test_linear_weights_get_rank_keys_the_rest_stays_plain():
     model = make_model()
-    low, plain = lro.param_groups(model, rank=16, update_proj_gap=50, scale=0.5)
+    low, plain, free = lro.param_groups(model, rank=16, update_proj_gap=50, scale=0.5)
     assert names(low) == [f"layers.{i}.{k}.weight" for i in range(2) for k in ("q_proj", "up_proj", "down_proj")]
     assert (low["rank"], low["update_proj_gap"], low["scale"]) == (16, 50, 0.5)
-    assert "proj_type" not in low  # not given: the optimizer's default applies
-    low_only_rank, _ = lro.param_groups(model, rank=4)
+    assert "proj_type" not in low and "weight_decay" not in low  # not given: the optimizer's defaults apply
+    low_only_rank, _, _ = lro.param_groups(model, rank=4)
     assert set(low_only_rank) == {"params", "rank"}
-    assert "rank" not in plain
-    assert set(names(plain)) == {
-        "embed_tokens.weight", "layers.0.norm.weight", "layers.0.norm.bias", "layers.0.up_proj.bias",
-        "layers.1.norm.weight", "layers.1.norm.bias", "layers.1.up_proj.bias",
-        "norm.weight", "norm.bias", "lm_head.weight",
+    # the plain groups carry rank=None, so a rank given to the constructor cannot reach the embedding
+    assert plain["rank"] is None and free["rank"] is None
+    assert names(plain) == ["embed_tokens.weight", "lm_head.weight"] and "weight_decay" not in plain
+    assert set(names(free)) == {
+        "layers.0.norm.weight", "layers.0.norm.bias", "layers.0.up_proj.bias",
+        "layers.1.norm.weight", "layers.1.norm.bias", "layers.1.up_proj.bias", "norm.weight", "norm.bias",
     }
-    every = {id(p) for g in (low, plain) for _, p in g["params"]}
-    assert every == {id(p) for p in model.parameters()}
+    assert free["weight_decay"] == 0.0
+    every = [id(p) for g in (low, plain, free) for _, p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())
+
+
+def test_no_decay_takes_names_or_a_predicate():
+    model = make_model()
+    _, plain, free = lro.param_groups(model, no_decay=["embed_tokens.weight", "norm.weight"])
+    assert names(free) == ["embed_tokens.weight", "norm.weight"]
+    assert "layers.0.norm.bias" in names(plain)
+    _, plain, free = lro.param_groups(model, no_decay=lambda name, p: p.dim() < 2 or "embed" in name)
+    assert names(plain) == ["lm_head.weight"] and "embed_tokens.weight" in names(free)
+    opt = lro.GaLoreAdamW(lro.param_groups(model, rank=4), lr=1e-2, weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+
+
+def test_constructor_rank_reaches_only_the_low_rank_group():
+    model = make_model()
+    opt = lro.GaLoreAdamW(lro.param_groups(model), rank=4)  # rank="auto" takes the constructor's number
+    assert [g["rank"] for g in opt.param_groups] == [4, None, None]
+    opt.init_state()
+    assert opt.state[model.embed_tokens.weight]["exp_avg"].shape == model.embed_tokens.weight.shape
 
 
 def test_target_modules_filter_by_name_substring():
     model = make_model()
-    low, plain = lro.param_groups(model, rank=4, target_modules=["up_proj", "down_proj"], projector="svd", lr=0.02)
+    low, plain, _ = lro.param_groups(model, rank=4, target_modules=["up_proj", "down_proj"], projector="svd", lr=0.02)
     assert names(low) == [f"layers.{i}.{k}.weight" for i in range(2) for k in ("up_proj", "down_proj")]
     assert low["projector"] == "svd" and low["lr"] == 0.02
     assert "layers.0.q_proj.weight" in names(plain)
@@ -47,7 +72,7 @@ def test_target_modules_filter_by_name_substring():
 def test_head_tied_to_the_embedding_stays_plain_and_appears_once():
     model = make_model()
     model.lm_head.weight = model.embed_tokens.weight
-    low, plain = lro.param_groups(model, rank=4, target_modules=["lm_head", "q_proj"])
+    low, plain, _ = lro.param_groups(model, rank=4, target_modules=["lm_head", "q_proj"])
     assert names(low) == ["layers.0.q_proj.weight", "layers.1.q_proj.weight"]
     assert names(plain).count("embed_tokens.weight") == 1
     opt = lro.GaLoreAdamW(lro.param_groups(model, rank=4))
@@ -56,8 +81,8 @@ def test_head_tied_to_the_embedding_stays_plain_and_appears_once():
 
 def test_model_without_linear_layers_gives_one_plain_group():
     model = nn.Sequential(nn.Conv1d(2, 2, 3))
-    (plain,) = lro.param_groups(model, rank=4)
-    assert "rank" not in plain
+    (plain, free) = lro.param_groups(model, rank=4)
+    assert plain["rank"] is None and names(free) == ["0.bias"]
 
 
 def test_drop_in_example_from_the_readme_trains():
@@ -68,3 +93,64 @@ def test_drop_in_example_from_the_readme_trains():
     loss.backward()
     opt.step()
     assert opt.state[model.layers[0].q_proj.weight]["exp_avg"].shape == (32, 8)
+
+
+def test_auto_rank_is_a_quarter_of_the_width_and_the_presets_own():
+    """No fallback on a narrow model: rank = short side / 4 (GaLore's 128 at width 512); APOLLO-Mini 1."""
+    model = make_model(dim=32, hidden=48)  # every projected weight's short side is 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RankFallbackWarning
+        assert lro.GaLoreAdamW(lro.param_groups(model)).param_groups[0]["rank"] == 8
+        assert lro.APOLLO(model).param_groups[0]["rank"] == 8  # a module stands for param_groups(model)
+        mini = lro.APOLLOMini(model)
+    assert mini.param_groups[0]["rank"] == 1
+    assert (mini.param_groups[0]["scaling"], mini.param_groups[0]["scale"]) == ("tensor", 8.0)  # 128 * 32 / 512
+    wide = nn.Sequential(nn.Linear(512, 1376), nn.Linear(1376, 512), nn.Linear(512, 512))
+    assert lro.GaLoreAdamW(wide).param_groups[0]["rank"] == 128  # the paper's rank at LLaMA-60M
+
+
+def test_apollo_mini_scale_is_the_paper_s_from_width_512_and_keeps_its_relative_step_below():
+    """scale="auto": 128 at width >= 512 (LLaMA-60M and up), 128·d/512 below, so √(scale/d), the rank-1
+    update's size against an AdamW step, stays the paper's 0.5 at 60M; a number given is kept."""
+    def scale_at(width, **kw):
+        model = nn.Sequential(nn.Linear(width, 4 * width), nn.Linear(4 * width, width))
+        return lro.APOLLOMini(model, **kw).param_groups[0]["scale"]
+
+    assert (scale_at(1024), scale_at(512), scale_at(128)) == (128.0, 128.0, 32.0)
+    assert scale_at(128, scale=128.0) == 128.0
+    model = make_model()
+    assert lro.APOLLOMini(lro.param_groups(model, scale=4.0)).param_groups[0]["scale"] == 4.0
+    with pytest.raises(ValueError, match="scale='auto' is for presets with a width rule"):
+        lro.GaLoreAdamW(model, scale="auto")
+
+
+def test_match_adamw_rms_sets_the_scale_from_width_and_rank():
+    """scale = sqrt(d / r) for project_back(N), d / r for APOLLO's scaled gradient (which takes sqrt(scale))."""
+    model = make_model(dim=32, hidden=48)
+    assert lro.GaLoreAdamW(model, match_adamw_rms=True).param_groups[0]["scale"] == 2.0  # sqrt(32 / 8)
+    assert lro.APOLLO(model, match_adamw_rms=True).param_groups[0]["scale"] == 4.0
+    assert lro.APOLLOMini(model, match_adamw_rms=True).param_groups[0]["scale"] == 32.0
+    groups = lro.param_groups(model, rank=2, match_adamw_rms=True)
+    assert lro.FRUGAL(groups).param_groups[0]["scale"] == 4.0
+    with pytest.raises(ValueError, match="scale=0.5 and match_adamw_rms=True"):
+        lro.GaLoreAdamW(model, scale=0.5, match_adamw_rms=True)
+    with pytest.raises(ValueError, match="scale=0.5 and match_adamw_rms=True"):
+        lro.GaLoreAdamW(lro.param_groups(model, scale=0.5, match_adamw_rms=True))
+    with pytest.raises(ValueError, match="invalid match_adamw_rms='yes'"):
+        lro.GaLoreAdamW(model, match_adamw_rms="yes")
+
+
+def test_matched_update_has_the_rms_of_adamw_s_first_step():
+    """On the first step Adam's direction is sign(G) (RMS 1): the matched GaLore update of an orthonormal
+    projection then has RMS 1 as well, where AdamW's has RMS 1 too. Tolerance: eps=1e-8 against |G|
+    of order 0.1 changes the direction by 1e-7 relative; 1e-5 leaves room for float32 sums."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(64, 96))
+    w.grad = torch.randn(64, 96)
+    before = w.detach().clone()
+    opt = lro.GaLoreAdamW([{"params": [w], "rank": 16}], lr=1.0, weight_decay=0.0, match_adamw_rms=True)
+    assert opt.param_groups[0]["scale"] == 2.0
+    opt.step()
+    rms = (w.detach() - before).pow(2).mean().sqrt().item()
+    # the update is scale * P N with N = sign(R): RMS(N) = 1, spread over 64 rows from 16
+    assert math.isclose(rms, 1.0, rel_tol=1e-5), rms

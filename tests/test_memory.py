@@ -214,3 +214,14 @@ def test_measured_peak_is_near_the_estimate():
     peak = lro.memory.measure_peak(ROOT / "configs" / "llama_tiny.json", "galore", **kw)
     est = lro.memory.estimate(ROOT / "configs" / "llama_tiny.json", "galore", **kw).ours.total
     assert 0.5 * est < peak < 2.0 * est
+
+
+def test_memory_says_when_a_rank_leaves_weights_unprojected_and_when_activations_are_left_out(capsys):
+    assert main(["memory", "--config", str(ROOT / "configs" / "llama_7b.json"), "--rank", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 4096 leaves 224 of the 224 linear weights unprojected" in out and "rank below 4096" in out
+    assert "The totals leave out activations" in out and "--batch and --seq" in out
+    assert main(["memory", "--config", str(ROOT / "configs" / "llama_7b.json"), "--batch", "1", "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "unprojected" not in out and "leave out activations" not in out
+    assert "rank=1024" in out  # the preset's rank at width 4096: a quarter of it, GaLore's 7B rank

@@ -143,7 +143,8 @@ def test_apollo_rule(shape, side, mode):
 def test_apollo_mini_is_rank_one_tensor_scaling_with_sqrt_scale(shape, side):
     W0 = decaying_matrix(*shape, seed=12)
     W = torch.nn.Parameter(W0.clone())
-    opt = lro.APOLLOMini([{"params": [W], "rank": 1, "update_proj_gap": GAP, "projector": "svd",
+    # the paper's scale 128 given explicitly: the default below width 512 is 128·d/512 (test_groups)
+    opt = lro.APOLLOMini([{"params": [W], "rank": 1, "update_proj_gap": GAP, "projector": "svd", "scale": 128.0,
                            "projector_options": {"canonical_signs": False}}],
                          lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
     global RANK

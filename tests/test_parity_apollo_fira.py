@@ -49,8 +49,9 @@ def test_apollo_matches_apollo_torch_with_the_same_projection(shape, preset, ran
     theirs_W = torch.nn.Parameter(W0.clone())
     theirs = run(apollo_ref(theirs_W, rank, scale, scale_type), theirs_W, grads)
     ours_W = torch.nn.Parameter(W0.clone())
+    # scale given: APOLLO-Mini's default below width 512 is 128·d/512, apollo-torch's is a number it is given
     opt = preset([{"params": [ours_W], "rank": rank, "update_proj_gap": 3, "projector": "svd", "limiter": None,
-                  "projector_options": LAPACK}],
+                  "scale": scale, "projector_options": LAPACK}],
                  lr=1e-2, eps=1e-12, weight_decay=0.0)
     ours = run(opt, ours_W, grads)
     for t, (a, b) in enumerate(zip(ours, theirs)):

@@ -48,7 +48,8 @@ METHODS = {
     "LowRankAdamW-sgd": (lro.LowRankAdamW, SGD, SGD, RANK),
     "GaLoreAdamW": (lro.GaLoreAdamW, {}, dict(scale=0.25), RANK),
     "APOLLO": (lro.APOLLO, {}, dict(scaling="channel", limiter=1.01, scale=1.0), RANK),
-    "APOLLOMini": (lro.APOLLOMini, {}, dict(scaling="tensor", limiter=1.01, scale=128.0), 1),
+    # APOLLO-Mini's default scale below width 512 is 128·d/512; d = 8, the grid's most common short side
+    "APOLLOMini": (lro.APOLLOMini, {}, dict(scaling="tensor", limiter=1.01, scale=128.0 * 8 / 512), 1),
     "FRUGAL": (lro.FRUGAL, {}, dict(residual="sign", residual_lr_scale=1.0, scale=1.0), RANK),
     "Fira": (lro.Fira, {}, dict(residual="fira", limiter=1.01, scale=1.0), RANK),
 }

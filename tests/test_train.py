@@ -90,6 +90,16 @@ def test_defaults_are_the_papers_from_llama_60m_up_and_tuned_below():
     assert optimizer_settings("apollo", tiny) == {**optimizer_settings("apollo", m60), "rank": 32}
 
 
+def test_match_adamw_rms_replaces_the_table_s_scale():
+    """``galore:lr=0.001:match_adamw_rms=True`` in compare: the table's scale (the paper's, for the paper's
+    lr) gives way to the matched one, sqrt(128 / 32) = 2 on llama_tiny; a scale given beside it is refused."""
+    model = tiny_model()
+    assert "scale" not in optimizer_settings("galore", model, match_adamw_rms=True)
+    opt = build_optimizer("galore", model, lr=1e-3, match_adamw_rms=True)
+    assert (opt.param_groups[0]["scale"], opt.param_groups[0]["lr"]) == (2.0, 1e-3)
+    with pytest.raises(TrainError, match="scale=0.5 and match_adamw_rms=True"):
+        build_optimizer("galore", model, scale=0.5, match_adamw_rms=True)
+
 
 def test_a_preset_without_a_table_entry_gets_the_generic_low_rank_defaults(monkeypatch):
     monkeypatch.setitem(lro.PRESETS, "brand_new", lro.GaLoreAdamW)
@@ -296,6 +306,16 @@ def test_compare_rejects_unknown_names_before_training(tmp_path, capsys):
     assert rc == 2 and "written name:key=value" in err
 
 
+def test_compare_checks_every_entry_s_options_before_training_any(tmp_path, capsys):
+    for entry, message in [("galore:rnak=4", "unknown option 'rnak'; did you mean 'rank'?"),
+                           ("galore:rank=0", "invalid rank=0"), ("apollo:scaling=row", "invalid scaling='row'")]:
+        rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", f"adamw,{entry}", "--max-steps", "2",
+                         "--out", str(tmp_path / "c"))
+        assert rc == 2 and err.startswith(f"lowrank-optim compare: error: --optimizers: entry '{entry}': "), err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "c").exists()  # nothing trained, nothing written
+
+
 # --------------------------------------------------------------------------- compare
 def test_compare_two_optimizers(tmp_path, capsys):
     rc, out, _ = cli(capsys, "compare", *SMALL, "--optimizers", "adamw,galore:rank=8", "--max-steps", "4",
@@ -344,7 +364,7 @@ assert (rc, rc2) == (2, 2), (rc, rc2)
     assert res.stderr.splitlines() == [
         'lowrank-optim pretrain: error: training a LLaMA (LlamaForCausalLM) needs the transformers package: '
         'pip install "lowrank-optim[train]"',
-        'lowrank-optim pretrain: error: --data c4 needs the datasets package: pip install "lowrank-optim[train]"',
+        'lowrank-optim pretrain: error: --data c4 needs the datasets package: pip install "lowrank-optim[c4]"',
     ]
 
 

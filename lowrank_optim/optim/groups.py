@@ -6,10 +6,12 @@ Every refusal names the parameter and the fix, and is raised before the group is
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import distributed
 from .. import projectors as _projectors
@@ -51,6 +53,92 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
             raise ValueError(f"{type(opt).__name__} param group {len(opt.param_groups)}: unknown option "
                              f"{key!r}; did you mean {close[0]!r}?")
     return param_group
+
+
+def as_params(params: Any, where: str, given: dict[str, Any]) -> Any:
+    """The constructor's ``params``: a model (``nn.Module``) becomes ``lro.param_groups(model)``. Refuses a
+    ``scale`` given beside ``match_adamw_rms=True`` (both set the update's size)."""
+    if given.get("match_adamw_rms") is True and "scale" in given:
+        raise ValueError(f"{where}: scale={given['scale']!r} and match_adamw_rms=True both set the update's size; "
+                         "give one of them (match_adamw_rms=True sets scale from the rank and the width)")
+    if isinstance(params, nn.Module):
+        from ..groups import param_groups
+
+        return param_groups(params)
+    return params
+
+
+def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]:
+    """``param_group`` with ``rank="auto"``, ``match_adamw_rms`` and ``scale="auto"`` turned into numbers, once,
+    when it joins.
+
+    ``rank="auto"`` (``lro.param_groups``' default) takes an integer ``rank`` given to the constructor,
+    else the preset's :func:`auto_rank` of the group's weights. ``match_adamw_rms=True`` sets ``scale``
+    to :func:`adamw_rms_scale`, so that the group's low-rank update has the RMS of an AdamW update and
+    AdamW's learning rate carries over; a ``scale`` given beside it is an error. ``scale="auto"`` (APOLLO-Mini's
+    default) is the preset's :func:`auto_scale` of the group's width. What is stored (and
+    saved in ``state_dict()``) is the numbers, so a checkpoint loads into any optimizer built the same way.
+    """
+    merged = {**options.part_defaults(), **opt.defaults, **param_group}
+    where = f"{type(opt).__name__} param group {len(opt.param_groups)}"
+    if merged.get("rank") == options.AUTO_RANK:
+        ctor = opt.defaults.get("rank")
+        fixed = ctor if isinstance(ctor, int) and not isinstance(ctor, bool) else None
+        param_group = {**param_group, "rank": fixed or auto_rank(type(opt), _short_side(param_group["params"]))}
+    rank = param_group.get("rank", merged.get("rank"))
+    if merged.get("match_adamw_rms") is True and rank is not None and rank != options.AUTO_RANK:
+        if "scale" in param_group:
+            raise ValueError(f"{where}: scale={param_group['scale']!r} and match_adamw_rms=True both set the update's "
+                             "size; give one of them (match_adamw_rms=True sets scale from the rank and the width)")
+        d = _short_side(param_group["params"])
+        param_group = {**param_group, "scale": adamw_rms_scale(merged, d, rank)}
+    if param_group.get("scale", merged.get("scale")) == options.AUTO_RANK:
+        param_group = {**param_group, "scale": auto_scale(type(opt), _short_side(param_group["params"]), where)}
+    return param_group
+
+
+def _short_side(params: list[Any]) -> int:
+    """The most common short side among the group's 2-D parameters (the model's width for the linear
+    layers of a transformer; ties go to the larger), 0 without any."""
+    sides = Counter(min(t.shape) for t in (x[1] if isinstance(x, tuple) else x for x in params)
+                    if isinstance(t, Tensor) and t.dim() == 2)
+    if not sides:
+        return 0
+    return max(sides, key=lambda s: (sides[s], s))
+
+
+def auto_rank(cls: type, short_side: int) -> int:
+    """The rank a preset gives a group that asks for one without a number: its ``default_rank`` if it
+    fixes one (APOLLO-Mini: 1), else a quarter of the weights' short side, the GaLore and APOLLO papers'
+    ranks (128, 256, 512, 1024 at widths 512, 1024, 2048, 4096), which also fits any smaller width."""
+    fixed = getattr(cls, "default_rank", None)
+    if fixed is not None:
+        return int(fixed)
+    return max(1, short_side // 4)
+
+
+def auto_scale(cls: type, short_side: int, where: str) -> float:
+    """The ``scale`` of a group with ``scale="auto"``: the preset's ``width_scale(short_side)`` (APOLLO-Mini's
+    default); a preset without one refuses it."""
+    rule = getattr(cls, "width_scale", None)
+    if rule is None:
+        raise ValueError(f"{where}: scale='auto' is for presets with a width rule (APOLLOMini); give "
+                         f"{cls.__name__} a number (its default is {cls.method_defaults()['scale']!r})")
+    return float(rule(short_side))
+
+
+def adamw_rms_scale(group: dict[str, Any], short_side: int, rank: int) -> float:
+    """The ``scale`` that gives a d×n weight's low-rank update (d the projected short side, r the rank)
+    the RMS of the subspace's Adam direction N, which is an AdamW update's.
+
+    project_back(N) spreads the r·n entries of N over d·n: with an orthonormal basis its RMS is
+    RMS(N)·√(r/d), so ``scale`` = √(d/r). APOLLO's scaled gradient (``scaling=``) has the norm of N
+    (a Gaussian projection keeps norms), so its RMS is RMS(N)·√(r/d) as well; there √scale multiplies
+    it, so ``scale`` = d/r. A weight too small to project (d ≤ r) gets 1 (it is stepped as AdamW)."""
+    if short_side <= rank:
+        return 1.0
+    ratio = short_side / rank
+    return float(ratio) if group.get("scaling") is not None else math.sqrt(ratio)
 
 
 def check_parameters(group: dict[str, Any], params: list[Any], where: str) -> None:

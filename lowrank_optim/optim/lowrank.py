@@ -75,11 +75,14 @@ class LowRankAdamW(Optimizer):
     Args:
         params: parameters or parameter groups, as for ``torch.optim.AdamW``; a group with an integer
             ``rank`` projects its 2-D weights (``lro.param_groups`` builds such groups), a group
-            without one is plain AdamW. ``(name, tensor)`` pairs give warnings and errors names.
+            without one is plain AdamW. ``(name, tensor)`` pairs give warnings and errors names. A model
+            (``nn.Module``) stands for ``lro.param_groups(model)``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (same defaults); ``lr`` may be a tensor.
-        rank: default rank for groups that do not set one (None: only groups that set it project).
+        rank: default rank for groups that do not set one (None: only groups that set it project), and
+            the rank of groups with ``rank="auto"`` (if None there: the preset's, ``optim.groups.auto_rank``).
         update_proj_gap: steps between subspace refreshes (refresh when ``step % gap == 0``).
         scale: the low-rank update is multiplied by this (GaLore's α).
+        match_adamw_rms: True sets each group's scale so its update has AdamW's RMS: AdamW's lr carries over.
         proj_type: ``std``, ``reverse_std``, ``left`` or ``right`` (see ``lro.projectors``).
         projector: a name from ``lro.projectors.available()``; ``projector_options`` a dict of its
             keyword options (e.g. ``{"power_iters": 1}`` for ``rsvd``; ``{"canonical_signs": False}``
@@ -144,6 +147,7 @@ class LowRankAdamW(Optimizer):
         rank: int | None = None,
         update_proj_gap: int = PRESET_DEFAULT,
         scale: float = PRESET_DEFAULT,
+        match_adamw_rms: bool = PRESET_DEFAULT,
         proj_type: str = PRESET_DEFAULT,
         projector: str = PRESET_DEFAULT,
         projector_options: dict[str, Any] = PRESET_DEFAULT,
@@ -175,6 +179,7 @@ class LowRankAdamW(Optimizer):
         given = {k: v for k, v in locals().items() if k in self.method_defaults() and v is not PRESET_DEFAULT}
         given.update(self._part_options(part_options))
         name = f"{type(self).__name__}()"
+        params = _groups.as_params(params, name, given)
         options.check_flags(name, {"amsgrad": amsgrad, "capturable": capturable,
                                    "differentiable": differentiable, "fused": fused})
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -212,7 +217,7 @@ class LowRankAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        param_group = _groups.normalized(self, param_group)
+        param_group = _groups.resolved(self, _groups.normalized(self, param_group))
         index = len(self.param_groups)
         merged = {**options.part_defaults(), **self.defaults, **param_group}
         where = f"{type(self).__name__} param group {index}"

@@ -23,6 +23,9 @@ STATE_BITS = (32, 8)
 PROJ_BITS = (32, 4)
 #: torch.optim.AdamW's flags: accepted as False, refused by name as True (see :func:`check_flags`).
 ADAMW_FLAGS = ("amsgrad", "capturable", "differentiable", "fused")
+#: ``rank="auto"``: the group takes the constructor's rank, else its preset's (``optim.groups.auto_rank``);
+#: ``scale="auto"``: the preset's scale for the group's width (``optim.groups.auto_scale``).
+AUTO_RANK = "auto"
 
 #: The core's keys and their defaults (the method keys a preset may override, then torch's flags).
 CORE_DEFAULTS: dict[str, Any] = dict(
@@ -45,6 +48,7 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     rule="adam",
     momentum=None,
     nonfinite="raise",
+    match_adamw_rms=False,
 )
 #: What a step does with a gradient that holds inf or NaN (see :mod:`.nonfinite`).
 NONFINITE = ("raise", "skip", "ignore")
@@ -108,14 +112,19 @@ def _check_adam(group: dict[str, Any], fail: Callable[[str, str], None]) -> None
 
 def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
     rank = group.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        fail("rank", "rank must be an integer >= 1 (or None for plain AdamW)")
+    if rank is not None and rank != AUTO_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        fail("rank", "rank must be an integer >= 1, 'auto' (the preset's rank for the weights' width) or None "
+             "(plain AdamW)")
+    if group.get("match_adamw_rms", False) not in (True, False):
+        fail("match_adamw_rms", "pass True (the low-rank update scaled to AdamW's update RMS, so AdamW's lr "
+             "carries over) or False (the preset's scale)")
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
         fail("update_proj_gap", "the refresh interval must be an integer >= 1 (steps between refreshes)")
     scale = group["scale"]
-    if not is_number(scale) or not 0.0 < float(scale) < math.inf:
-        fail("scale", "scale must be a finite number > 0 (GaLore uses 0.25)")
+    if scale != AUTO_RANK and (not is_number(scale) or not 0.0 < float(scale) < math.inf):
+        fail("scale", "scale must be a finite number > 0 (GaLore uses 0.25), or 'auto' where the preset sets it by "
+             "width (APOLLOMini)")
     if group["proj_type"] not in PROJ_TYPES:
         fail("proj_type", f"choose one of {', '.join(PROJ_TYPES)}")
     if group["projector"] not in _projectors.REGISTRY:

@@ -239,7 +239,7 @@ def quantize_model_int8(
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be an integer >= 1, got {group!r}")
     groups = param_groups(model, rank=1, target_modules=target_modules)
-    chosen = {id(p) for g in groups if "rank" in g for _, p in g["params"]}
+    chosen = {id(p) for g in groups if g.get("rank") is not None for _, p in g["params"]}
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or id(module.weight) not in chosen:

@@ -19,7 +19,7 @@ from typing import Any
 from .data import Corpus, local_corpus, stdlib_corpus
 from .errors import TrainError
 from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
-from .optimizers import available, optimizer_settings
+from .optimizers import available, build_optimizer, optimizer_settings
 
 MIB = 2**20
 
@@ -58,6 +58,23 @@ def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
         seen.add(entry)
         out.append((entry, name, options))
     return out
+
+
+def check_entries(config: Any, specs: list[tuple[str, str, dict[str, Any]]], options: dict[str, Any] | None = None) -> None:
+    """Build every entry's optimizer on the config's model skeleton (meta device: no memory, no step),
+    so that a misspelled option or a bad value fails before any entry trains, naming the entry."""
+    from ..models import llama_skeleton, load_config
+
+    cfg = load_config(config)
+    skeleton = llama_skeleton(cfg)
+    skeleton.config = cfg  # the width-dependent defaults read it
+    for label, name, opts in specs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_optimizer(name, skeleton, **{**(options or {}), **opts})
+        except (TrainError, TypeError, ValueError) as err:
+            raise TrainError(f"--optimizers: entry {label!r}: {err}") from None
 
 
 def table(results: list[RunResult], baseline: str = "adamw") -> str:
@@ -147,6 +164,7 @@ def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, An
     """Train each optimizer from ``base`` (same data, seed, schedule and sizes), print the table,
     and write ``out/compare.json`` and ``out/compare.png``."""
     specs = parse_optimizers(optimizers) if isinstance(optimizers, str) else optimizers
+    check_entries(base.config, specs, base.options)
     out = Path(out)
     say = log if log is not None else (lambda s: print(s, file=sys.stderr))
     rank = distributed()[0]
@@ -188,4 +206,4 @@ def _dirname(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._-=" else "_" for c in label)
 
 
-__all__ = ["compare", "parse_optimizers", "plot", "table"]
+__all__ = ["check_entries", "compare", "parse_optimizers", "plot", "table"]

@@ -371,7 +371,10 @@ class StreamingSequences:
 def c4_sources(tokenizer: str | None, seq_len: int, seed: int, eval_tokens: int) -> tuple[StreamingSequences, torch.Tensor, int, dict[str, Any]]:
     """C4 (English) streamed with ``datasets``: (training sequences, held-out windows from the
     validation split, vocab needed, spec)."""
-    datasets = require("datasets", "--data c4")
+    try:
+        import datasets
+    except ImportError:
+        raise TrainError('--data c4 needs the datasets package: pip install "lowrank-optim[c4]"') from None
     tok = HFTokenizer(tokenizer or DEFAULT_TOKENIZER)
 
     def load(split: str) -> Any:

@@ -133,6 +133,9 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
     if name not in BASELINES and name not in PRESETS:
         raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}")
     settings = dict(DEFAULTS.get(name, DEFAULTS["*"]))
+    if options.get("match_adamw_rms") is True and options.get("scale") is None:
+        # match_adamw_rms sets the scale itself: the table's (the paper's, for the paper's lr) gives way
+        settings.pop("scale", None)
     settings.update({k: v for k, v in options.items() if v is not None})
     if name in BASELINES:
         extra = sorted(set(settings) - set(BASELINES[name]))
@@ -194,8 +197,8 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     from .. import param_groups
 
     groups = param_groups(model)
-    hidden = [p for g in groups if "rank" in g for _, p in g["params"]]
-    rest = [p for g in groups if "rank" not in g for _, p in g["params"]]
+    hidden = [p for g in groups if g.get("rank") is not None for _, p in g["params"]]
+    rest = [p for g in groups if g.get("rank") is None for _, p in g["params"]]
     return hidden, rest
 
 

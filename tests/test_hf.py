@@ -1,0 +1,159 @@
+"""lro.hf: our optimizers inside Hugging Face Trainer, from TrainingArguments; layer-wise updates in it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import lowrank_optim as lro  # noqa: E402
+
+VOCAB, SEQ = 64, 16
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Learnable sequences: each token follows from the last by a fixed rule, with 10% noise."""
+
+    def __init__(self, n: int = 48) -> None:
+        g = torch.Generator().manual_seed(1)
+        x = torch.empty(n, SEQ, dtype=torch.long)
+        x[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
+        for i in range(1, SEQ):
+            noise = torch.rand(n, generator=g) < 0.1
+            x[:, i] = torch.where(noise, torch.randint(0, VOCAB, (n,), generator=g), (5 * x[:, i - 1] + 3) % VOCAB)
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def arguments(out, **kw) -> transformers.TrainingArguments:
+    base = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=2e-3,
+                weight_decay=0.1, warmup_steps=2, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
+                report_to="none", disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0,
+                optim_args="rank=4,update_proj_gap=2")
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def run(out, *, layerwise: bool = False, resume=None, optimizer: str = "galore", **kw) -> torch.nn.Module:
+    model = tiny_llama()
+    args = arguments(out, **kw)
+    opts = lro.hf.optimizers(model, args, optimizer, layerwise=layerwise)
+    cls = lro.hf.LayerwiseTrainer if layerwise else transformers.Trainer
+    trainer = cls(model=model, args=args, train_dataset=Tokens(), optimizers=opts)
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_optimizers_read_the_training_arguments(tmp_path):
+    model = tiny_llama()
+    args = arguments(tmp_path, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7,
+                     optim_target_modules=["q_proj", "down_proj"], optim_args="rank=4, update_proj_gap=3")
+    opt, sched = lro.hf.optimizers(model, args, "galore")
+    low, plain, free = opt.param_groups
+    assert (low["rank"], low["update_proj_gap"], low["match_adamw_rms"]) == (4, 3, True)
+    assert low["scale"] == math.sqrt(32 / 4)  # match_adamw_rms: sqrt(short side / rank)
+    names = {n for n, p in model.named_parameters()}
+    assert set(low["param_names"]) == {f"model.layers.{i}.{k}" for i in range(2)
+                                       for k in ("self_attn.q_proj.weight", "mlp.down_proj.weight")}
+    assert "model.embed_tokens.weight" in plain["param_names"] and "lm_head.weight" in plain["param_names"]
+    # Trainer's own rule: no decay on norms (and biases)
+    assert set(free["param_names"]) == names - set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert (free["weight_decay"], plain["weight_decay"], low["weight_decay"]) == (0.0, 0.1, 0.1)
+    assert all(g["initial_lr"] == 2e-3 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-7 for g in opt.param_groups)
+    # the schedule is transformers' get_scheduler as Trainer builds it
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    ref = transformers.get_scheduler("cosine", ref_opt, num_warmup_steps=2, num_training_steps=6)
+    for _ in range(6):
+        assert sched.get_last_lr()[0] == ref.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        ref_opt.step()
+        ref.step()
+
+
+def test_scale_or_trainer_style_arguments_are_honoured(tmp_path):
+    model = tiny_llama()
+    opt, _ = lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank=4,scale=0.25,proj_type=std"), "galore")
+    assert (opt.param_groups[0]["scale"], opt.param_groups[0]["match_adamw_rms"]) == (0.25, False)
+    opt, _ = lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank=2,proj=random,scale_type=tensor"), "apollo")
+    assert (opt.param_groups[0]["projector"], opt.param_groups[0]["scaling"]) == ("random", "tensor")
+    mini, _ = lro.hf.optimizers(model, arguments(tmp_path, optim_args=None), "apollo_mini")
+    assert mini.param_groups[0]["rank"] == 1
+    _, sched = lro.hf.optimizers(model, arguments(tmp_path, max_steps=-1, num_train_epochs=1), "galore")
+    assert sched is None  # the length is Trainer's to find: it builds the same scheduler itself
+    with pytest.raises(ValueError, match="unknown optimizer 'galor'"):
+        lro.hf.optimizers(model, arguments(tmp_path), "galor")
+    with pytest.raises(ValueError, match="optim_target_modules=.*matches no nn.Linear"):
+        lro.hf.optimizers(model, arguments(tmp_path, optim_target_modules=["attention"]), "galore")
+    with pytest.raises(ValueError, match="optim_args: 'rank' is not key=value"):
+        lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank"), "galore")
+
+
+def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
+    whole = weights(run(tmp_path / "whole"))
+    run(tmp_path / "first", save_strategy="steps", save_steps=3, max_steps=6)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "first" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed = weights(run(resumed_dir, resume=True))
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k
+
+
+def assert_close_weights(a, b, what):
+    # Float rounding only: the same sums in another order (micro-batch gradients added up; the clipping
+    # norm taken over the optimizer's order instead of the model's). Measured at 1 thread: 4.4e-7
+    # (accumulation), 1.3e-7 (layer-wise). atol 1e-5 leaves room for other thread counts and still
+    # catches any real difference: a step missed, doubled or unclipped moves weights by ~lr = 2e-3.
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{what}, {k}: {m}")
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    whole = weights(run(tmp_path / "a", per_device_train_batch_size=4, gradient_accumulation_steps=1))
+    halves = weights(run(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    assert any(not torch.equal(v, tiny_llama().state_dict()[k]) for k, v in whole.items())
+    assert_close_weights(whole, halves, "accumulation 2 against the whole batch")
+
+
+def test_layerwise_inside_trainer_with_accumulation_and_clipping_equals_the_ordinary_run(tmp_path):
+    # max_grad_norm 0.05 is below every gradient norm of this run, so every step clips
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.05)
+    ordinary = weights(run(tmp_path / "plain", **kw))
+    layerwise = weights(run(tmp_path / "layerwise", layerwise=True, **kw))
+    assert_close_weights(ordinary, layerwise, "layer-wise against the ordinary Trainer run")
+
+
+def test_layerwise_optimizer_refuses_a_plain_trainer(tmp_path):
+    model = tiny_llama()
+    args = arguments(tmp_path)
+    opts = lro.hf.optimizers(model, args, "galore", layerwise=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=opts)
+    before = weights(model)
+    with pytest.raises(RuntimeError, match="needs lro.hf.LayerwiseTrainer"):
+        trainer.train()
+    assert all(torch.equal(v, weights(model)[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="LayerwiseTrainer takes optimizers=lro.hf.optimizers"):
+        lro.hf.LayerwiseTrainer(model=model, args=args, train_dataset=Tokens(),
+                                optimizers=lro.hf.optimizers(model, args, "galore"))
