@@ -6,8 +6,8 @@ float64 parameters), one process. The projector object lives in ``state[p]``, so
 not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n), step t = 0, 1, ...::
 
     G = W.grad
-    if t % update_proj_gap == 0 (online_pca: every step):        # refresh the subspace
-        old, proj = proj, proj.refreshed(G)                     # make(seed=W's position) at t = 0
+    if t % update_proj_gap == 0 (online_pca: every step; haar: t = 0 only):      # refresh the subspace
+        old, proj = proj, proj.refreshed(G, M)                  # make(seed=W's position) at t = 0; M for COAP
         keep:   M, V as they are
         reset:  M = V = 0 and k = 0: a fresh Adam in the new subspace (FRUGAL's code sets step = 0)
         rotate: M = T(M), V = |T(V)|,  T(X) = (P_newᵀ P_old) X (left) or X (Q_old Q_newᵀ) (right)
@@ -89,7 +89,7 @@ def rotate(state: dict[str, Any], old: projectors.Projector, new: projectors.Pro
 
 def refresh(state: dict[str, Any], old: projectors.Projector, g: Tensor, policy: str) -> projectors.Projector:
     """A new subspace from ``g``, and the moments carried into it by ``policy``."""
-    new = old.refreshed(g)
+    new = old.refreshed(g, state.get("exp_avg"))  # the first moment, which COAP's refresh reads
     if "exp_avg" in state:  # not the first subspace
         if policy == "reset":
             for key in ("exp_avg", "exp_avg_sq", "adam_steps"):
@@ -167,7 +167,8 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if "projector" not in state:
             state["projector"], state["step"] = new_projector(group, position), 0
         proj = state["projector"]
-        if state["step"] % group["update_proj_gap"] == 0 or proj.refresh_every_step:
+        due = state["step"] % group["update_proj_gap"] == 0 and not (proj.fixed and state["step"])
+        if due or proj.refresh_every_step:
             proj = state["projector"] = refresh(state, proj, g, group["on_refresh"])
         state["step"] += 1
         r = proj.project(g)
