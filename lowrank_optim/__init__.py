@@ -10,6 +10,7 @@ from .groups import param_groups
 from .layerwise import layerwise
 from .optim import (
     APOLLO,
+    COAP,
     FRUGAL,
     APOLLOMini,
     Fira,
@@ -36,9 +37,12 @@ PRESETS = {
     "sumo": SUMO,
     "lowrank": LowRankAdamW,
 }
+# COAP (correlation-aware subspace updates)
+PRESETS.update({"coap": COAP})
 
 __all__ = [
     "APOLLO",
+    "COAP",
     "FRUGAL",
     "PRESETS",
     "APOLLOMini",

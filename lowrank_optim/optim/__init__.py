@@ -3,6 +3,7 @@
 from .lowrank import PRESET_DEFAULT, LowRankAdamW, RankFallbackWarning
 from .presets import (
     APOLLO,
+    COAP,
     FRUGAL,
     SUMO,
     APOLLOMini,
@@ -13,4 +14,4 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "FRUGAL", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "FRUGAL", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]

@@ -165,3 +165,26 @@ class SUMO(LowRankAdamW):
 
     preset = {"projector": "rsvd", "rule": "orthogonal", "on_refresh": "rotate", "momentum": 0.95,
               "orthogonalize": "svd", "scale": 0.25, "update_proj_gap": 200}
+
+
+class COAP(LowRankAdamW):
+    """COAP: Adam in a subspace moved by a correlation-aware SGD step every 32 steps (Xiao et al. 2025).
+
+    "COAP: Memory-Efficient Training with Correlation-Aware Gradient Projection", CVPR 2025,
+    arXiv:2412.00071 (official code: bytedance/coap). The basis P starts from a randomized range finder
+    of the first gradient; every ``update_proj_gap`` (T_u = 32) steps it takes one SGD step (lr 0.1,
+    gradient clipped to norm 1) on MSE(G PᵀP, G)·(1 − mean row cos(M P, G)), M the Adam first moment,
+    and every ``reproject_factor``-th (λ = 5) of those refreshes is instead one pass of randomized
+    subspace iteration warm-started from P (``lro.projectors.coap``). The moments are kept across
+    refreshes (the official ``restore_state=False``, its setting for LLaMA), the residual dropped.
+
+    Settings: T_u 32 and λ 5 (the official optimizer's defaults), scale 0.25 and lr 0.01 (its LLaMA-1B
+    recipe, rank 512; the 7B one uses rank 1024, lr 0.005, T_u 100). ``projector_options`` take
+    ``reproject_factor``, ``lr`` and ``max_norm`` of the P step. Departures from the official code (P in
+    float32, canonical singular-vector signs, per-weight seeds, the re-SVD counted per weight) are listed
+    in ``lro.projectors.coap``; as for every preset, ε sits on √V̂ and weight decay is taken from the
+    weights before the update (the official AdamW: ε 1e-6 on √V, decay after the update).
+    """
+
+    preset = {"projector": "coap", "scale": 0.25, "update_proj_gap": 32}
+

@@ -50,9 +50,15 @@ for _cls in (SVDProjector, RSVDProjector, DCTProjector, RandomProjector, SparseP
     register(_cls)
 del _cls
 
+# COAP (correlation-aware SGD steps on P, occasional warm-started re-SVD)
+from .coap import COAPProjector
+
+register(COAPProjector)
+
 __all__ = [
     "PROJ_TYPES",
     "REGISTRY",
+    "COAPProjector",
     "DCTProjector",
     "NonFiniteGradientError",
     "OnlinePCAProjector",
