@@ -11,6 +11,7 @@ from .layerwise import layerwise
 from .optim import (
     APOLLO,
     COAP,
+    GWT,
     FRUGAL,
     APOLLOMini,
     Fira,
@@ -37,12 +38,13 @@ PRESETS = {
     "sumo": SUMO,
     "lowrank": LowRankAdamW,
 }
-# COAP (correlation-aware subspace updates)
-PRESETS.update({"coap": COAP})
+# COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
+PRESETS.update({"coap": COAP, "gwt": GWT})
 
 __all__ = [
     "APOLLO",
     "COAP",
+    "GWT",
     "FRUGAL",
     "PRESETS",
     "APOLLOMini",

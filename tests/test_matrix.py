@@ -1,8 +1,8 @@
 """Every registered projector × rule × on_refresh × storage, in one process and as a world-size-1 FSDP2 run
 in this process (DTensor parameters, the sharded code path), driven by the registries themselves.
 
-Each case steps a tall 24×16 weight (right side), a wide 16×24 one (left side; ``dct`` takes the right
-side there, its left side being refused on shards) and a bias, 6 steps with update_proj_gap 2
+Each case steps a tall 24×16 weight (right side), a wide 16×24 one (left side; ``dct`` and ``haar`` take
+the right side there, their left side being refused on shards) and a bias, 6 steps with update_proj_gap 2
 (refreshes at steps 0, 2, 4), from synthetic gradients that do not depend on the weights. What each case
 checks:
 
@@ -57,7 +57,7 @@ def keys(projector: str, rule: str, policy: str, bits: int) -> dict:
     out = dict(rank=RANK, update_proj_gap=GAP, projector=projector, rule=rule, on_refresh=policy,
                state_bits=bits, min_8bit_size=0)
     cls = lro.projectors.REGISTRY[projector]
-    if cls.shard_error("left", {}) and not cls.shard_error("right", {}):  # dct: its right side shards
+    if cls.shard_error("left", {}) and not cls.shard_error("right", {}):  # dct, haar: their right side shards
         out["proj_type"] = "right"
     return out
 

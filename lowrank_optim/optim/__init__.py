@@ -5,6 +5,7 @@ from .presets import (
     APOLLO,
     COAP,
     FRUGAL,
+    GWT,
     SUMO,
     APOLLOMini,
     Fira,
@@ -14,4 +15,4 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "COAP", "FRUGAL", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]

@@ -20,12 +20,14 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
         scale · B(N) + rls · lim(sign(S))          residual = sign (FRUGAL)
         scale · B(N) + rls · lim(S)                residual = sgd
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
+        scale · f · (B(N) + S ⊘ (c₁ · spread(√V̂ + ε)))   residual = gwt (haar's blocks; c₁ = 1 − β₁ᵏ)
     W = W − lr · (U + wd · W)                                   # decay from the pre-update W
 
     s(N, R) = ‖N‖ / (‖R‖ + 1e-8) per channel (the norms run along the projected dimension: per
               row of W on the right side, per column on the left) or for the whole tensor;
     lim(X)  = the norm-growth limiter γ (None: off): if ‖X‖ > γ(‖X_prev‖ + 1e-8), rescale X to
-              that norm; ‖X_prev‖ is the last step's limited norm (the 1e-8 as apollo-torch and fira).
+              that norm; ‖X_prev‖ is the last step's limited norm (the 1e-8 as apollo-torch and fira);
+    f       = the factor lim applies to X = N · c₁/√c₂ (GWT's official code limits that uncorrected norm).
 
 Every other parameter (not 2-D, short side ≤ rank, or a group without ``rank``) is AdamW:
 W = W − lr · (N(G) + wd · W), with the same Adam on G itself.
@@ -115,6 +117,21 @@ def low_rank_update(group: dict[str, Any], state: dict[str, Any], back: Callable
     return scale * back(n) + group["residual_lr_scale"] * limit(rest, state, gamma)
 
 
+def gwt(group: dict[str, Any], state: dict[str, Any], proj: projectors.Projector, g: Tensor, r: Tensor,
+        n: Tensor) -> Tensor:
+    """GWT's U: the details S over the Adam denominator of their block, both parts times the limiter's f."""
+    (beta1, beta2), k, gamma = group["betas"], state["adam_steps"], group["limiter"]
+    c1, c2 = 1 - beta1**k, 1 - beta2**k
+    norm, prev, f = n.norm() * (c1 / math.sqrt(c2)), state.get("limiter_norm"), 1.0
+    if gamma is not None and prev is not None and norm > gamma * (prev + 1e-8):
+        f = gamma * (prev + 1e-8) / norm
+    if gamma is not None:
+        state["limiter_norm"] = norm * f
+    den = (state["exp_avg_sq"] / c2).sqrt() + group["eps"]
+    details = (g - proj.project_back(r)) / (c1 * proj.spread(den))
+    return group["scale"] * f * (proj.project_back(n) + details)
+
+
 def new_projector(group: dict[str, Any], seed: int) -> projectors.Projector:
     """The group's projector, seeded with the parameter's position among all parameters."""
     cls = projectors.REGISTRY[group["projector"]]
@@ -173,4 +190,6 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         state["step"] += 1
         r = proj.project(g)
         n = adam(state, r, group["betas"], group["eps"])
+        if group["residual"] == "gwt":
+            return gwt(group, state, proj, g, r, n)
         return low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
