@@ -203,9 +203,9 @@ def test_the_refresh_reads_the_rules_first_moment_as_it_was_before_the_step(monk
     seen = []
     original = lro.projectors.COAPProjector._sgd_step
 
-    def spy(self, x, p, moment, side, dtype):
+    def spy(self, x, p, moment, side):
         seen.append(None if moment is None else moment.clone())
-        return original(self, x, p, moment, side, dtype)
+        return original(self, x, p, moment, side)
 
     monkeypatch.setattr(lro.projectors.COAPProjector, "_sgd_step", spy)
     w = torch.nn.Parameter(decaying_matrix(20, 12, seed=1, dtype=torch.float32))

@@ -1,7 +1,8 @@
-"""COAP's projector: P moved by one correlation-aware SGD step per refresh, with an occasional
-warm-started randomized SVD (Xiao et al. 2025, "COAP: Memory-Efficient Training with Correlation-Aware
-Gradient Projection", CVPR 2025, arXiv:2412.00071; the official code is bytedance/coap,
-``coap_torch/projection/coap_matrix.py`` and ``optimizer/adamw.py``).
+"""COAP's projector: P moved by a correlation-aware SGD step per refresh, re-SVD'd every λ-th one.
+
+Xiao et al. 2025, "COAP: Memory-Efficient Training with Correlation-Aware Gradient Projection", CVPR
+2025, arXiv:2412.00071; the official code is bytedance/coap, ``coap_torch/projection/coap_matrix.py``
+and ``optimizer/adamw.py``.
 
 Write X for the gradient G (right side: P is r×n, R = G Pᵀ, M is m×r) or for Gᵀ (left side: the
 official code's A = Pᵀ is m×r, R = Aᵀ G, M is r×n), so that the basis is always an r×b matrix P of X's
@@ -28,8 +29,8 @@ With A = X Pᵀ, K = P Pᵀ, C = Aᵀ X, E = A P − X and N = m·n, the MSE ter
 (2/N)(K C + Aᵀ A P − 2C); the cosine term's is −(1/count) M_Xᵀ D, with D the derivative of each cosine
 in its full-space moment row, x/(‖y‖‖x‖) − cos · y/‖y‖² (the second part vanishing where ‖y‖ is
 clamped). Both are written out here rather than taken from autograd as the official code does (the
-test holds them to autograd on the loss itself, in float64): a refresh costs three m×n×r matmuls
-and two m×n temporaries, no SVD; the re-SVD is two m×n×r matmuls, an m×r QR and an r×n SVD.
+test holds them to autograd on the loss itself, in float64): an SGD refresh costs five m×n×r matmuls
+and a few m×n temporaries, no SVD; the re-SVD two m×n×r matmuls, an m×r QR and an r×n SVD.
 
 Where we depart from the official code, each deliberately:
 
@@ -147,14 +148,14 @@ class COAPProjector(SVDProjector):
             if count % self.reproject_factor == 0:
                 p = range_basis(x, old.t(), self.canonical_signs)
             else:
-                p = self._sgd_step(x, old, moment, side, work.dtype)
+                p = self._sgd_step(x, old, moment, side)
         basis = p if side == "right" else p.t()
         self._state["P"] = basis.to(self.basis_dtype(grad.dtype), copy=True, memory_format=torch.contiguous_format)
         self._state["refreshes"] = count + 1
 
-    def _sgd_step(self, x: Tensor, p: Tensor, moment: Tensor | None, side: str, dtype: torch.dtype) -> Tensor:
+    def _sgd_step(self, x: Tensor, p: Tensor, moment: Tensor | None, side: str) -> Tensor:
         """One clipped SGD step on the correlation-aware loss (X frame: P is r×b)."""
-        m_x = None if moment is None else (moment if side == "right" else moment.t()).to(dtype)
+        m_x = None if moment is None else (moment if side == "right" else moment.t()).to(x.dtype)
         grad = coap_loss_grad(x, p, m_x, cos_dim=1 if side == "right" else 0)
         clip = torch.clamp(self.max_norm / (grad.norm() + CLIP_EPS), max=1.0)
         return p - grad.mul_(clip * self.lr)

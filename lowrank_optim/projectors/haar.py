@@ -1,6 +1,8 @@
-"""Haar projector: the approximation coefficients of a ``level``-step orthonormal Haar transform along
-the projected side, a fixed basis (Wen et al. 2025, "GWT: Scalable Optimizer State Compression for
-Large Language Model Training", arXiv:2501.07237; the official code is zqOuO/GWT, ``waveadamw.py``).
+"""Haar projector: GWT's fixed basis, the level-l Haar approximation coefficients along one side.
+
+The approximation coefficients of an l-step orthonormal Haar transform (Wen et al. 2025, "GWT: Scalable
+Optimizer State Compression for Large Language Model Training", arXiv:2501.07237; the official code is
+zqOuO/GWT, ``waveadamw.py``).
 
 Along the projected side (d = n on the right, m on the left) the level-l Haar approximation of a
 vector is the sum of each block of 2^l consecutive entries times 2^(−l/2), so the basis is the
@@ -53,7 +55,7 @@ class HaarProjector(Projector):
                              f"projected side), got {level!r}")
         self.level = level
         self.block = 2**level
-        self.weight = 2.0 ** (-level / 2)
+        self.entry = 2.0 ** (-level / 2)
 
     def coefficients(self, d: int) -> int:
         """How many approximation coefficients a side of length ``d`` has: ⌈d / 2^level⌉."""
@@ -108,19 +110,19 @@ class HaarProjector(Projector):
         return x.t() if self.side == "left" else x
 
     def project(self, grad: Tensor) -> Tensor:
-        low = self._block_sums(grad).mul_(self.weight)
+        low = self._block_sums(grad).mul_(self.entry)
         return low.t().contiguous() if self.side == "left" else low
 
     def project_back(self, low: Tensor) -> Tensor:
-        return self.spread(low).mul(self.weight)
+        return self.spread(low).mul(self.entry)
 
     def residual(self, grad: Tensor, low: Tensor) -> Tensor:
-        return grad.to(low.dtype).sub(self.spread(low), alpha=self.weight)
+        return grad.to(low.dtype).sub(self.spread(low), alpha=self.entry)
 
     def apply_back(self, weight: Tensor, low: Tensor, alpha: float, beta: float = 1.0) -> None:
         if beta != 1.0:
             weight.mul_(beta)
-        weight.add_(self.spread(low.to(weight.dtype)), alpha=alpha * self.weight)
+        weight.add_(self.spread(low.to(weight.dtype)), alpha=alpha * self.entry)
 
     def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """H (r×d) on the right side, Hᵀ (d×r) on the left; float32 on the CPU unless told."""
@@ -128,5 +130,5 @@ class HaarProjector(Projector):
         r = self.coefficients(d)
         cols = torch.arange(d, device=device)
         h = torch.zeros(r, d, dtype=dtype or torch.float32, device=device)
-        h[cols // self.block, cols] = self.weight
+        h[cols // self.block, cols] = self.entry
         return h.t() if self.side == "left" else h

@@ -20,12 +20,13 @@ waverec(0, D / den) is (G − project_back(A)) divided entry by entry by the den
 
 which is the official step exactly, except where the core's Adam puts ε (on √V̂, as ``torch.optim.AdamW``;
 the official ``√V + ε`` is ours with ε·√c₂) and takes weight decay (from the weights before the update;
-the official code decays the updated ones). The official default ε is 1e-6 (``WaveAdamW``), ours 1e-8.
+the official code decays the updated ones). The official default ε, 1e-6, is the ``GWT`` preset's too
+(the core's is torch's 1e-8): it bounds the details' step where an approximation coefficient is near 0.
 
-The paper states the update as Ã = M/(√V + ε), D̃ = D/(√V + ε), W ← W − η·α·[Ã, D̃]H̃ (H̃ the inverse
-transform), without a bias correction or a limiter; the official code, which the paper's LLaMA runs use,
-adds both, and we follow the code: the limiter is in the preset's defaults (``limiter=1.01``) and
-``limiter=None`` drops it; the bias correction is Adam's.
+The paper's equations, as far as we could read them (Ã = M/(√V + ε), D̃ = D/(√V + ε),
+W ← W − η·α·[Ã, D̃]H̃, H̃ the inverse transform), show no bias correction and no limiter; the official
+code, which the paper's LLaMA scripts run, has both, and we follow the code: the limiter is in the
+preset's defaults (``limiter=1.01``), ``limiter=None`` drops it, and the bias correction is Adam's.
 Note what the official placement does: the limiter sees the uncorrected u, whose norm grows by about
 c₁/√c₂ over the first ~10 steps, so it also damps Adam's bias-correction warm-up (as apollo-torch's does),
 and the details are divided by c₁ (larger early steps than Ã's).
@@ -78,7 +79,7 @@ class WaveletDetails(Update):
         c1, c2 = bias_corrections(ctx)
         v = storage_of(ctx.state, SECOND_MOMENT).load(ctx.state, SECOND_MOMENT, signed=False)
         denom = (v.to(ctx.low.dtype) / c2).sqrt_().add_(float(ctx.group["eps"])).mul_(c1).reciprocal_()
-        details = ctx.residual().mul_(ctx.projector.spread(denom.to(ctx.low.dtype)))
+        details = ctx.residual().mul_(ctx.projector.spread(denom))
         factor = self.limit(ctx, ctx.norm(ctx.direction, rows="low") * (c1 / math.sqrt(c2)))
         alpha = -ctx.lr * ctx.scale
         direction = ctx.direction if factor is None else ctx.direction * factor
