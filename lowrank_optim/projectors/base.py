@@ -109,6 +109,7 @@ class Projector(abc.ABC):
     #: True for projectors whose refresh reads the rule's first moment M (COAP's correlation term): the
     #: optimizer then passes it to :meth:`refreshed` (the rule's ``first_moment`` key, as a float tensor
     #: shaped like R in the old subspace's coordinates; None at the first refresh or for a rule without one).
+    #: It is read only: under float storage it is the rule's own tensor.
     reads_moment: ClassVar[bool] = False
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
