@@ -9,7 +9,7 @@ Run (the default sizes suit a small CPU; LRO_BENCH_LARGE=1 adds LLaMA-7B-sized m
 Each (shape, rank) is one benchmark group; report.py divides the ``svd`` median by each
 projector's. ``online_pca`` is timed at its steady state (a gradient step; its one SVD happens
 during warm-up), ``dct`` with its shared basis already built (built once per size for the whole
-model). ``proj_type="std"``: for m < n the left side (d = m) is projected.
+model), ``coap`` at its SGD refresh (given a first moment) and ``coap-resvd`` at its warm-started re-SVD. ``proj_type="std"``: for m < n the left side (d = m) is projected.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 import lowrank_optim as lro
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["svd", "rsvd", "dct", "random", "sparse", "online_pca"]
+IMPLS = ["svd", "rsvd", "dct", "random", "sparse", "online_pca", "coap", "coap-resvd"]
+#: Timed variants: COAP's SGD refresh (given a moment, as in training) and its re-SVD (every refresh one).
+VARIANTS = {"coap-resvd": ("coap", {"reproject_factor": 1})}
 CASES = [((1024, 2752), r) for r in (128, 256)]
 if os.environ.get("LRO_BENCH_LARGE") == "1":
     CASES += [(shape, r) for shape in ((4096, 4096), (4096, 11008)) for r in (128, 256, 512, 1024)]
@@ -50,12 +52,14 @@ def gradient(m: int, n: int, seed: int = 0) -> torch.Tensor:
 def test_refresh(benchmark, impl, case):
     (m, n), rank = case
     grad = gradient(m, n)
-    proj = lro.projectors.make(impl, rank, proj_type="std", seed=1)
-    proj.update(grad)  # online_pca: its SVD; dct: builds the shared basis
+    name, options = VARIANTS.get(impl, (impl, {}))
+    proj = lro.projectors.make(name, rank, proj_type="std", seed=1, **options)
+    proj.update(grad)  # online_pca, coap: their first basis; dct: builds the shared basis
+    moment = proj.project(grad) if proj.reads_moment else None  # coap's correlation term reads M
     _sync()
 
     def refresh():
-        proj.update(grad)
+        proj.update(grad, moment)
         _sync()
 
     benchmark.group = f"refresh {m}x{n} rank {rank} ({DEVICE})"

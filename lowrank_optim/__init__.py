@@ -10,6 +10,8 @@ from .groups import param_groups
 from .layerwise import layerwise
 from .optim import (
     APOLLO,
+    COAP,
+    GWT,
     FRUGAL,
     APOLLOMini,
     Fira,
@@ -46,9 +48,13 @@ PRESETS = {
     "sumo": SUMO,
     "lowrank": LowRankAdamW,
 }
+# COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
+PRESETS.update({"coap": COAP, "gwt": GWT})
 
 __all__ = [
     "APOLLO",
+    "COAP",
+    "GWT",
     "FRUGAL",
     "PRESETS",
     "APOLLOMini",

@@ -121,6 +121,10 @@ PRESET_CASES = [
     ("sumo", lro.SUMO, {}),
     ("sumo-newton-schulz", lro.SUMO, {"orthogonalize": "newton_schulz", "nesterov": True}),
     ("apollo-adafactor", lro.APOLLO, {"rule": "adafactor"}),
+    # COAP with its re-SVD every second refresh (so short runs see both kinds), GWT with its defaults
+    ("coap", lro.COAP, {"projector_options": {"reproject_factor": 2}}),
+    ("coap-8bit", lro.COAP, {"state_bits": 8, "min_8bit_size": 0, "projector_options": {"reproject_factor": 2}}),
+    ("gwt", lro.GWT, {}),
 ]
 
 

@@ -32,7 +32,7 @@ def groups(model, **kw):
         (dict(update_proj_gap=0), r"invalid update_proj_gap=0"),
         (dict(scale=0.0), r"invalid scale=0.0: scale must be a finite number > 0"),
         (dict(proj_type="diagonal"), r"invalid proj_type='diagonal': choose one of std, reverse_std, left, right"),
-        (dict(projector="qr"), r"invalid projector='qr': choose one of dct, online_pca, random, rsvd, sparse, svd"),
+        (dict(projector="qr"), rf"invalid projector='qr': choose one of {', '.join(sorted(lro.projectors.REGISTRY))}$"),
         (dict(foreach="yes"), r"invalid foreach"),
     ],
 )

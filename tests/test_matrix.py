@@ -1,14 +1,16 @@
 """Every registered projector × rule × on_refresh × storage, in one process and as a world-size-1 FSDP2 run
 in this process (DTensor parameters, the sharded code path), driven by the registries themselves.
 
-Each case steps a tall 24×16 weight (right side), a wide 16×24 one (left side; ``dct`` takes the right
-side there, its left side being refused on shards) and a bias, 6 steps with update_proj_gap 2 (refreshes
-at steps 0, 2, 4), from synthetic gradients that do not depend on the weights. What each case checks:
+Each case steps a tall 24×16 weight (right side), a wide 16×24 one (left side; ``dct`` and ``haar`` take
+the right side there, their left side being refused on shards) and a bias, 6 steps with update_proj_gap 2
+(refreshes at steps 0, 2, 4), from synthetic gradients that do not depend on the weights. What each case
+checks:
 
 * the step is finite, and the state that ``init_state()`` builds has the keys and bytes real steps build;
 * a checkpoint after 3 steps, through ``torch.save`` / ``torch.load(weights_only=True)`` into a fresh
   optimizer, continues bit for bit;
-* the FSDP2 run equals the one-process run. The sharded path refreshes ``svd`` / ``rsvd`` / ``online_pca``
+* the FSDP2 run equals the one-process run (a projector that refuses shards on both sides, ``coap``, is
+  checked for the refusal instead). The sharded path refreshes ``svd`` / ``rsvd`` / ``online_pca``
   from the Gram matrix's float64 eigenvectors instead of LAPACK's float32 SVD, both with canonical signs:
   the bases agree to float32 rounding (~1e-7 relative), and 6 steps keep the weights (of size ~1) within
   1e-5 (measured: at most 5e-7). INT8 state: an element whose value sits on a code boundary can round to
@@ -54,7 +56,8 @@ def gradients(t: int) -> dict[str, torch.Tensor]:
 def keys(projector: str, rule: str, policy: str, bits: int) -> dict:
     out = dict(rank=RANK, update_proj_gap=GAP, projector=projector, rule=rule, on_refresh=policy,
                state_bits=bits, min_8bit_size=0)
-    if projector == "dct":
+    cls = lro.projectors.REGISTRY[projector]
+    if cls.shard_error("left", {}) and not cls.shard_error("right", {}):  # dct, haar: their right side shards
         out["proj_type"] = "right"
     return out
 
@@ -118,6 +121,11 @@ def test_every_combination_in_one_process_and_on_fsdp2(projector, rule, policy, 
         pytest.skip(f"refused by name when built: {why.split(': ', 1)[1][:120]}")
     case = keys(projector, rule, policy, bits)
     local = _one_process(case)
+    refused = lro.projectors.REGISTRY[projector].shard_error("right", {})  # keys() took the right side if it shards
+    if refused:
+        with pytest.raises(ValueError, match="not built for FSDP2 shards"):
+            _fsdp2(case, one_rank_mesh)
+        pytest.skip(f"one process checked; FSDP2 shards refused by name: {refused}")
     sharded = _fsdp2(case, one_rank_mesh)
     for name, w in local.items():
         torch.testing.assert_close(sharded[name], w, rtol=TOLERANCE[bits], atol=TOLERANCE[bits],

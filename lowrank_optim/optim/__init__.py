@@ -3,7 +3,9 @@
 from .lowrank import PRESET_DEFAULT, LowRankAdamW, RankFallbackWarning
 from .presets import (
     APOLLO,
+    COAP,
     FRUGAL,
+    GWT,
     SUMO,
     APOLLOMini,
     Fira,
@@ -13,4 +15,4 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "FRUGAL", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]

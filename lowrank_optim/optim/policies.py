@@ -5,6 +5,7 @@
   basis between the old and new subspace; Adam: M ← map(M), V ← |map(V)|);
 * ``refresh``: ``fixed`` every ``update_proj_gap`` steps, or ``lazy`` (Q-GaLore): a layer whose
   subspace stops moving refreshes less and less often;
+* a ``fixed`` projector (haar) is built at the first step and never refreshed;
 * ``stagger``: when in the gap. Every subspace is built at the first step; after it, with ``stagger=True``
   (the default) each weight renews on its own phase φ ∈ [1, gap] (the optimizer spreads the weights'
   refresh costs evenly over the phases, :func:`phases`), so no step carries more than its share of
@@ -74,6 +75,8 @@ def due(state: dict[str, Any], group: dict[str, Any], step: int, proj: Projector
     """Whether ``proj``'s subspace renews at ``step`` (counted before this step's increment)."""
     if proj.refresh_every_step or not proj.initialized:
         return True
+    if proj.fixed:
+        return False
     upcoming = state.get("next_refresh")
     if upcoming is None:  # a checkpoint from before the schedule was kept: galore-torch's
         return step % current_gap(state, group) == 0

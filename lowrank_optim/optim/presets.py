@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import Tensor
+
 from .lowrank import LowRankAdamW
 
 
@@ -178,3 +182,55 @@ class SUMO(LowRankAdamW):
 
     preset = {"projector": "rsvd", "rule": "orthogonal", "on_refresh": "rotate", "momentum": 0.95,
               "orthogonalize": "svd", "scale": 0.25, "update_proj_gap": 200}
+
+
+class COAP(LowRankAdamW):
+    """COAP: Adam in a subspace moved by a correlation-aware SGD step every 32 steps (Xiao et al. 2025).
+
+    "COAP: Memory-Efficient Training with Correlation-Aware Gradient Projection", CVPR 2025,
+    arXiv:2412.00071 (official code: bytedance/coap). The basis P starts from a randomized range finder
+    of the first gradient; every ``update_proj_gap`` (T_u = 32) steps it takes one SGD step (lr 0.1,
+    gradient clipped to norm 1) on MSE(G PᵀP, G)·(1 − mean row cos(M P, G)), M the Adam first moment,
+    and every ``reproject_factor``-th (λ = 5) of those refreshes is instead one pass of randomized
+    subspace iteration warm-started from P (``lro.projectors.coap``). The moments are kept across
+    refreshes (the official ``restore_state=False``, its setting for LLaMA), the residual dropped.
+
+    Settings: T_u 32 and λ 5 (the official optimizer's defaults), scale 0.25 and lr 0.01 (its LLaMA-1B
+    recipe, rank 512; the 7B one uses rank 1024, lr 0.005, T_u 100). ``projector_options`` take
+    ``reproject_factor``, ``lr`` and ``max_norm`` of the P step. Departures from the official code (P in
+    float32, canonical singular-vector signs, per-weight seeds, the re-SVD counted per weight) are listed
+    in ``lro.projectors.coap``; as for every preset, ε sits on √V̂ and weight decay is taken from the
+    weights before the update (the official AdamW: ε 1e-6 on √V, decay after the update).
+    """
+
+    preset = {"projector": "coap", "scale": 0.25, "update_proj_gap": 32}
+
+
+class GWT(LowRankAdamW):
+    """GWT: Adam on the Haar approximation of the gradient, its details stepped without state (Wen et al. 2025).
+
+    "GWT: Scalable Optimizer State Compression for Large Language Model Training", arXiv:2501.07237
+    (official code: zqOuO/GWT, ``WaveAdamW``). Each projected weight's gradient is transformed along its
+    last axis (``proj_type="right"``, as the official code) by a level-2 orthonormal Haar transform
+    (``projector="haar"``, fixed: never refreshed, n/4 coefficients per row); Adam runs on the
+    approximation coefficients, the detail coefficients are divided by the approximation's Adam
+    denominator (each by its block's) with no state, Fira's norm-growth limiter (γ = 1.01) bounds the
+    step, and the inverse transform times ``scale`` (0.25) is the update (``residual="gwt"``,
+    ``lro.updates.gwt``). ``projector_options={"level": l}`` keeps n/2^l coefficients (2^l-fold less
+    moment memory than AdamW on those weights). Widths that 2^l does not divide are zero-padded, as the
+    official code's default boundary.
+
+    Settings of the official LLaMA scripts (60M–1B): level 2, scale 0.25, lr 0.01, weight decay 0, and
+    the official ε, 1e-6 (the only preset whose default ε is not torch's 1e-8): the details are divided by
+    √V̂ + ε, and where an approximation coefficient is near 0 (a block whose entries cancel) ε is what
+    bounds their step; with 1e-8 a float16 model overflows in a few steps at lr 0.01 without warmup. The
+    group's ``rank`` only chooses which weights are projected (a short side above it). As for every
+    preset, ε sits on √V̂ and weight decay is taken from the weights before the update (the official
+    WaveAdamW: ε on √V, decay after the update).
+    """
+
+    preset = {"projector": "haar", "proj_type": "right", "residual": "gwt", "limiter": 1.01, "scale": 0.25}
+
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, *args: Any, **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, *args, **kwargs)

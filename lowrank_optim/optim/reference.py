@@ -6,8 +6,8 @@ float64 parameters), one process. The projector object lives in ``state[p]``, so
 not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n), step t = 0, 1, ...::
 
     G = W.grad
-    if t % update_proj_gap == 0 (online_pca: every step):        # refresh the subspace
-        old, proj = proj, proj.refreshed(G)                     # make(seed=W's position) at t = 0
+    if t % update_proj_gap == 0 (online_pca: every step; haar: t = 0 only):      # refresh the subspace
+        old, proj = proj, proj.refreshed(G, M)                  # make(seed=W's position) at t = 0; M for COAP
         keep:   M, V as they are
         reset:  M = V = 0 and k = 0: a fresh Adam in the new subspace (FRUGAL's code sets step = 0)
         rotate: M = T(M), V = |T(V)|,  T(X) = (P_newᵀ P_old) X (left) or X (Q_old Q_newᵀ) (right)
@@ -20,12 +20,14 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
         scale · B(N) + rls · lim(sign(S))          residual = sign (FRUGAL)
         scale · B(N) + rls · lim(S)                residual = sgd
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
+        scale · f · (B(N) + S ⊘ (c₁ · spread(√V̂ + ε)))   residual = gwt (haar's blocks; c₁ = 1 − β₁ᵏ)
     W = W − lr · (U + wd · W)                                   # decay from the pre-update W
 
     s(N, R) = ‖N‖ / (‖R‖ + 1e-8) per channel (the norms run along the projected dimension: per
               row of W on the right side, per column on the left) or for the whole tensor;
     lim(X)  = the norm-growth limiter γ (None: off): if ‖X‖ > γ(‖X_prev‖ + 1e-8), rescale X to
-              that norm; ‖X_prev‖ is the last step's limited norm (the 1e-8 as apollo-torch and fira).
+              that norm; ‖X_prev‖ is the last step's limited norm (the 1e-8 as apollo-torch and fira);
+    f       = the factor lim applies to X = N · c₁/√c₂ (GWT's official code limits that uncorrected norm).
 
 Every other parameter (not 2-D, short side ≤ rank, or a group without ``rank``) is AdamW:
 W = W − lr · (N(G) + wd · W), with the same Adam on G itself.
@@ -89,7 +91,7 @@ def rotate(state: dict[str, Any], old: projectors.Projector, new: projectors.Pro
 
 def refresh(state: dict[str, Any], old: projectors.Projector, g: Tensor, policy: str) -> projectors.Projector:
     """A new subspace from ``g``, and the moments carried into it by ``policy``."""
-    new = old.refreshed(g)
+    new = old.refreshed(g, state.get("exp_avg"))  # the first moment, which COAP's refresh reads
     if "exp_avg" in state:  # not the first subspace
         if policy == "reset":
             for key in ("exp_avg", "exp_avg_sq", "adam_steps"):
@@ -113,6 +115,21 @@ def low_rank_update(group: dict[str, Any], state: dict[str, Any], back: Callable
     if group["residual"] == "sign":  # FRUGAL
         rest = rest.sign()
     return scale * back(n) + group["residual_lr_scale"] * limit(rest, state, gamma)
+
+
+def gwt(group: dict[str, Any], state: dict[str, Any], proj: projectors.Projector, g: Tensor, r: Tensor,
+        n: Tensor) -> Tensor:
+    """GWT's U: the details S over the Adam denominator of their block, both parts times the limiter's f."""
+    (beta1, beta2), k, gamma = group["betas"], state["adam_steps"], group["limiter"]
+    c1, c2 = 1 - beta1**k, 1 - beta2**k
+    norm, prev, f = n.norm() * (c1 / math.sqrt(c2)), state.get("limiter_norm"), 1.0
+    if gamma is not None and prev is not None and norm > gamma * (prev + 1e-8):
+        f = gamma * (prev + 1e-8) / norm
+    if gamma is not None:
+        state["limiter_norm"] = norm * f
+    den = (state["exp_avg_sq"] / c2).sqrt() + group["eps"]
+    details = (g - proj.project_back(r)) / (c1 * proj.spread(den))
+    return group["scale"] * f * (proj.project_back(n) + details)
 
 
 def new_projector(group: dict[str, Any], seed: int) -> projectors.Projector:
@@ -167,9 +184,12 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if "projector" not in state:
             state["projector"], state["step"] = new_projector(group, position), 0
         proj = state["projector"]
-        if state["step"] % group["update_proj_gap"] == 0 or proj.refresh_every_step:
+        due = state["step"] % group["update_proj_gap"] == 0 and not (proj.fixed and state["step"])
+        if due or proj.refresh_every_step:
             proj = state["projector"] = refresh(state, proj, g, group["on_refresh"])
         state["step"] += 1
         r = proj.project(g)
         n = adam(state, r, group["betas"], group["eps"])
+        if group["residual"] == "gwt":
+            return gwt(group, state, proj, g, r, n)
         return low_rank_update(group, state, proj.project_back, proj.side, g, r, n)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import rules as _rules
 from .. import updates as _updates
 from ..distributed import Local, RowShard, Split, is_sharded, local
-from ..quant.storage import FLOAT, INT8, Storage, largest_piece_blocks
+from ..quant.storage import FLOAT, INT8, Storage, largest_piece_blocks, storage_of
 
 Comm = Local | RowShard
 
@@ -82,6 +82,16 @@ def local_view(state: dict[str, Any], keys: tuple[str, ...]) -> tuple[dict[str, 
         return state, frozenset()
     view = {k: local(v) for k, v in state.items() if k != "projector"}
     return view, frozenset(k for k in keys if is_sharded(state.get(k)))
+
+
+def first_moment(rule: _rules.Rule, state: dict[str, Any]) -> Tensor | None:
+    """The rule's first moment (``rule.first_moment``) as a float tensor shaped like R, this rank's piece,
+    dequantized if stored as INT8; None before the first step or for a rule that keeps none."""
+    key = rule.first_moment
+    if key is None or key not in state:
+        return None
+    view, _ = local_view(state, (key,))
+    return storage_of(view, key).load(view, key, signed=True)
 
 
 # ---------------------------------------------------------------------------- loading

@@ -1,7 +1,8 @@
 """One optimizer step, for one process and FSDP2 shards alike: plan, then apply.
 
 * **plan** (:func:`plan`), for every parameter with a gradient, writing nothing: the checks, whether its
-  subspace refreshes now, and the refreshed projector (a refresh that fails raises before any change);
+  subspace refreshes now, and the refreshed projector (a refresh that fails raises before any change; a
+  projector that reads the rule's first moment, ``reads_moment``, is given it as it stands before this step);
 * **apply**, per group: the unprojected parameters (:func:`step_plain`: the group's ``plain_rule``, torch's
   own AdamW for Adam), then the projected ones in chunks (:func:`step_low_rank`)::
 
@@ -86,8 +87,9 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
     # The first step starts from a fresh projector, whatever init_state() put there.
     proj = opt._projector(p, group) if step else opt._new_projector(group, p)
     if policies.due(state, group, step, proj):
+        moment = _state.first_moment(_rules.get(group["rule"]), state) if proj.reads_moment else None
         try:
-            item.previous, proj = proj, proj.refreshed(item.grad)
+            item.previous, proj = proj, proj.refreshed(item.grad, moment)
         except NonFiniteGradientError as err:
             raise NonFiniteGradientError(
                 f"{type(opt).__name__}: parameter {opt._label(group, i)} has a non-finite gradient at a subspace "

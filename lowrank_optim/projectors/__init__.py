@@ -50,10 +50,19 @@ for _cls in (SVDProjector, RSVDProjector, DCTProjector, RandomProjector, SparseP
     register(_cls)
 del _cls
 
+# COAP (correlation-aware SGD steps on P, occasional warm-started re-SVD) and Haar (GWT's fixed basis)
+from .coap import COAPProjector
+from .haar import HaarProjector
+
+register(COAPProjector)
+register(HaarProjector)
+
 __all__ = [
     "PROJ_TYPES",
     "REGISTRY",
+    "COAPProjector",
     "DCTProjector",
+    "HaarProjector",
     "NonFiniteGradientError",
     "OnlinePCAProjector",
     "Projector",

@@ -103,6 +103,14 @@ class Projector(abc.ABC):
     #: G − project_back(project(G)) is the part of G outside the subspace. A method that uses that
     #: residual (FRUGAL, Fira) refuses a projector without it.
     orthonormal: ClassVar[bool] = True
+    #: True for a subspace that never changes once built (haar): the optimizer refreshes it at the
+    #: first step only, whatever ``update_proj_gap`` and ``on_refresh`` say.
+    fixed: ClassVar[bool] = False
+    #: True for projectors whose refresh reads the rule's first moment M (COAP's correlation term): the
+    #: optimizer then passes it to :meth:`refreshed` (the rule's ``first_moment`` key, as a float tensor
+    #: shaped like R in the old subspace's coordinates; None at the first refresh or for a rule without one).
+    #: It is read only: under float storage it is the rule's own tensor.
+    reads_moment: ClassVar[bool] = False
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
         """``seed`` is where projectors that draw random matrices start (``random``, ``rsvd``): the
@@ -183,8 +191,9 @@ class Projector(abc.ABC):
         return sum(v.numel() * v.element_size() for v in self._state.values() if isinstance(v, Tensor))
 
     # ----------------------------------------------------------------- refresh
-    def update(self, grad: Tensor) -> None:
-        """Refresh the subspace from ``grad`` (an m×n matrix with finite values; on shards this rank's rows)."""
+    def update(self, grad: Tensor, moment: Tensor | None = None) -> None:
+        """Refresh the subspace from ``grad`` (an m×n matrix with finite values; on shards this rank's rows);
+        ``moment`` is the rule's first moment for projectors that read it (``reads_moment``), else ignored."""
         if grad.dim() != 2:
             raise ValueError(f"{type(self).__name__} projects 2-D matrices, got shape {tuple(grad.shape)}")
         if not self.comm.all_finite(grad):
@@ -193,10 +202,14 @@ class Projector(abc.ABC):
             )
         side = self.side or choose_side(self.comm.global_shape(grad), self.proj_type)
         if self.comm.whole:
-            self._refresh(grad, side)
+            self._refresh_from(grad, side, moment)
         else:
             self._refresh_sharded(grad, side)
         self._state["side"] = side
+
+    def _refresh_from(self, grad: Tensor, side: str, moment: Tensor | None) -> None:
+        """:meth:`_refresh`, given also the rule's first moment (see ``reads_moment``); the default ignores it."""
+        self._refresh(grad, side)
 
     def _refresh_sharded(self, grad: Tensor, side: str) -> None:
         """:meth:`_refresh` from this rank's rows of a row-sharded gradient (``self.comm`` sums over the
@@ -231,11 +244,11 @@ class Projector(abc.ABC):
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         """The state entries (besides ``side``) that :meth:`_refresh` would set, as placeholders."""
 
-    def refreshed(self, grad: Tensor) -> "Projector":
-        """A new projector refreshed from ``grad``; ``self`` is left untouched."""
+    def refreshed(self, grad: Tensor, moment: Tensor | None = None) -> "Projector":
+        """A new projector refreshed from ``grad`` (and ``moment``, see :meth:`update`); ``self`` is left untouched."""
         new = copy.copy(self)
         new._state = dict(self._state)
-        new.update(grad)
+        new.update(grad, moment)
         return new
 
     @classmethod

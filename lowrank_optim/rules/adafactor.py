@@ -133,6 +133,7 @@ class Adafactor(Rule):
     name = "adafactor"
     label = "Adafactor"
     keys = KEYS
+    first_moment = "exp_avg"
     nonnegative = ("row_var", "col_var", "variance")
     int8_keys = ()  # the statistics are r + n floats: nothing worth storing in 8 bits
     plain_rule = "adafactor"

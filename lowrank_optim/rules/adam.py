@@ -123,6 +123,7 @@ class Adam(Rule):
     label = "AdamW"
     keys = ("exp_avg", "exp_avg_sq")
     nonnegative = ("exp_avg_sq",)
+    first_moment = "exp_avg"
     elementwise = True
     steps_whole = True
     fused = {Int8Storage: _adam_int8}

@@ -16,6 +16,7 @@ the state in place from ``low``, return the direction N). Everything else has a 
 * the group's unprojected parameters (embeddings, norms, head) follow the rule named ``plain_rule``
   (``"adam"``: AdamW, as Muon advises); a rule whose ``steps_whole`` is True steps them through
   :meth:`Rule.step_whole` (Adam: torch's own AdamW), else by ``direction`` on the whole gradient;
+* ``first_moment`` names the key of its momentum (shaped like R), if it keeps one, for projectors that read it;
 * ``defaults`` adds group keys (with their defaults) that the rule reads, and ``check`` validates them.
 
 The step counter ``state["step"]`` already counts this step when ``direction`` runs; a rule that
@@ -47,6 +48,10 @@ class Rule:
     label: ClassVar[str] = ""
     #: Keys that hold non-negative values (second moments).
     nonnegative: ClassVar[tuple[str, ...]] = ()
+    #: The key of its first moment (a momentum shaped like R, in R's coordinates: Adam's mean of R,
+    #: Adafactor's of its updates), which a projector that reads it (COAP: ``Projector.reads_moment``) is
+    #: given at its refresh; None: the rule keeps none.
+    first_moment: ClassVar[str | None] = None
     #: Keys that may be stored as INT8; None: every key shaped like the low-rank tensor.
     int8_keys: ClassVar[tuple[str, ...] | None] = None
     #: Each element's direction depends only on that element's gradient and state.

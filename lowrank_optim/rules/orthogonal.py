@@ -141,6 +141,7 @@ class Orthogonal(Rule):
 
     name = "orthogonal"
     keys = KEYS
+    first_moment = "momentum_buffer"
     defaults = {"momentum": None, "nesterov": False, "orthogonalize": "svd", "ns_steps": 5}
 
     def init(self, low: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:

@@ -103,6 +103,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "galore_adafactor": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     "sumo": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     "lowrank": {**_LOW_RANK, "lr": 1e-2},
+    # COAP: GaLore's settings (its LLaMA-1B recipe: lr 0.01, scale 0.25) and its own refresh interval, T_u 32
+    "coap": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25, "update_proj_gap": 32},
+    # GWT: the official LLaMA scripts' lr 0.01 and scale 0.25 (level 2); rank only chooses the projected weights
+    "gwt": {**_LOW_RANK, "lr": 1e-2, "scale": 0.25},
     # any preset without an entry of its own
     "*": {**_LOW_RANK, "lr": 1e-2},
 }

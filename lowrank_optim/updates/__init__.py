@@ -1,13 +1,14 @@
 """What a low-rank step writes into the weight: residual policies and scaling, by name (DESIGN.md 8).
 
-``residual=`` picks one of ``drop``, ``sign``, ``sgd``, ``fira`` (:mod:`.residual`); ``scaling=`` one of
-``channel``, ``tensor`` (:mod:`.scaling`), in place of project_back(N). :mod:`.base` has the interface, the
+``residual=`` picks one of ``drop``, ``sign``, ``sgd``, ``fira`` (:mod:`.residual`), ``gwt`` (:mod:`.gwt`);
+``scaling=`` one of ``channel``, ``tensor`` (:mod:`.scaling`), in place of project_back(N). :mod:`.base` has the interface, the
 shared norm-growth limiter and :func:`register` for updates defined outside the package.
 """
 
 from .base import REGISTRY, Context, Limiter, Update, available, for_group, register
+from .gwt import WaveletDetails
 from .residual import SGD, Drop, Fira, Sign
 from .scaling import Channel, TensorWise  # noqa: I001 (scaling before residual: fira uses its factors)
 
 __all__ = ["REGISTRY", "SGD", "Channel", "Context", "Drop", "Fira", "Limiter", "Sign", "TensorWise", "Update",
-           "available", "for_group", "register"]
+           "WaveletDetails", "available", "for_group", "register"]
