@@ -42,25 +42,12 @@ from .groups import param_groups
 from .layerwise import LayerwiseUpdates
 from .layerwise import layerwise as _layerwise
 from .optim import LowRankAdamW, RankFallbackWarning
+from .optim.options import option_value
 
 __all__ = ["LayerwiseOptimizer", "LayerwiseTrainer", "optimizers", "parse_optim_args"]
 
 #: ``optim_args`` keys of Trainer's APOLLO path, and ours that they mean.
 _ALIASES = {"proj": "projector", "scale_type": "scaling"}
-
-
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_optim_args(text: str | None) -> dict[str, Any]:
@@ -74,7 +61,7 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"TrainingArguments.optim_args: {item!r} is not key=value (write e.g. 'rank=64,scale=0.25')")
-        out[_ALIASES.get(key, key)] = _value(value)
+        out[_ALIASES.get(key, key)] = option_value(value)
     return out
 
 

@@ -203,3 +203,19 @@ def check_flags(owner: str, flags: dict[str, Any]) -> None:
             raise ValueError(f"{owner}: invalid {name}={value!r}: pass True or False")
         if value:
             raise ValueError(f"{owner}: {name}=True is not supported: {why[name]}")
+
+
+def option_value(text: str) -> Any:
+    """A value written as text (``key=value`` on the command line, Trainer's ``optim_args``): None, a bool,
+    an int, a float, or the text itself."""
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ..distributed import canonical_signs
 from .random_proj import gaussian, mix_seed
-from .svd import SVDProjector
+from .svd import CountedSVDProjector
 
 #: torch.nn.functional.cosine_similarity's clamp on each norm, and clip_grad_norm_'s guard.
 COS_EPS = 1e-8
@@ -96,7 +96,7 @@ def coap_loss_grad(x: Tensor, p: Tensor, moment: Tensor | None, cos_dim: int) ->
     return grad_mse.mul_(1.0 - cos.mean()).sub_(grad_cos)
 
 
-class COAPProjector(SVDProjector):
+class COAPProjector(CountedSVDProjector):
     name = "coap"
     quantizable = False  # P takes small SGD steps between re-SVDs: INT4 would round them away
     orthonormal = False  # between re-SVDs P drifts off orthonormality by its SGD steps
@@ -160,15 +160,3 @@ class COAPProjector(SVDProjector):
         clip = torch.clamp(self.max_norm / (grad.norm() + CLIP_EPS), max=1.0)
         return p - grad.mul_(clip * self.lr)
 
-    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        return {**super()._placeholder(shape, side, dtype, device), "refreshes": 0}
-
-    def _check_state(self, state: dict[str, Any]) -> None:
-        super()._check_state(state)
-        count = state.get("refreshes")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"coap projector state needs an integer 'refreshes' >= 0, got {count!r}")
-
-    def nbytes(self) -> int:
-        stored = super().nbytes()
-        return stored + 8 if stored else 0

@@ -29,16 +29,14 @@ for float64 gradients). ``nbytes()`` = P's bytes (r·d·itemsize, d = m left, n 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .random_proj import gaussian, mix_seed
-from .svd import SVDProjector, _canonical_pairs
+from .svd import CountedSVDProjector, _canonical_pairs
 
 
-class RSVDProjector(SVDProjector):
+class RSVDProjector(CountedSVDProjector):
     name = "rsvd"
 
     def __init__(
@@ -88,15 +86,3 @@ class RSVDProjector(SVDProjector):
         super()._refresh_sharded(grad, side)
         self._state["refreshes"] = int(self._state.get("refreshes", 0)) + 1
 
-    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        return {**super()._placeholder(shape, side, dtype, device), "refreshes": 0}
-
-    def _check_state(self, state: dict[str, Any]) -> None:
-        super()._check_state(state)
-        count = state.get("refreshes")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"rsvd projector state needs an integer 'refreshes' >= 0, got {count!r}")
-
-    def nbytes(self) -> int:
-        stored = super().nbytes()
-        return stored + 8 if stored else 0

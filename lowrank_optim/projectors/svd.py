@@ -201,6 +201,24 @@ class SVDProjector(Projector):
 RESOLVED = 1e3
 
 
+class CountedSVDProjector(SVDProjector):
+    """An SVD-family projector that counts its refreshes in its state (``refreshes``, an int: 8 bytes once
+    built), for a schedule or a random stream that depends on it (``rsvd``'s seeds, ``coap``'s re-SVDs)."""
+
+    def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        return {**super()._placeholder(shape, side, dtype, device), "refreshes": 0}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        super()._check_state(state)
+        count = state.get("refreshes")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{self.name} projector state needs an integer 'refreshes' >= 0, got {count!r}")
+
+    def nbytes(self) -> int:
+        stored = super().nbytes()
+        return stored + 8 if stored else 0
+
+
 def top_singular_pairs(g: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The top-``rank`` singular pairs (U m×r, V n×r) of ``g`` with canonical signs, from the Gram matrix
     of its short side and ``eigh``: GᵀG V = V Σ² (or G Gᵀ U = U Σ²), the other side's vectors G V Σ⁻¹

@@ -17,25 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .data import Corpus, local_corpus, stdlib_corpus
+from ..optim.options import option_value
 from .errors import TrainError
 from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
 from .optimizers import available, build_optimizer, optimizer_settings
 
 MIB = 2**20
-
-
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -51,7 +38,7 @@ def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
             key, eq, val = pair.partition("=")
             if not eq or not key:
                 raise TrainError(f"--optimizers: {entry!r}: options are written name:key=value, got {pair!r}")
-            options[key.replace("-", "_")] = _value(val)
+            options[key.replace("-", "_")] = option_value(val)
         optimizer_settings(name, None, **options)  # unknown names fail here, listing the valid ones
         if entry in seen:
             raise TrainError(f"--optimizers names {entry!r} twice")
