@@ -309,8 +309,10 @@ def make_scheduler(kind: str, opt):
     if kind == "StepLR":
         return S.StepLR(opt, step_size=2, gamma=0.0)  # lr 0 from the third step on
     if kind == "LambdaLR":
-        # one lambda per group: the low-rank group stops after 2 steps, the plain group after 3
-        return S.LambdaLR(opt, [lambda e: float(e < 2), lambda e: float(e < 3)])
+        # one lambda per group: the low-rank group stops after 2 steps, the plain groups (param_groups' plain and
+        # no-decay ones) after 3
+        rest = len(opt.param_groups) - 1
+        return S.LambdaLR(opt, [lambda e: float(e < 2)] + [lambda e: float(e < 3)] * rest)
     if kind == "ReduceLROnPlateau":
         return S.ReduceLROnPlateau(opt, factor=0.0, patience=0)  # a flat metric: lr 0 after 2 steps
     return S.OneCycleLR(opt, max_lr=0.01, total_steps=6, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95)
@@ -332,7 +334,9 @@ def test_scheduler_drives_every_group(name, kind):
     ref = torch.optim.AdamW([{"params": [named[n] for n in group_names(g)]} for g in opt.param_groups], lr=1e-2)
     sched, ref_sched = make_scheduler(kind, opt), make_scheduler(kind, ref)
     data = batches(5)
-    frozen_from = {"StepLR": [2, 2], "LambdaLR": [2, 3], "ReduceLROnPlateau": [2, 2], "OneCycleLR": [None, None]}[kind]
+    rest = len(opt.param_groups) - 1  # the low-rank group first, then the plain and no-decay groups
+    frozen_from = {"StepLR": [2] * (1 + rest), "LambdaLR": [2] + [3] * rest, "ReduceLROnPlateau": [2] * (1 + rest),
+                   "OneCycleLR": [None] * (1 + rest)}[kind]
     betas_seen = {tuple(g["betas"]) for g in opt.param_groups}
     for t, tokens in enumerate(data):
         before = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]

@@ -73,12 +73,13 @@ def test_non_finite_gradient_raise_skip_ignore(name, cls, kw):
     train(reference, opt_r, data[:1])
     backward(skipping, data[1], float("inf"))
     opt_s.step()
-    assert [g["nonfinite_skipped"] for g in opt_s.param_groups] == [1, 1]
+    # every group counts the skipped step (param_groups gives low-rank, plain and no-decay groups)
+    assert [g["nonfinite_skipped"] for g in opt_s.param_groups] == [1] * len(opt_s.param_groups) != []
     assert same(skipping.state_dict(), reference.state_dict())
     fresh_model, fresh = build(cls, kw, nonfinite="skip")
     fresh_model.load_state_dict(skipping.state_dict())
     fresh.load_state_dict(roundtrip(opt_s.state_dict()))
-    assert [g["nonfinite_skipped"] for g in fresh.param_groups] == [1, 1]  # survives a checkpoint
+    assert [g["nonfinite_skipped"] for g in fresh.param_groups] == [1] * len(fresh.param_groups)  # survives a checkpoint
     train(fresh_model, fresh, data[2:4])
     train(reference, opt_r, data[2:4])
     assert same(fresh_model.state_dict(), reference.state_dict())
