@@ -90,6 +90,24 @@ def roundtrip(obj) -> object:
     return torch.load(buf, weights_only=True)
 
 
+def train_and_resume(build, data: list[torch.Tensor], split: int):
+    """The resume check: ``build(model) -> optimizer`` trains a fresh model on ``data[:split]``, is checkpointed
+    (through :func:`roundtrip`) and trains on; a twin model of another seed loads the checkpoint, gets a new
+    optimizer from ``build`` that loads its state, and trains on ``data[split:]`` too. Returns
+    (model, opt, twin, twin_opt): bit-identical resume means the two models' parameters are equal."""
+    model = make_model()
+    opt = build(model)
+    train(model, opt, data[:split])
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    train(model, opt, data[split:])
+    twin = make_model(seed=9)
+    twin.load_state_dict(ckpt["model"])
+    twin_opt = build(twin)
+    twin_opt.load_state_dict(ckpt["opt"])
+    train(twin, twin_opt, data[split:])
+    return model, opt, twin, twin_opt
+
+
 def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=torch.float64) -> torch.Tensor:
     """A random m×n matrix whose singular values fall geometrically (distinct, well separated)."""
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batches, decaying_matrix, make_model, roundtrip, train
+from conftest import batches, decaying_matrix, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.projectors.coap import coap_loss_grad
@@ -229,19 +229,9 @@ def test_the_refresh_reads_the_rules_first_moment_as_it_was_before_the_step(monk
 
 def test_resume_is_bit_identical_across_sgd_steps_and_resvds():
     keys = {"rank": 4, "update_proj_gap": 2, "projector_options": {"reproject_factor": 2}}
-    data = batches(12)
-    model = make_model()
-    opt = lro.COAP(lro.param_groups(model, **keys), lr=1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lro.RankFallbackWarning)
-        train(model, opt, data[:5])
-        ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-        train(model, opt, data[5:])
-        twin = make_model(seed=9)
-        twin.load_state_dict(ckpt["model"])
-        opt2 = lro.COAP(lro.param_groups(twin, **keys), lr=1e-2)
-        opt2.load_state_dict(ckpt["opt"])
-        train(twin, opt2, data[5:])
+        model, opt, twin, _ = train_and_resume(lambda m: lro.COAP(lro.param_groups(m, **keys), lr=1e-2), batches(12), 5)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     counts = {s["projector"]["refreshes"] for s in opt.state.values() if "projector" in s}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import batches, decaying_matrix, make_model, roundtrip, train
+from conftest import batches, decaying_matrix, make_model, roundtrip, train, train_and_resume
 
 
 class SignMomentum(lro.rules.Rule):
@@ -60,19 +60,10 @@ def quiet(fn, *a, **kw):
 def test_a_rule_defined_outside_runs_with_every_projector_and_resumes(outside_parts, projector, bits):
     keys = dict(rank=4, update_proj_gap=2, projector=projector, rule=SignMomentum.name, on_refresh="rotate",
                 state_bits=bits, min_8bit_size=0)
-    data = batches(6)
-    model = make_model()
-    opt = lro.LowRankAdamW(lro.param_groups(model, **keys), lr=1e-3)
-    train(model, opt, data[:3])
+    model, opt, resumed, _ = train_and_resume(lambda m: lro.LowRankAdamW(lro.param_groups(m, **keys), lr=1e-3),
+                                              batches(6), 3)
     low = [s for s in opt.state.values() if "projector" in s]
     assert low and all(("exp_avg_absmax" in s) == (bits == 8) for s in low)  # INT8 storage by default
-    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-    train(model, opt, data[3:])
-    resumed = make_model(seed=9)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = lro.LowRankAdamW(lro.param_groups(resumed, **keys), lr=1e-3)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, data[3:])
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
     eager = lro.LowRankAdamW(lro.param_groups(make_model(), **keys), lr=1e-3)
