@@ -25,6 +25,7 @@ from .optim import (
 )
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
+from .sampling import LayerSampler, OwLore, owl_ratios
 
 
 def __getattr__(name: str):
@@ -52,6 +53,9 @@ PRESETS = {
 PRESETS.update({"coap": COAP, "gwt": GWT})
 
 __all__ = [
+    "LayerSampler",
+    "OwLore",
+    "owl_ratios",
     "APOLLO",
     "COAP",
     "GWT",
