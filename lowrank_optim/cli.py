@@ -96,6 +96,14 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--scale", type=float, default=None, help="the low-rank update's scale (default: the preset's)")
     pre.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
     _add_training_flags(pre)
+    pre.add_argument("--layer-sampling", choices=["lisa", "owl"], default=None,
+                     help="train a few sampled decoder layers at a time (lro.LayerSampler): lisa uniformly, owl (OwLore) "
+                          "by OWL outlier ratio; frozen layers hold no optimizer state")
+    pre.add_argument("--sample-every", type=int, default=50, help="steps between layer choices (default 50, OwLore's K)")
+    pre.add_argument("--sample-layers", type=int, default=5,
+                     help="layers trained at a time (default 5, OwLore's; clamped to the model's layers)")
+    pre.add_argument("--owl-threshold", type=float, default=13.0,
+                     help="OWL's outlier threshold M for --layer-sampling owl (default 13, OwLore's)")
     pre.add_argument("--out", default=None, help="folder for metrics.jsonl and checkpoint.pt (checkpoint.dcp/ with --fsdp) "
                      "(default runs/<config>-<optimizer>)")
     pre.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
@@ -153,7 +161,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{args.optimizer}")
     a = _train_args(args, optimizer=args.optimizer, options={k: v for k, v in options.items() if v is not None},
                     out=out, resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
-                    stop_at=args.stop_at, fsdp=args.fsdp)
+                    stop_at=args.stop_at, fsdp=args.fsdp, layer_sampling=args.layer_sampling,
+                    sample_every=args.sample_every, sample_layers=args.sample_layers, owl_threshold=args.owl_threshold)
     result = pretrain(a)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.optimizer}: step {result.steps}, held-out loss {result.final_eval_loss:.4f}, perplexity "

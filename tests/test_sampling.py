@@ -294,3 +294,38 @@ def test_owlore_recipe_uses_the_official_settings():
     assert (s.every, s.layers, s.num_layers) == (50, 3, 3)  # γ = 5 clamped to 3 layers
     ratios = lro.owl_ratios(model, calib, threshold=5.0)
     assert torch.equal(s.probs, ratios / ratios.sum())
+
+
+# ----------------------------------------------------------------------------- the training CLI
+transformers = pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
+from lowrank_optim.cli import main  # noqa: E402
+from lowrank_optim.train import checkpoint  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+SMALL = ["--config", str(ROOT / "configs" / "llama_tiny.json"), "--batch-size", "4", "--seq-len", "32",
+         "--eval-tokens", "256", "--no-progress", "--optimizer", "galore", "--max-steps", "6", "--eval-every", "3",
+         "--layer-sampling", "lisa", "--sample-every", "2", "--sample-layers", "2"]
+
+
+def test_cli_layer_sampling_resumes_bit_identically(tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["pretrain", *SMALL, "--out", str(whole)]) == 0
+    assert main(["pretrain", *SMALL, "--out", str(parts), "--stop-at", "3"]) == 0
+    assert main(["pretrain", *SMALL, "--out", str(parts), "--resume"]) == 0
+    a, b = checkpoint.load(whole / "checkpoint.pt"), checkpoint.load(parts / "checkpoint.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["sampler"]["active"].tolist() == b["sampler"]["active"].tolist()
+    assert torch.equal(a["sampler"]["generator"], b["sampler"]["generator"])
+    assert a["run"]["layer_sampling"] == {"mode": "lisa", "every": 2, "layers": 2}
+    # frozen layers hold no state in the checkpoint: the 9 parameters of each of 2 frozen layers have none
+    assert len(a["optimizer"]["state"]) == len(a["model"]) - 2 * 9
+    capsys.readouterr()
+    assert main(["pretrain", *SMALL[:-6], "--out", str(parts), "--resume"]) == 2  # not resumed without the sampler
+    assert "layer_sampling" in capsys.readouterr().err
+
+
+def test_cli_owl_refuses_a_model_without_outliers(tmp_path, capsys):
+    rc = main(["pretrain", *SMALL[:-6], "--layer-sampling", "owl", "--out", str(tmp_path / "owl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--owl-threshold 13.0" in err and "lower --owl-threshold" in err
