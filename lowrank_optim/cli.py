@@ -40,6 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--state-bits", type=int, choices=[32, 8], default=None,
                      help="8: INT8 optimizer moments, ours and the baseline's (8-bit AdamW); default: the preset's own")
     mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
+    mem.add_argument("--sample-layers", type=int, default=None,
+                     help="layer sampling (LISA/OwLore): only this many decoder layers hold gradients and optimizer state")
     mem.add_argument("--batch", type=int, default=None, help="batch size, for the activation estimate")
     mem.add_argument("--seq", type=int, default=None, help="sequence length, for the activation estimate")
     mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
@@ -208,7 +210,7 @@ def _memory(args: argparse.Namespace) -> int:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     report = memory.estimate(
         args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
-        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, **keys,
+        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, sample_layers=args.sample_layers, **keys,
     )
     measured = None
     if args.measure:

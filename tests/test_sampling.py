@@ -329,3 +329,19 @@ def test_cli_owl_refuses_a_model_without_outliers(tmp_path, capsys):
     rc = main(["pretrain", *SMALL[:-6], "--layer-sampling", "owl", "--out", str(tmp_path / "owl")])
     err = capsys.readouterr().err
     assert rc == 2 and "--owl-threshold 13.0" in err and "lower --owl-threshold" in err
+
+
+def test_memory_estimate_counts_only_the_sampled_layers_state():
+    from lowrank_optim import memory
+
+    cfg = str(ROOT / "configs" / "llama_tiny.json")  # 4 alike decoder layers
+    full = memory.estimate(cfg, "galore", rank=32)
+    parts = [memory.estimate(cfg, "galore", rank=32, sample_layers=k) for k in (1, 2, 3, 4)]
+    states = [r.ours.optimizer_states + r.ours.projections for r in parts]
+    per_layer = states[1] - states[0]
+    assert per_layer > 0 and states == [states[0] + k * per_layer for k in range(4)]  # linear in the layers
+    assert states[3] == full.ours.optimizer_states + full.ours.projections
+    assert [r.ours.gradients for r in parts][3] == full.ours.gradients > parts[0].ours.gradients
+    assert parts[0].adamw.optimizer_states < full.adamw.optimizer_states  # the AdamW column samples too
+    with pytest.raises(ValueError, match="sample_layers"):
+        memory.estimate(cfg, "galore", sample_layers=5)
