@@ -263,6 +263,12 @@ def _list() -> int:
     rows.append(("projectors (lowrank_optim.projectors.make(name, rank)):", [
         (name, _summary(inspect.getmodule(projectors.REGISTRY[name]).__doc__ or projectors.REGISTRY[name].__doc__))
         for name in projectors.available()]))
+    rows.append(("layer sampling (lowrank_optim.LayerSampler; lowrank-optim pretrain --layer-sampling <name>):", [
+        ("lisa", "LISA: every --sample-every steps train --sample-layers decoder layers drawn uniformly; the others "
+                 "frozen, their optimizer state freed. Any --optimizer."),
+        ("owl", "OwLore: the same, layers drawn in proportion to OWL's outlier ratio (lowrank_optim.owl_ratios); "
+                "lowrank_optim.OwLore builds GaLore (rank 256, gap 100, scale 1) with it."),
+    ]))
     left = max(len(name) for _, items in rows for name, _ in items) + 4
     for title, items in rows:
         print(title)
