@@ -737,8 +737,9 @@ def _train_step(run: _Run, progress: _Progress, wrapped: _Wrapped) -> tuple[dict
         raise TrainError(f"a gradient holds inf or NaN at step {progress.step + 1} ({str(err).split(';')[0]}); "
                          f"the checkpoint on disk is intact; lower --lr (now {_lr(run)})") from None
     run.sched.step()
-    if run.sampler is not None and progress.step + 1 < run.a.max_steps:  # none after the last: the state then
-        run.sampler.step()                                               # reported is the trained layers'
+    # no new draw after the last step, so the state the run reports is that of the layers it trained
+    if run.sampler is not None and progress.step + 1 < run.a.max_steps:
+        run.sampler.step()
     progress.step += 1
     progress.position += run.per_step
     elapsed = time.perf_counter() - t0
