@@ -18,6 +18,7 @@ from .optim import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    Grass,
     LowRankAdamW,
     QGaLoreAdamW,
     RankFallbackWarning,
@@ -50,6 +51,8 @@ PRESETS = {
 }
 # COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
 PRESETS.update({"coap": COAP, "gwt": GWT})
+# Grass (sampled sparse rows, unbiased by ρ; its sparse backward is lro.sparse_grad)
+PRESETS.update({"grass": Grass})
 
 __all__ = [
     "APOLLO",
@@ -62,6 +65,7 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "Grass",
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
