@@ -26,6 +26,7 @@ from .optim import (
 )
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
+from .sparse_backward import SparseGrad, sparse_grad
 
 
 def __getattr__(name: str):
@@ -71,6 +72,7 @@ __all__ = [
     "NonFiniteGradientError",
     "RankFallbackWarning",
     "SUMO",
+    "SparseGrad",
     "__version__",
     "kernels",
     "layerwise",
@@ -80,4 +82,5 @@ __all__ = [
     "quant",
     "quantize_model_int8",
     "rules",
+    "sparse_grad",
 ]
