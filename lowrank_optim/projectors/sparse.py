@@ -31,7 +31,7 @@ cannot supply the draws (every s_i is 0, or fewer than r are positive without re
 is uniform (q_i = 1/d) for that refresh, so ρ stays finite.
 
 Grass's official repository (aashiqmuhamed/GRASS) holds only a README, so these follow the paper's
-formulas; the brief's reading of it (probabilities ∝ squared norm) is the one used. Draws come from a
+formulas (its Multi-Norm probabilities, q_i ∝ ‖G_i‖²); the choices it leaves open are the ones above. Draws come from a
 ``torch.Generator`` seeded with ``mix_seed(seed, refreshes)`` on the CPU, so a run, its resume, and every
 FSDP2 rank (which reduce the same scores first) select the same rows.
 
