@@ -30,7 +30,8 @@ clips dense and projected gradients together by their joint norm, in which a pro
 not the dense path's ‖G‖, so the two runs agree only on steps where clipping does not engage.
 
 Refused, naming the layer: a weight of a group whose update reads the full gradient (a residual other
-than ``drop``, or a ``scaling``), FSDP2-sharded weights (their gradient is reduce-scattered as m×n), and a
+than ``drop``, or a ``scaling``), weights with a post-accumulate-grad hook (``lro.layerwise``: its
+hooks fire on ``.grad``), FSDP2-sharded weights (their gradient is reduce-scattered as m×n), and a
 model wrapped in DDP (its reducer all-reduces ``.grad`` only): the sparse backward runs in one process.
 """
 
@@ -188,6 +189,9 @@ def _check_layer(name: str, module: nn.Linear, opt: LowRankAdamW, group: dict[st
         raise ValueError(f"layer {name!r}: its update (residual={group['residual']!r}, scaling="
                          f"{group['scaling']!r}) reads the full gradient, which the sparse backward does not "
                          "compute; use residual='drop' and scaling=None (Grass's update)")
+    if getattr(module.weight, "_post_accumulate_grad_hooks", None):
+        raise ValueError(f"layer {name!r}: its weight has a post-accumulate-grad hook (lro.layerwise?), which the "
+                         "sparse backward would never fire (the weight gets R, not .grad); step with opt.step()")
     if not opt._comm(module.weight).whole:
         raise ValueError(f"layer {name!r}: its weight is sharded by FSDP2, whose backward reduce-scatters the full "
                          "m x n gradient; the sparse backward runs on unsharded weights in one process")

@@ -302,6 +302,10 @@ def test_sparse_backward_clips_and_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="residual='sign'.*reads the full gradient"):
         other = make_model()
         lro.sparse_grad(other, lro.FRUGAL(lro.param_groups(other, rank=8, projector="sparse")))
+    other = make_model()
+    other_opt = grass(other)
+    with lro.layerwise(other, other_opt), pytest.raises(ValueError, match="post-accumulate-grad hook"):
+        lro.sparse_grad(other, other_opt)
     with pytest.raises(TypeError, match="opt must be a lowrank_optim optimizer"):
         lro.sparse_grad(model, torch.optim.AdamW(model.parameters()))
     with pytest.raises(ValueError, match="found no nn.Linear"):
