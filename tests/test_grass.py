@@ -183,6 +183,30 @@ def test_grass_step_is_the_papers_update_and_resets_at_each_selection():
         torch.testing.assert_close(W.detach(), ref, rtol=1e-6, atol=1e-9)
 
 
+def test_grass_takes_its_selection_as_a_key_and_any_other_projector():
+    """``selection`` is Grass's group key (projector_options override it); another projector ignores it; a bad
+    value is refused by name at the first step, before anything changes."""
+    for kw, want in (({}, "multinomial"), ({"selection": "uniform"}, "uniform"),
+                     ({"selection": "uniform", "projector_options": {"selection": "topr"}}, "topr")):
+        model = make_model()
+        opt = grass(model, **kw)
+        lm_loss(model, batches(1)[0]).backward()
+        opt.step()
+        assert {p.selection for p in opt._projectors.values()} == {want}
+    model = make_model()
+    opt = grass(model, projector="dct")
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    assert {type(p).__name__ for p in opt._projectors.values()} == {"DCTProjector"}
+    model = make_model()
+    opt = grass(model, selection="top")
+    lm_loss(model, batches(1)[0]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="selection must be one of"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+
+
 def test_grass_resumes_bit_identically():
     data = batches(7)
     model, _, twin, _ = train_and_resume(lambda m: grass(m), data, split=4)

@@ -243,8 +243,9 @@ class Grass(LowRankAdamW):
     The projection is sparse, Pᵀ = ρB (``projector="sparse"``, ``lro.projectors.sparse``): every
     ``update_proj_gap`` steps r rows (columns, on the ``std`` side) are drawn with probability ∝ their squared
     norm, with replacement, and scaled by ρ_jj = 1/√(r·q_j), so E[P Pᵀ] = I; Adam runs on R = Pᵀ G, its moments
-    reset at each new selection (``on_refresh="reset"``), and W ← W − lr·scale·P·N. ``projector_options=
-    {"selection": ...}`` takes ``"topr"`` (deterministic, ρ = 1), ``"multinomial_norepl"`` or ``"uniform"``.
+    reset at each new selection (``on_refresh="reset"``), and W ← W − lr·scale·P·N. ``selection=`` (a group
+    key here; ``projector_options={"selection": ...}`` for any preset with ``projector="sparse"``) takes
+    ``"topr"`` (deterministic, ρ = 1), ``"multinomial_norepl"`` or ``"uniform"``; another ``projector=`` ignores it.
     :func:`lowrank_optim.sparse_grad` gives Grass's sparse backward: each projected ``nn.Linear`` computes
     only the r selected rows (columns) of its weight gradient.
 
@@ -254,5 +255,5 @@ class Grass(LowRankAdamW):
     every preset.
     """
 
-    preset = {"projector": "sparse", "projector_options": {"selection": "multinomial"}, "on_refresh": "reset",
-              "scale": 0.25, "update_proj_gap": 200}
+    preset = {"projector": "sparse", "selection": "multinomial", "on_refresh": "reset", "scale": 0.25,
+              "update_proj_gap": 200}

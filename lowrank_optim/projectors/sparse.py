@@ -92,6 +92,13 @@ class SparseProjector(Projector):
         self._seen_dtype: torch.dtype | None = None
 
     @classmethod
+    def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+        """A group's ``selection`` key (``lro.Grass`` sets it), so a preset can choose it without
+        ``projector_options`` (which would then follow it to any other projector); ``projector_options``
+        override it."""
+        return {"selection": group["selection"]} if group.get("selection") is not None else {}
+
+    @classmethod
     def orthonormal_with(cls, options: dict[str, Any]) -> bool:
         return options.get("selection", "topr") == "topr"
 
