@@ -45,6 +45,8 @@ CASES = {
     "galore8bit": (lro.GaLoreAdamW8bit, {"min_8bit_size": 256, "proj_type": "right",
                                         "projector_options": {"canonical_signs": True}}),
     "galore-sparse": (lro.GaLoreAdamW, {"projector": "sparse"}),
+    # Grass: rows drawn ∝ norm² from the all-reduced scores and the shared seed: the same draw on every rank
+    "grass": (lro.Grass, {}),
     # rotate on shards: INT8 moments dequantized, rotated and requantized; Adafactor's statistics rebuilt
     "galore8bit-rotate": (lro.GaLoreAdamW8bit, {"min_8bit_size": 256, "proj_type": "right", "on_refresh": "rotate"}),
     "galore_adafactor-rotate": (lro.GaLoreAdafactor, {"momentum": 0.9, "on_refresh": "rotate"}),
