@@ -163,7 +163,10 @@ def _input_square_sums(model: nn.Module, modules: list[nn.Linear],
     try:
         with torch.no_grad():
             for batch in batches:
-                model(**batch) if isinstance(batch, dict) else model(batch)
+                if isinstance(batch, dict):
+                    model(**batch)
+                else:
+                    model(batch)
     finally:
         model.train(was_training)
         for h in handles:

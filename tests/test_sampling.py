@@ -3,15 +3,18 @@ resume, layer-wise updates, OWL's outlier ratios against a float64 reference, th
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 
 import pytest
 import torch
-from conftest import PRESET_CASES, batches, lm_loss, make_model, roundtrip
+from conftest import PRESET_CASES, ROOT, batches, lm_loss, make_model, roundtrip
 from torch import nn
 
 import lowrank_optim as lro
+from lowrank_optim.cli import main
+from lowrank_optim.train import checkpoint
 
 
 def nbytes(value) -> int:
@@ -297,16 +300,15 @@ def test_owlore_recipe_uses_the_official_settings():
 
 
 # ----------------------------------------------------------------------------- the training CLI
-transformers = pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
-from lowrank_optim.cli import main  # noqa: E402
-from lowrank_optim.train import checkpoint  # noqa: E402
-from conftest import ROOT  # noqa: E402
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="the train extra (transformers) is not installed")
 
 SMALL = ["--config", str(ROOT / "configs" / "llama_tiny.json"), "--batch-size", "4", "--seq-len", "32",
          "--eval-tokens", "256", "--no-progress", "--optimizer", "galore", "--max-steps", "6", "--eval-every", "3",
          "--layer-sampling", "lisa", "--sample-every", "2", "--sample-layers", "2"]
 
 
+@needs_transformers
 def test_cli_layer_sampling_resumes_bit_identically(tmp_path, capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(["pretrain", *SMALL, "--out", str(whole)]) == 0
@@ -325,6 +327,7 @@ def test_cli_layer_sampling_resumes_bit_identically(tmp_path, capsys):
     assert "layer_sampling" in capsys.readouterr().err
 
 
+@needs_transformers
 def test_cli_owl_refuses_a_model_without_outliers(tmp_path, capsys):
     rc = main(["pretrain", *SMALL[:-6], "--layer-sampling", "owl", "--out", str(tmp_path / "owl")])
     err = capsys.readouterr().err
