@@ -5,6 +5,7 @@
 """
 
 from . import kernels, memory, projectors, quant, rules
+from . import nn  # SLTrain's sparse plus low-rank layers: lro.nn.to_sltrain
 from ._version import __version__
 from .groups import param_groups
 from .layerwise import layerwise
@@ -71,6 +72,7 @@ __all__ = [
     "kernels",
     "layerwise",
     "memory",
+    "nn",
     "param_groups",
     "projectors",
     "quant",
