@@ -91,20 +91,27 @@ class _SparseLowRankMatmul(torch.autograd.Function):
         return dx, da, db, ds, None, None, None, dbias
 
 
+def _check_factor_args(rank: int, density: float, alpha: float) -> None:
+    """rank, density and alpha, whatever the layer's shape."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density < 1:
+        raise ValueError(f"density must be a fraction in (0, 1), e.g. 0.03 (the paper's), got {density!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a positive number (the low-rank part is scaled by alpha / rank), got {alpha!r}")
+
+
 def _check_layer_args(in_features: int, out_features: int, rank: int, density: float, alpha: float) -> None:
-    for name, v in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    _check_factor_args(rank, density, alpha)
     if rank > min(in_features, out_features):
         raise ValueError(f"rank must be at most min(in_features, out_features) = {min(in_features, out_features)} "
                          f"(a larger factorization is no longer low-rank), got {rank}")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density < 1:
-        raise ValueError(f"density must be a fraction in (0, 1), e.g. 0.03 (the paper's), got {density!r}")
     if int(density * in_features * out_features) < 1:
         raise ValueError(f"density={density} keeps no entry of a {out_features}x{in_features} weight; raise it "
                          f"to at least {1 / (in_features * out_features):.3g}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a positive number (the low-rank part is scaled by alpha / rank), got {alpha!r}")
 
 
 def random_support(out_features: int, in_features: int, density: float, *,
@@ -253,4 +260,20 @@ def to_sltrain(model: tnn.Module, rank: int, density: float = 0.03, *, alpha: fl
     return model
 
 
-__all__ = ["SLTRAIN_TARGETS", "SparseLowRankLinear", "random_support", "to_sltrain"]
+def parse_sltrain(spec: str | tuple) -> tuple[int, float, float]:
+    """``"RANK:DENSITY[:ALPHA]"`` (the CLI's ``--sltrain``; e.g. ``128:0.03:32``) or a tuple of the same,
+    as ``(rank, density, alpha)``; alpha defaults to 32, the official default. Checked as the layer checks."""
+    parts = spec.split(":") if isinstance(spec, str) else list(spec)
+    if not 2 <= len(parts) <= 3:
+        raise ValueError(f"sltrain must be RANK:DENSITY or RANK:DENSITY:ALPHA (e.g. 128:0.03), got {spec!r}")
+    if isinstance(spec, str):
+        try:
+            parts = [int(parts[0])] + [float(p) for p in parts[1:]]
+        except ValueError:
+            raise ValueError(f"sltrain must be RANK:DENSITY[:ALPHA] with an integer rank and numbers, got {spec!r}") from None
+    rank, density, alpha = (*parts, 32.0)[:3]
+    _check_factor_args(rank, density, alpha)
+    return rank, density, alpha
+
+
+__all__ = ["SLTRAIN_TARGETS", "SparseLowRankLinear", "parse_sltrain", "random_support", "to_sltrain"]
