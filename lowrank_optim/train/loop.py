@@ -92,6 +92,7 @@ class TrainArgs:
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     save: bool = True  # False: no checkpoints (compare)
     label: str | None = None  # shown in the progress bar
+    sltrain: str | None = None  # "RANK:DENSITY[:ALPHA]": lro.nn.to_sltrain on the model before the optimizer
 
 
 @dataclass
@@ -145,6 +146,20 @@ def _check_args(a: TrainArgs) -> None:
                          "after its backward, where layer-wise updates would already have stepped; pick one")
     if a.fsdp and a.optimizer in FSDP_REFUSED:
         raise TrainError(f"--fsdp: {FSDP_REFUSED[a.optimizer]}")
+    if a.sltrain is not None:
+        _check_sltrain(a)
+
+
+def _check_sltrain(a: TrainArgs) -> None:
+    from ..nn import parse_sltrain
+
+    if a.fsdp:
+        raise TrainError("--sltrain and --fsdp cannot be combined: SLTrain's sparse values and CSR support are not "
+                         "sharded by FSDP2; train it with DDP (torchrun without --fsdp)")
+    try:
+        parse_sltrain(a.sltrain)
+    except ValueError as err:
+        raise TrainError(f"--sltrain: {err}") from None
 
 
 def schedule(warmup: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -534,6 +549,11 @@ def _build_training(a: TrainArgs, config: dict[str, Any], dtype: torch.dtype,
     random.seed(a.seed)
     np.random.seed(a.seed)
     model = build_model(config, a.seed, dtype, device)
+    if a.sltrain is not None:  # SLTrain's layers replace attention and MLP, initialized afresh from --seed
+        from ..nn import parse_sltrain, to_sltrain
+
+        rank, density, alpha = parse_sltrain(a.sltrain)
+        to_sltrain(model, rank, density, alpha=alpha, seed=a.seed)
     if a.checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -568,6 +588,8 @@ def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], da
     }
     if a.fsdp:  # only then, so that checkpoints of earlier DDP runs still resume
         run_spec["fsdp"] = True
+    if a.sltrain is not None:
+        run_spec["sltrain"] = a.sltrain
     return run_spec
 
 
