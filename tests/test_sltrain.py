@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_optim as lro
-from lowrank_optim.models import llama_skeleton
-from lowrank_optim.nn import SparseLowRankLinear, to_sltrain
+from lowrank_optim.models import llama_skeleton, load_config
+from lowrank_optim.nn import SparseLowRankLinear, parse_sltrain, to_sltrain
 
 
 def reference_weight(layer: SparseLowRankLinear, a, b, values) -> torch.Tensor:
@@ -175,3 +175,45 @@ def test_bf16_runs_on_cpu_through_float32_sparse_products():
     # bf16 keeps 8 significant bits: ~4e-3 relative per rounding, a few roundings deep; outputs are O(3)
     torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=6e-2)
     assert layer.sparse_value.grad.dtype == torch.bfloat16
+
+
+def test_parse_sltrain_reads_the_cli_spec_and_refuses_bad_ones():
+    assert parse_sltrain("128:0.03") == (128, 0.03, 32.0) and parse_sltrain("8:0.05:8") == (8, 0.05, 8.0)
+    for bad, word in (("128", "RANK:DENSITY"), ("x:0.1", "integer rank"), ("8:1.5", "density"), ("0:0.1", "rank"),
+                      ("8:0.1:0", "alpha")):
+        with pytest.raises(ValueError, match=word):
+            parse_sltrain(bad)
+
+
+def test_memory_counts_factors_values_support_and_adamw_state():
+    cfg = load_config("configs/llama_tiny.json")
+    report = lro.memory.estimate_sltrain(cfg, "8:0.05", weights="fp32")
+    h, inter, vocab, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    shapes = [(h, h)] * 4 + [(inter, h)] * 2 + [(h, inter)]  # (out, in): q k v o, gate up, down
+    factors = sum(8 * (o + i) + int(0.05 * o * i) for o, i in shapes) * layers
+    support = sum(4 * (int(0.05 * o * i) + o + 1) for o, i in shapes) * layers  # int32 columns + row pointers
+    dense_rest = 2 * vocab * h + (2 * layers + 1) * h  # embeddings, head, norms
+    params = factors + dense_rest
+    assert report.ours.weights == 4 * params + support and report.ours.gradients == 4 * params
+    tensors = layers * (7 * 3 + 2) + 3  # A, B, values per replaced layer; 2 norms per layer; embed, norm, head
+    assert report.ours.optimizer_states == 2 * 4 * params + 4 * tensors  # AdamW: 2 moments + a float32 step each
+    assert report.adamw == lro.memory.estimate(cfg, "adamw", weights="fp32").adamw
+    with pytest.raises(ValueError, match="int8"):
+        lro.memory.estimate_sltrain(cfg, "8:0.05", weights="int8")
+
+
+def test_cli_memory_and_pretrain_flags(capsys):
+    from lowrank_optim.cli import main
+
+    assert main(["memory", "--config", "configs/llama_tiny.json", "--optimizer", "adamw", "--sltrain", "8:0.05"]) == 0
+    assert "sltrain" in capsys.readouterr().out
+    assert main(["memory", "--config", "configs/llama_tiny.json", "--sltrain", "8:0.05"]) == 2  # galore: refused
+    assert "--optimizer adamw" in capsys.readouterr().err
+    from lowrank_optim.train import TrainArgs
+    from lowrank_optim.train.errors import TrainError
+    from lowrank_optim.train.loop import _check_args
+
+    with pytest.raises(TrainError, match="--sltrain"):
+        _check_args(TrainArgs(config="configs/llama_tiny.json", optimizer="adamw", sltrain="8:2"))
+    with pytest.raises(TrainError, match="--fsdp"):
+        _check_args(TrainArgs(config="configs/llama_tiny.json", optimizer="adamw", sltrain="8:0.05", fsdp=True))
