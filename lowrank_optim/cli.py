@@ -276,6 +276,10 @@ def _list() -> int:
         presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}"
                         + (f"; rank {rank} when a group asks for one without a number." if rank else ".")))
     rows.append(("optimizers (lowrank_optim.<Class>; lowrank-optim pretrain/compare --optimizer <name>):", presets))
+    rows.append(("model reparameterizations (lowrank_optim.nn; pretrain and memory --sltrain RANK:DENSITY[:ALPHA]):", [
+        ("sltrain", "SLTrain (Han et al. 2024): attention and MLP weights as (alpha/r) B A + S, S a fixed random sparse "
+                    "support (paper: density 0.03, rank 128 at 60M), trained with AdamW (lr 3e-3); no W formed."),
+    ]))
     rows.append(("projectors (lowrank_optim.projectors.make(name, rank)):", [
         (name, _summary(inspect.getmodule(projectors.REGISTRY[name]).__doc__ or projectors.REGISTRY[name].__doc__))
         for name in projectors.available()]))
