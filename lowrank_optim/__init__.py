@@ -24,6 +24,7 @@ from .optim import (
     RankFallbackWarning,
     SUMO,
 )
+from .optim import GoLore  # needs projector_options={"switch_step": ...}, so not in PRESETS
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
 
@@ -57,6 +58,7 @@ __all__ = [
     "COAP",
     "GWT",
     "FRUGAL",
+    "GoLore",
     "PRESETS",
     "APOLLOMini",
     "Fira",
