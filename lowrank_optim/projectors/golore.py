@@ -47,11 +47,14 @@ class StiefelProjector(RandomProjector):
 
 
 class GoLoreProjector(Projector):
-    """``before`` (default ``svd``) until the first refresh at step >= ``switch_step``, then ``stiefel``."""
+    """``before`` (default ``svd``) until the first refresh at step >= ``switch_step``, then ``stiefel``.
+
+    ``switch_step`` 0 (the default, GoLore with ``rand_ratio`` 0) projects at random from the start;
+    :class:`lowrank_optim.GoLore` asks for it explicitly."""
 
     name = "golore"
 
-    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, *, switch_step: int | None = None,
+    def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, *, switch_step: int = 0,
                  gap: int = 200, before: str = "svd", before_options: dict[str, Any] | None = None) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed)
         from . import REGISTRY
@@ -136,8 +139,10 @@ class GoLoreProjector(Projector):
         (self._after if int(phase) else self._before)._check_state({**inner, "side": state["side"]})
 
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        inner = self._before._placeholder(shape, side, dtype, device)
-        return {"phase": 0, "refreshes": 0, **{_PREFIX + k: v for k, v in inner.items()}}
+        # the state of the first refresh: stiefel's when switch_step is 0, else the before projector's
+        phase = 1 if self.switch_step == 0 else 0
+        inner = (self._after if phase else self._before)._placeholder(shape, side, dtype, device)
+        return {"phase": phase, "refreshes": 1, **{_PREFIX + k: v for k, v in inner.items()}}
 
     def allocate(self, shape: Any, dtype: torch.dtype, device: torch.device | str) -> None:
         super().allocate(shape, dtype, device)
