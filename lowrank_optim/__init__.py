@@ -19,6 +19,7 @@ from .optim import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    Grass,
     LowRankAdamW,
     QGaLoreAdamW,
     RankFallbackWarning,
@@ -27,6 +28,7 @@ from .optim import (
 from .optim import GoLore  # needs projector_options={"switch_step": ...}, so not in PRESETS
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
+from .sparse_backward import SparseGrad, sparse_grad
 
 
 def __getattr__(name: str):
@@ -52,6 +54,8 @@ PRESETS = {
 }
 # COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
 PRESETS.update({"coap": COAP, "gwt": GWT})
+# Grass (sampled sparse rows, unbiased by ρ; its sparse backward is lro.sparse_grad)
+PRESETS.update({"grass": Grass})
 
 __all__ = [
     "APOLLO",
@@ -65,11 +69,13 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "Grass",
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
     "RankFallbackWarning",
     "SUMO",
+    "SparseGrad",
     "__version__",
     "kernels",
     "layerwise",
@@ -80,4 +86,5 @@ __all__ = [
     "quant",
     "quantize_model_int8",
     "rules",
+    "sparse_grad",
 ]

@@ -7,6 +7,7 @@ from .presets import (
     FRUGAL,
     GWT,
     SUMO,
+    Grass,
     APOLLOMini,
     Fira,
     GaLoreAdafactor,
@@ -15,7 +16,7 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
 
 # GoLore (projector="golore": the switch to random Stiefel projections); not in lro.PRESETS, it needs switch_step
 from .presets import GoLore  # noqa: E402
