@@ -5,6 +5,7 @@
 """
 
 from . import kernels, memory, projectors, quant, rules
+from . import nn  # SLTrain's sparse plus low-rank layers: lro.nn.to_sltrain
 from ._version import __version__
 from .groups import param_groups
 from .layerwise import layerwise
@@ -24,6 +25,7 @@ from .optim import (
     RankFallbackWarning,
     SUMO,
 )
+from .optim import GoLore  # needs projector_options={"switch_step": ...}, so not in PRESETS
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
 from .sparse_backward import SparseGrad, sparse_grad
@@ -64,6 +66,7 @@ __all__ = [
     "COAP",
     "GWT",
     "FRUGAL",
+    "GoLore",
     "PRESETS",
     "APOLLOMini",
     "Fira",
@@ -81,6 +84,7 @@ __all__ = [
     "kernels",
     "layerwise",
     "memory",
+    "nn",
     "param_groups",
     "projectors",
     "quant",

@@ -17,3 +17,8 @@ from .presets import (
 )
 
 __all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+
+# GoLore (projector="golore": the switch to random Stiefel projections); not in lro.PRESETS, it needs switch_step
+from .presets import GoLore  # noqa: E402
+
+__all__ += ["GoLore"]

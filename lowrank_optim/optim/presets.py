@@ -257,3 +257,28 @@ class Grass(LowRankAdamW):
 
     preset = {"projector": "sparse", "selection": "multinomial", "on_refresh": "reset", "scale": 0.25,
               "update_proj_gap": 200}
+
+
+class GoLore(GaLoreAdamW):
+    """GoLore: GaLore, then random orthonormal projections for the end of training (He et al. 2025).
+
+    "Subspace Optimization for Large Language Models with Convergence Guarantees", ICML 2025 (official
+    code pkumelon/Golore). GaLore's SVD subspace until the first refresh at or after ``switch_step``,
+    then a fresh random Stiefel basis at every refresh (``projector="golore"``,
+    ``lro.projectors.golore``): with small batches GaLore's SVD subspace can stall while the random
+    one converges. Give ``projector_options={"switch_step": int(rand_ratio * total_steps)}`` (the
+    official ``rand_ratio`` is 0.8: SVD for the first 80% of the steps); ``"before"`` chooses another
+    first projector. GaLore's other settings (scale 0.25, gap 200). Departure: the official optimizer
+    rotates the first moment into each new basis and keeps the second as it is; here the moments are
+    kept (``on_refresh="keep"``, GaLore's) or both rotated (``on_refresh="rotate"``).
+    """
+
+    preset = {**GaLoreAdamW.preset, "projector": "golore"}
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            opts = group.get("projector_options") or {}
+            if group.get("rank") is not None and group.get("projector") == "golore" and "switch_step" not in opts:
+                raise ValueError("GoLore needs projector_options={'switch_step': int(rand_ratio * total_steps)} "
+                                 "(rand_ratio 0.8 in the paper): the step from which it projects at random")
