@@ -19,6 +19,7 @@ from .optim import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
     LowRankAdamW,
+    OnlineSubspaceDescent,
     QGaLoreAdamW,
     RankFallbackWarning,
     SUMO,
@@ -50,6 +51,8 @@ PRESETS = {
 }
 # COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
 PRESETS.update({"coap": COAP, "gwt": GWT})
+# Online Subspace Descent (online PCA of the gradient, its own optimizer for P)
+PRESETS["osd"] = OnlineSubspaceDescent
 
 __all__ = [
     "APOLLO",
@@ -65,6 +68,7 @@ __all__ = [
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
+    "OnlineSubspaceDescent",
     "RankFallbackWarning",
     "SUMO",
     "__version__",

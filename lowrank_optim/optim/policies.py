@@ -62,6 +62,14 @@ def mapping(old: Projector, new: Projector, device: torch.device, dtype: torch.d
     return lambda x: x.to(t.dtype) @ t
 
 
+def lr_ratio(group: dict[str, Any]) -> float:
+    """The weight lr's schedule, lr_t / lr_0 (``initial_lr`` is what torch's schedulers set; 1 without one),
+    which a ``learns_after_use`` projector's own lr follows (Online Subspace Descent's official code)."""
+    start = group.get("initial_lr")
+    start = float(start) if start is not None else float(group["lr"])
+    return float(group["lr"]) / start if start > 0 else 1.0
+
+
 def init(group: dict[str, Any]) -> dict[str, Tensor]:
     """The state the policies keep: the step of the next refresh (0: the first step) and, under ``reset``,
     the step at which the rule's state last started."""
@@ -75,7 +83,7 @@ def due(state: dict[str, Any], group: dict[str, Any], step: int, proj: Projector
     """Whether ``proj``'s subspace renews at ``step`` (counted before this step's increment)."""
     if proj.refresh_every_step or not proj.initialized:
         return True
-    if proj.fixed:
+    if proj.fixed or proj.learns_after_use:
         return False
     upcoming = state.get("next_refresh")
     if upcoming is None:  # a checkpoint from before the schedule was kept: galore-torch's

@@ -6,7 +6,7 @@ float64 parameters), one process. The projector object lives in ``state[p]``, so
 not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n), step t = 0, 1, ...::
 
     G = W.grad
-    if t % update_proj_gap == 0 (online_pca: every step; haar: t = 0 only):      # refresh the subspace
+    if t % update_proj_gap == 0 (haar, online_pca: t = 0 only):                   # refresh the subspace
         old, proj = proj, proj.refreshed(G, M)                  # make(seed=W's position) at t = 0; M for COAP
         keep:   M, V as they are
         reset:  M = V = 0 and k = 0: a fresh Adam in the new subspace (FRUGAL's code sets step = 0)
@@ -22,6 +22,7 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
         scale · f · (B(N) + S ⊘ (c₁ · spread(√V̂ + ε)))   residual = gwt (haar's blocks; c₁ = 1 − β₁ᵏ)
     W = W − lr · (U + wd · W)                                   # decay from the pre-update W
+    if online_pca and t > 0: proj = proj.learned(G, lr / lr₀)   # P learns from G after this step used it
 
     s(N, R) = ‖N‖ / (‖R‖ + 1e-8) per channel (the norms run along the projected dimension: per
               row of W on the right side, per column on the left) or for the whole tensor;
@@ -184,12 +185,18 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if "projector" not in state:
             state["projector"], state["step"] = new_projector(group, position), 0
         proj = state["projector"]
-        due = state["step"] % group["update_proj_gap"] == 0 and not (proj.fixed and state["step"])
-        if due or proj.refresh_every_step:
+        once = proj.fixed or proj.learns_after_use
+        due = (state["step"] % group["update_proj_gap"] == 0 and not (once and state["step"])) or proj.refresh_every_step
+        if due:
             proj = state["projector"] = refresh(state, proj, g, group["on_refresh"])
         state["step"] += 1
         r = proj.project(g)
         n = adam(state, r, group["betas"], group["eps"])
         if group["residual"] == "gwt":
-            return gwt(group, state, proj, g, r, n)
-        return low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
+            u = gwt(group, state, proj, g, r, n)
+        else:
+            u = low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
+        if proj.learns_after_use and not due:  # online_pca: P learns from G once this step has used it
+            start = group.get("initial_lr", group["lr"])
+            state["projector"] = proj.learned(g, group["lr"] / start if start > 0 else 1.0)
+        return u
