@@ -131,6 +131,7 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
         fail("projector", f"choose one of {', '.join(_projectors.available())}")
     if not isinstance(group["projector_options"], dict):
         fail("projector_options", "pass a dict of keyword options for the projector, e.g. {'power_iters': 1}")
+    _check_projector_options(group, fail)
     if group["on_refresh"] not in policies.ON_REFRESH:
         fail("on_refresh", f"choose one of {', '.join(policies.ON_REFRESH)}")
     if group["refresh"] not in policies.REFRESH:
@@ -138,6 +139,19 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
     if group["stagger"] not in (True, False):
         fail("stagger", "choose True (each weight renews its subspace on its own phase of the gap) or False "
              "(all together at multiples of the gap, as galore-torch)")
+
+
+def _check_projector_options(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    """Build the group's projector once (no tensors) so that a bad option is refused now, not at the first step."""
+    rank, cls = group.get("rank"), _projectors.REGISTRY[group["projector"]]
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return
+    try:
+        cls(rank, proj_type=group["proj_type"], **{**cls.options_from_group(group), **group["projector_options"]})
+    except TypeError as err:
+        fail("projector_options", f"projector {group['projector']!r} does not take these options: {err}")
+    except ValueError as err:
+        fail("projector_options", f"projector {group['projector']!r} refuses them: {err}")
 
 
 def _check_method(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
