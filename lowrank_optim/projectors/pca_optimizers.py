@@ -96,17 +96,17 @@ def adam8bit(p: Tensor, g: Tensor, state: dict[str, Any], lr: float, seam: Seam)
     """bitsandbytes' ``Adam8bit``: Adam (no decay) on M and V dequantized from blockwise INT8, the step taken
     from the float values, then requantized (signed dynamic code for M, unsigned for V, as bitsandbytes)."""
     step = _count(state)
-    m = storage_of(state, "pca_exp_avg").load(state, "pca_exp_avg", signed=True).float()
-    v = storage_of(state, "pca_exp_avg_sq").load(state, "pca_exp_avg_sq", signed=False).float()
-    new, m, v = _adam(p.float(), g.float(), m, v, step, lr, 0.0)
+    m = storage_of(state, "pca_exp_avg").load(state, "pca_exp_avg", signed=True).to(p.dtype)
+    v = storage_of(state, "pca_exp_avg_sq").load(state, "pca_exp_avg_sq", signed=False).to(p.dtype)
+    new, m, v = _adam(p, g, m, v, step, lr, 0.0)
     for key, value, signed in (("pca_exp_avg", m, True), ("pca_exp_avg_sq", v, False)):
         storage = storage_of(state, key)
         if storage is FLOAT:
-            state[key] = value.to(state[key].dtype)
+            state[key] = value
         else:  # fresh entries: the old ones may belong to the projector this step used
             state.update(INT8.zeros(key, value))
             INT8.store(state, key, value, signed=signed)
-    return new.to(p.dtype)
+    return new
 
 
 def lion(p: Tensor, g: Tensor, state: dict[str, Any], lr: float, seam: Seam) -> Tensor:
@@ -151,7 +151,7 @@ def zeros(name: str, like: Tensor) -> dict[str, Any]:
     if name == "adam8bit":
         small = like.numel() < MIN_8BIT_SIZE
         for key, signed in (("pca_exp_avg", True), ("pca_exp_avg_sq", False)):
-            out.update(FLOAT.zeros(key, like.float()) if small else INT8.zeros(key, like, signed=signed))
+            out.update(FLOAT.zeros(key, like) if small else INT8.zeros(key, like, signed=signed))
     if name == "adafactor":
         out["pca_exp_avg_sq_row"] = like.new_zeros(like.shape[0])
         out["pca_exp_avg_sq_col"] = like.new_zeros(like.shape[1])
