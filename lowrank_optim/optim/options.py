@@ -176,6 +176,10 @@ def _check_method(group: dict[str, Any], fail: Callable[[str, str], None]) -> No
         fail("limiter", "the norm-growth limit must be None (off) or a number >= 1 (APOLLO and Fira use 1.01)")
     if group["rule"] not in _rules.REGISTRY:
         fail("rule", f"choose one of {', '.join(_rules.available())}")
+    if group["on_refresh"] == "transfer" and not type(_rules.get(group["rule"])).transfers():
+        able = [n for n in _rules.available() if type(_rules.get(n)).transfers()]
+        fail("on_refresh", f"rule={group['rule']!r} has no projection-aware transfer (LDAdam's is Adam's); use "
+             f"on_refresh='rotate', or rule= one of {', '.join(able)}")
     momentum = group["momentum"]
     if momentum is not None and (not is_number(momentum) or not 0.0 <= float(momentum) < 1.0):
         fail("momentum", "the momentum (first-moment) coefficient must be in [0, 1), or None for the rule's "
