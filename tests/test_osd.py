@@ -24,7 +24,7 @@ import torch.distributed as dist
 import lowrank_optim as lro
 from lowrank_optim.projectors import pca_optimizers
 
-from conftest import batches, decaying_matrix, make_model, train_and_resume
+from conftest import batches, decaying_matrix, train_and_resume
 
 OPTIMIZERS = ["adamw", "adam8bit", "lion", "adafactor", "sgd"]
 
