@@ -76,3 +76,49 @@ def test_transfer_needs_a_rule_that_defines_it():
     with pytest.raises(ValueError, match="on_refresh='transfer'.*rule='orthogonal' has no projection-aware transfer"):
         lro.LowRankAdamW([{"params": [W], "rank": 2, "rule": "orthogonal", "on_refresh": "transfer"}])
     assert type(lro.rules.get("adam")).transfers() and not type(lro.rules.get("adafactor")).transfers()
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(24, 16, bias=False))
+
+
+def _run(net, bits, shard):
+    opt = lro.GaLoreAdamW([{"params": list(net.parameters()), "rank": 4}], lr=0.01, update_proj_gap=2,
+                          on_refresh="transfer", state_bits=bits, min_8bit_size=0)
+    for t in range(6):
+        for i, p in enumerate(net.parameters()):
+            p.grad = shard(decaying_matrix(*p.shape, seed=10 * t + i, decay=0.8, dtype=torch.float32), p)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_transfer_with_int8_moments_and_on_fsdp2_shards(bits):
+    """INT8 moments are dequantized, transferred and requantized; a world-size-1 FSDP2 run (the sharded code
+    path: DTensor state, the change of basis from the Gram-matrix refresh) equals one process. The bases agree
+    to float32 rounding (~1e-7 relative); INT8: an element on a code boundary may round to the neighbouring
+    code, a few percent of lr (1e-2) on its step, so 5e-4 (as tests/test_matrix.py); float32: 1e-5."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    single = _net()
+    opt = _run(single, bits, lambda g, p: g)
+    if bits == 8:
+        assert all(s["exp_avg"].dtype == torch.uint8 for s in opt.state.values())
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = fully_shard(_net())
+        _run(sharded, bits, lambda g, p: distribute_tensor(g, p.device_mesh, p.placements))
+        tol = 5e-4 if bits == 8 else 1e-5
+        for a, b in zip(sharded.parameters(), single.parameters()):
+            torch.testing.assert_close(a.full_tensor(), b.detach(), rtol=tol, atol=tol)
+    finally:
+        if started:
+            dist.destroy_process_group()
