@@ -335,10 +335,38 @@ def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
             _steps(single, _osd(single, name), lambda g, p: g)
             worst = max(float((a - b.detach()).abs().max()) for a, b in zip(got, single.parameters()))
             report[name] = {"worst": worst}
+        report["dcp"] = {name: _dcp_resumes(name, Path(out, f"ckpt-{name}")) for name in ("adamw", "adafactor")}
         Path(out, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _dcp_resumes(name: str, where: Path) -> bool:
+    """Save through torch.distributed.checkpoint after 5 steps, 5 more; a fresh sharded net and optimizer
+    (init_state as the template) load it and take the same 5: bit for bit the same weights."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    shard = lambda g, p: distribute_tensor(g, p.device_mesh, p.placements)  # noqa: E731
+    net = fully_shard(_net())
+    opt = _osd(net, name)
+    _steps(net, opt, shard)
+    dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=str(where))
+    _steps(net, opt, shard)
+    torch.manual_seed(1)
+    twin = fully_shard(torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(24, 16, bias=False)))
+    twin_opt = _osd(twin, name)
+    twin_opt.init_state()
+    state = {"model": get_model_state_dict(twin), "optim": get_optimizer_state_dict(twin, twin_opt)}
+    dcp.load(state, checkpoint_id=str(where))
+    set_model_state_dict(twin, state["model"])
+    set_optimizer_state_dict(twin, twin_opt, state["optim"])
+    _steps(twin, twin_opt, shard)
+    return all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(net.parameters(), twin.parameters()))
 
 
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):
@@ -346,7 +374,8 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     equals one process after 5 steps. The ranks sum ‖G‖² and the n×r, r×r products in another order and the
     first basis comes from the Gram matrix: float32 rounding (~1e-7 relative), which Lion's sign and Adam's
     M/√V can amplify to a part of lr on an entry near 0: 1e-4 on weights of size ~0.3 (lr 0.01, 5 steps;
-    a missing reduction or a wrong piece is off by ≥ 1e-2). adam8bit is refused on shards, by name."""
+    a missing reduction or a wrong piece is off by ≥ 1e-2). adam8bit is refused on shards, by name. A
+    distributed checkpoint (P's AdamW moments and Adafactor's split statistic as DTensors) resumes bit for bit."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     import torch.multiprocessing as mp
@@ -358,6 +387,7 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
         assert "pca_optimizer='adam8bit'" in report["adam8bit"]["refused"]
         for name in WORKER_CASES:
             assert report[name]["worst"] < 1e-4, (r, name, report[name])
+        assert report["dcp"] == {"adamw": True, "adafactor": True}, report["dcp"]
 
 
 def test_fsdp2_state_round_trips_through_torch_save(tmp_path):
