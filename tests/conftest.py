@@ -143,6 +143,10 @@ PRESET_CASES = [
     ("coap", lro.COAP, {"projector_options": {"reproject_factor": 2}}),
     ("coap-8bit", lro.COAP, {"state_bits": 8, "min_8bit_size": 0, "projector_options": {"reproject_factor": 2}}),
     ("gwt", lro.GWT, {}),
+    # Online Subspace Descent: AdamW on P (its default), and the 8-bit recipe (INT8 moments for the weights)
+    ("osd", lro.OnlineSubspaceDescent, {}),
+    ("osd-8bit-lion", lro.OnlineSubspaceDescent, {"state_bits": 8, "min_8bit_size": 0,
+                                                  "projector_options": {"pca_optimizer": "lion"}}),
 ]
 
 
