@@ -85,6 +85,7 @@ def check_group(group: dict[str, Any], where: str) -> None:
     _check_storage(group, fail)
     for part in (*_rules.REGISTRY.values(), *_updates.REGISTRY.values()):
         part.check(group, fail)
+    _check_projector_options(group, fail)  # last: the group keys it derives options from are checked by now
 
 
 def _check_adam(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
@@ -131,7 +132,6 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
         fail("projector", f"choose one of {', '.join(_projectors.available())}")
     if not isinstance(group["projector_options"], dict):
         fail("projector_options", "pass a dict of keyword options for the projector, e.g. {'power_iters': 1}")
-    _check_projector_options(group, fail)
     if group["on_refresh"] not in policies.ON_REFRESH:
         fail("on_refresh", f"choose one of {', '.join(policies.ON_REFRESH)}")
     if group["refresh"] not in policies.REFRESH:
@@ -142,7 +142,8 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
 
 
 def _check_projector_options(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
-    """Build the group's projector once (no tensors) so that a bad option is refused now, not at the first step."""
+    """Build the group's projector once (no tensors) so that a bad ``projector_options`` entry is refused now, not
+    at the first step."""
     rank, cls = group.get("rank"), _projectors.REGISTRY[group["projector"]]
     if isinstance(rank, bool) or not isinstance(rank, int):
         return
