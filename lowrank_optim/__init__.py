@@ -21,6 +21,7 @@ from .optim import (
     GaLoreAdamW8bit,
     Grass,
     LowRankAdamW,
+    OnlineSubspaceDescent,
     QGaLoreAdamW,
     RankFallbackWarning,
     SUMO,
@@ -57,6 +58,8 @@ PRESETS = {
 PRESETS.update({"coap": COAP, "gwt": GWT})
 # Grass (sampled sparse rows, unbiased by ρ; its sparse backward is lro.sparse_grad)
 PRESETS.update({"grass": Grass})
+# Online Subspace Descent (online PCA of the gradient, its own optimizer for P)
+PRESETS["osd"] = OnlineSubspaceDescent
 
 __all__ = [
     "LayerSampler",
@@ -77,6 +80,7 @@ __all__ = [
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
+    "OnlineSubspaceDescent",
     "RankFallbackWarning",
     "SUMO",
     "SparseGrad",

@@ -147,6 +147,10 @@ PRESET_CASES = [
     ("gwt", lro.GWT, {}),
     # Grass: rows drawn ∝ norm² with replacement (repeated indices, ρ), moments reset at each draw
     ("grass", lro.Grass, {}),
+    # Online Subspace Descent: AdamW on P (its default), and the 8-bit recipe (INT8 moments for the weights)
+    ("osd", lro.OnlineSubspaceDescent, {}),
+    ("osd-8bit-lion", lro.OnlineSubspaceDescent, {"state_bits": 8, "min_8bit_size": 0,
+                                                  "projector_options": {"pca_optimizer": "lion"}}),
 ]
 
 
