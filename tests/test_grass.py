@@ -5,15 +5,13 @@ Pᵀ = ρB, R = Pᵀ G, update P·N, and E[P Pᵀ] = I for the sampled selection
 from __future__ import annotations
 
 import math
-import weakref
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import lowrank_optim as lro
+from lowrank_optim.allocations import Allocations
 from conftest import batches, lm_loss, make_model, roundtrip, train_and_resume
 
 SAMPLED = ("multinomial", "multinomial_norepl", "uniform")
@@ -210,31 +208,6 @@ def test_grass_resumes_bit_identically():
 
 
 # ------------------------------------------------------------------------------------ the sparse backward
-class Allocations(TorchDispatchMode):
-    """Every tensor an op allocates while active (not views or in-place results): its shape, and the peak of
-    the bytes still alive (each storage counted once, freed with it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-        self.live: dict[int, int] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key not in self.live and key not in inputs:  # views and in-place results allocate nothing
-                self.shapes.append(tuple(t.shape))
-                self.live[key] = t.untyped_storage().nbytes()
-                weakref.finalize(t.untyped_storage(), self.live.pop, key, None)
-                self.peak = max(self.peak, sum(self.live.values()))
-        return out
-
-
 def projected_shapes(opt) -> set[tuple[int, int]]:
     return {tuple(p.shape) for g in opt.param_groups for p in g["params"] if opt.is_low_rank(p, g)}
 
