@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -108,6 +109,17 @@ def train_and_resume(build, data: list[torch.Tensor], split: int, make=None):
     twin_opt.load_state_dict(ckpt["opt"])
     train(twin, twin_opt, data[split:])
     return model, opt, twin, twin_opt
+
+
+def same(a, b) -> bool:
+    """Bit-for-bit equality of nested state (tensors by dtype, shape and value; NaN floats equal)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=torch.float64) -> torch.Tensor:
