@@ -6,6 +6,7 @@ float64 parameters), one process. The projector object lives in ``state[p]``, so
 not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n), step t = 0, 1, ...::
 
     G = W.grad
+    if residual = error_feedback:  G = G + E                   # E = 0 at t = 0; the refresh sees it too
     if t % update_proj_gap == 0 (online_pca: every step; haar: t = 0 only):      # refresh the subspace
         old, proj = proj, proj.refreshed(G, M)                  # make(seed=W's position) at t = 0; M for COAP
         keep:   M, V as they are
@@ -16,7 +17,8 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
     N = (M / (1 − β₁ᵏ)) / (√(V / (1 − β₂ᵏ)) + ε)                  # as torch.optim.AdamW
     B = proj.project_back;  S = G − B(R)                        # the residual
     U = √scale · lim(G ∘ s(N, R))                  if scaling (APOLLO: channel or tensor)
-        scale · B(N)                               residual = drop (GaLore)
+        scale · B(N)                               residual = drop (GaLore), error_feedback (DCT-AdamW),
+                                                   then E = G − Π(G), Π the orthogonal projection onto span(B)
         scale · B(N) + rls · lim(sign(S))          residual = sign (FRUGAL)
         scale · B(N) + rls · lim(S)                residual = sgd
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
@@ -29,7 +31,7 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
               that norm; ‖X_prev‖ is the last step's limited norm (the 1e-8 as apollo-torch and fira);
     f       = the factor lim applies to X = N · c₁/√c₂ (GWT's official code limits that uncorrected norm).
 
-Every other parameter (not 2-D, short side ≤ rank, or a group without ``rank``) is AdamW:
+Every other parameter (not 2-D, short side ≤ rank, a side ≥ ``max_dim``, or a group without ``rank``) is AdamW:
 W = W − lr · (N(G) + wd · W), with the same Adam on G itself.
 """
 
@@ -107,7 +109,7 @@ def low_rank_update(group: dict[str, Any], state: dict[str, Any], back: Callable
     gamma, scale = group["limiter"], group["scale"]
     if group["scaling"] is not None:  # APOLLO: the raw gradient, rescaled by what Adam did to R
         return math.sqrt(scale) * limit(g * ratio(n, r, side, group["scaling"]), state, gamma)
-    if group["residual"] == "drop":  # GaLore
+    if group["residual"] in ("drop", "error_feedback"):  # GaLore; DCT-AdamW (E in error_feedback())
         return scale * back(n)
     rest = g - back(r)
     if group["residual"] == "fira":
@@ -132,10 +134,18 @@ def gwt(group: dict[str, Any], state: dict[str, Any], proj: projectors.Projector
     return group["scale"] * f * (proj.project_back(n) + details)
 
 
+def error_feedback(proj: projectors.Projector, a: Tensor, r: Tensor) -> Tensor:
+    """E = A − Π(A), Π the orthogonal projection onto the basis' span: B(Γ⁻¹R) or B(RΓ⁻¹), Γ its Gram matrix."""
+    b = proj.basis(device=a.device, dtype=a.dtype)
+    if proj.side == "left":
+        return a - proj.project_back(torch.linalg.solve(b.T @ b, r))
+    return a - proj.project_back(torch.linalg.solve(b @ b.T, r.T).T)
+
+
 def new_projector(group: dict[str, Any], seed: int) -> projectors.Projector:
     """The group's projector, seeded with the parameter's position among all parameters."""
     cls = projectors.REGISTRY[group["projector"]]
-    if group["residual"] != "drop" and not cls.orthonormal:
+    if group["residual"] not in ("drop", "error_feedback") and not cls.orthonormal:
         raise ValueError(f"residual={group['residual']!r} needs an orthonormal projector, not {group['projector']!r}")
     if group["scaling"] is not None and group["residual"] != "drop":
         raise ValueError("scaling rescales the whole gradient and leaves no residual: use residual='drop'")
@@ -151,11 +161,12 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
                  scale: float = 1.0, proj_type: str = "std", projector: str = "svd",
                  projector_options: dict[str, Any] | None = None, residual: str = "drop",
                  residual_lr_scale: float = 1.0, scaling: str | None = None, limiter: float | None = None,
-                 on_refresh: str = "keep") -> None:
+                 on_refresh: str = "keep", max_dim: int | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
                         projector_options=projector_options or {}, residual=residual,
-                        residual_lr_scale=residual_lr_scale, scaling=scaling, limiter=limiter, on_refresh=on_refresh)
+                        residual_lr_scale=residual_lr_scale, scaling=scaling, limiter=limiter, on_refresh=on_refresh,
+                        max_dim=max_dim)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -171,7 +182,8 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
                     continue
                 g = p.grad.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
                 rank = group["rank"]
-                if rank is not None and p.dim() == 2 and min(p.shape) > rank:
+                small = group["max_dim"] is None or max(p.shape) < group["max_dim"]
+                if rank is not None and p.dim() == 2 and min(p.shape) > rank and small:
                     position = next(i for i, q in enumerate(everyone) if q is p)
                     u = self._low_rank(group, self.state[p], g, position)
                 else:
@@ -184,6 +196,8 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if "projector" not in state:
             state["projector"], state["step"] = new_projector(group, position), 0
         proj = state["projector"]
+        if group["residual"] == "error_feedback":
+            g = g + state.get("ef", torch.zeros_like(g))
         due = state["step"] % group["update_proj_gap"] == 0 and not (proj.fixed and state["step"])
         if due or proj.refresh_every_step:
             proj = state["projector"] = refresh(state, proj, g, group["on_refresh"])
@@ -192,4 +206,6 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         n = adam(state, r, group["betas"], group["eps"])
         if group["residual"] == "gwt":
             return gwt(group, state, proj, g, r, n)
+        if group["residual"] == "error_feedback":
+            state["ef"] = error_feedback(proj, g, r)
         return low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
