@@ -22,6 +22,7 @@ from .optim import (
     QGaLoreAdamW,
     RankFallbackWarning,
     SUMO,
+    DCTAdamW,
 )
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
@@ -50,10 +51,13 @@ PRESETS = {
 }
 # COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
 PRESETS.update({"coap": COAP, "gwt": GWT})
+# DCT-AdamW (DCT column selection with error feedback)
+PRESETS["dct_adamw"] = DCTAdamW
 
 __all__ = [
     "APOLLO",
     "COAP",
+    "DCTAdamW",
     "GWT",
     "FRUGAL",
     "PRESETS",

@@ -7,6 +7,7 @@ from .presets import (
     FRUGAL,
     GWT,
     SUMO,
+    DCTAdamW,
     APOLLOMini,
     Fira,
     GaLoreAdafactor,
@@ -15,4 +16,4 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
