@@ -16,7 +16,6 @@ import types
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import batches, make_model, train_and_resume
@@ -433,3 +432,19 @@ def test_error_feedback_on_two_fsdp2_ranks_equals_one_process(tmp_path):
     for name in FSDP_CASES:
         assert report[name] < 5e-4, (name, report[name])
     assert "ef_bits=4" in report["refused"] and "'w'" in report["refused"]
+
+
+def test_memory_command_counts_the_buffer_in_each_width(capsys):
+    """``lowrank-optim memory --optimizer dct_adamw --ef-bits B``: with n projected elements, 32 → 8 bits saves
+    n·(4 − 1 − 4/256) bytes and 8 → 4 bits n·(1 + 4/256 − 0.5 − 8/256): the same n from both (1%: the last
+    INT8/INT4 blocks of a weight may be partial)."""
+    from lowrank_optim import cli
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "llama_tiny.json")
+    states = {}
+    for bits in (32, 8, 4):
+        assert cli.main(["memory", "--config", config, "--optimizer", "dct_adamw", "--ef-bits", str(bits), "--json"]) == 0
+        states[bits] = json.loads(capsys.readouterr().out)["ours"]["optimizer_states"]
+    n = (states[32] - states[8]) / (4 - 1 - 4 / 256)
+    assert n > 0
+    assert (states[8] - states[4]) / (1 + 4 / 256 - 0.5 - 8 / 256) == pytest.approx(n, rel=0.01)
