@@ -18,6 +18,7 @@ from .optim import (
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    Grass,
     LowRankAdamW,
     QGaLoreAdamW,
     RankFallbackWarning,
@@ -26,6 +27,7 @@ from .optim import (
 )
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
+from .sparse_backward import SparseGrad, sparse_grad
 
 
 def __getattr__(name: str):
@@ -51,6 +53,8 @@ PRESETS = {
 }
 # COAP (correlation-aware subspace updates) and GWT (Haar wavelet states)
 PRESETS.update({"coap": COAP, "gwt": GWT})
+# Grass (sampled sparse rows, unbiased by ρ; its sparse backward is lro.sparse_grad)
+PRESETS.update({"grass": Grass})
 # DCT-AdamW (DCT column selection with error feedback)
 PRESETS["dct_adamw"] = DCTAdamW
 
@@ -66,11 +70,13 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "Grass",
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
     "RankFallbackWarning",
     "SUMO",
+    "SparseGrad",
     "__version__",
     "kernels",
     "layerwise",
@@ -80,4 +86,5 @@ __all__ = [
     "quant",
     "quantize_model_int8",
     "rules",
+    "sparse_grad",
 ]

@@ -143,6 +143,8 @@ PRESET_CASES = [
     ("coap", lro.COAP, {"projector_options": {"reproject_factor": 2}}),
     ("coap-8bit", lro.COAP, {"state_bits": 8, "min_8bit_size": 0, "projector_options": {"reproject_factor": 2}}),
     ("gwt", lro.GWT, {}),
+    # Grass: rows drawn ∝ norm² with replacement (repeated indices, ρ), moments reset at each draw
+    ("grass", lro.Grass, {}),
 ]
 
 

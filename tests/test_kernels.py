@@ -156,6 +156,29 @@ def test_adam8bit_long_odd_blocks_and_bf16_gradients_are_bit_exact():
             assert_same(got, want)
 
 
+def test_adam8bit_pieces_change_no_bit(monkeypatch):
+    """The reference runs over pieces of PIECE_BLOCKS blocks (cache-sized temporaries); blocks are
+    independent, so pieces of 2 blocks, with a partial last block and piece, give the bits of one piece."""
+    n = 5 * ref.BLOCK + 77
+    grads = [sample(n, seed=s, zero_block=False) for s in range(3)]
+    grads[1][300] = float("nan")  # a poisoned block stays inside its piece
+    whole = run_adam(ref, grads, n)
+    monkeypatch.setattr(ref, "PIECE_BLOCKS", 2)
+    for got, want in zip(run_adam(ref, grads, n), whole):
+        assert_same([t.nan_to_num() for t in got], [t.nan_to_num() for t in want])
+
+
+def test_sqrt_rn_is_the_correctly_rounded_root():
+    """NumPy's float32 root on CPU tensors and the float64 root rounded once elsewhere are both IEEE's
+    (torch.sqrt on an AVX-512 CPU is not: an ulp off for about 1 value in 5)."""
+    x = torch.cat([torch.rand(1 << 16) * 10.0 ** torch.randint(-30, 30, (1 << 16,)), torch.tensor([0.0, 1.0, 4.0])])
+    want = torch.sqrt(x.double()).float()
+    assert torch.equal(ref._sqrt_rn(x), want)
+    assert torch.equal(ref._sqrt_rn(x[::2]), want[::2])  # not contiguous: the float64 path
+    out = torch.empty_like(x)
+    assert ref._sqrt_rn(x, out=out) is out and torch.equal(out, want)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy: inf / inf
 def test_adam8bit_non_finite_gradient_poisons_its_block_as_the_reference_does():
     """No check runs on the gradient (it would cost a device sync every step): a NaN or inf makes

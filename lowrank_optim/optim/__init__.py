@@ -8,6 +8,7 @@ from .presets import (
     GWT,
     SUMO,
     DCTAdamW,
+    Grass,
     APOLLOMini,
     Fira,
     GaLoreAdafactor,
@@ -16,4 +17,4 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]

@@ -315,6 +315,12 @@ class LowRankAdamW(Optimizer):
         self._step_subset(None)
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, and drops the projected gradients a sparse backward left
+        (``lro.sparse_grad``), which stand in for ``.grad`` on those weights."""
+        super().zero_grad(set_to_none)
+        _step.low_rank_grads(self).clear()
+
     @torch.no_grad()
     def step_parameters(self, params: Iterable[Tensor]) -> None:
         """Step only ``params`` (those of them with a gradient), exactly as :meth:`step` would.

@@ -70,9 +70,10 @@ def skip_step(opt: "LowRankAdamW", only: set[int] | None) -> bool:
 def _checked(opt: "LowRankAdamW", only: set[int] | None) -> Iterator[tuple[dict[str, Any], int, Tensor, Tensor]]:
     """(group, index, parameter, local gradient) of every parameter this step checks: all under
     ``raise`` and ``skip``; under ``ignore`` those whose INT8 moments or weights could not store the result."""
+    compact = opt.__dict__.get("low_rank_grads") or {}
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
-            grad = p.grad
+            grad = compact.get(p, p.grad)
             if grad is None or grad.is_sparse or (only is not None and id(p) not in only):
                 continue
             if group["nonfinite"] != "ignore" or group["state_bits"] == 8 or isinstance(p, Int8Weight):

@@ -155,7 +155,8 @@ def _check_method(group: dict[str, Any], fail: Callable[[str, str], None]) -> No
     if group["scaling"] is not None and group["scaling"] not in scalings:
         fail("scaling", f"choose None, {' or '.join(repr(s) for s in scalings)}")
     projector = _projectors.REGISTRY[group["projector"]]
-    if _updates.REGISTRY[group["residual"]].uses_residual and not projector.orthonormal:
+    built_with = {**projector.options_from_group(group), **group["projector_options"]}
+    if _updates.REGISTRY[group["residual"]].uses_residual and not projector.orthonormal_with(built_with):
         ortho = [n for n, c in sorted(_projectors.REGISTRY.items()) if c.orthonormal]
         fail("residual", f"the residual G - project_back(project(G)) needs an orthonormal basis, and "
              f"projector={group['projector']!r} has none; use residual='drop' or one of {', '.join(ortho)}")

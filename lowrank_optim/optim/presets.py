@@ -236,6 +236,29 @@ class GWT(LowRankAdamW):
         super().__init__(params, lr, betas, eps, *args, **kwargs)
 
 
+class Grass(LowRankAdamW):
+    """Grass: Adam on r sampled rows of the gradient, rescaled to be unbiased (Muhamed et al. 2024).
+
+    "Grass: Compute Efficient Low-Memory LLM Training with Structured Sparse Gradients", arXiv:2406.17660.
+    The projection is sparse, Pᵀ = ρB (``projector="sparse"``, ``lro.projectors.sparse``): every
+    ``update_proj_gap`` steps r rows (columns, on the ``std`` side) are drawn with probability ∝ their squared
+    norm, with replacement, and scaled by ρ_jj = 1/√(r·q_j), so E[P Pᵀ] = I; Adam runs on R = Pᵀ G, its moments
+    reset at each new selection (``on_refresh="reset"``), and W ← W − lr·scale·P·N. ``selection=`` (a group
+    key here; ``projector_options={"selection": ...}`` for any preset with ``projector="sparse"``) takes
+    ``"topr"`` (deterministic, ρ = 1), ``"multinomial_norepl"`` or ``"uniform"``; another ``projector=`` ignores it.
+    :func:`lowrank_optim.sparse_grad` gives Grass's sparse backward: each projected ``nn.Linear`` computes
+    only the r selected rows (columns) of its weight gradient.
+
+    Settings: gap 200, scale 0.25 and the lr of GaLore (0.01), which the paper's pretraining runs share with
+    the GaLore baseline; rank as GaLore's. The official repository (aashiqmuhamed/GRASS) publishes no code,
+    so this follows the paper's formulas; ε on √V̂ and decoupled weight decay from the pre-update weights as
+    every preset.
+    """
+
+    preset = {"projector": "sparse", "selection": "multinomial", "on_refresh": "reset", "scale": 0.25,
+              "update_proj_gap": 200}
+
+
 class DCTAdamW(LowRankAdamW):
     """DCT-AdamW: Adam on r columns of a fixed DCT basis chosen by the gradient, with error feedback
     (Modoranu et al. 2025, "SVD-free low-rank adaptive gradient optimization for large language models",

@@ -52,13 +52,19 @@ class Item:
     comm: Local | RowShard
     projector: Projector | None = None
     previous: Projector | None = None
+    #: ``grad`` is already R = project(G), computed by a sparse backward (``lro.sparse_grad``)
+    projected: bool = False
 
 
 def plan(opt: "LowRankAdamW", group: dict[str, Any], only: set[int] | None) -> tuple[list[Item], list[Item]]:
     """The group's plain and projected parameters with a gradient, projectors refreshed; writes nothing."""
     plain: list[Item] = []
     low: list[Item] = []
+    compact = low_rank_grads(opt)
     for i, p in enumerate(group["params"]):
+        if p in compact and (only is None or id(p) in only):
+            low.append(_compact_item(opt, group, i, p, compact[p]))
+            continue
         if p.grad is None or (only is not None and id(p) not in only):
             continue
         if p.grad.is_sparse:
@@ -78,6 +84,30 @@ def plan(opt: "LowRankAdamW", group: dict[str, Any], only: set[int] | None) -> t
         _refresh(opt, group, i, item)
         low.append(item)
     return plain, low
+
+
+def low_rank_grads(opt: "LowRankAdamW") -> dict[Tensor, Tensor]:
+    """The gradients a sparse backward left already projected (R, not G), by parameter (``lro.sparse_grad``
+    fills it; ``zero_grad`` empties it)."""
+    return opt.__dict__.setdefault("low_rank_grads", {})
+
+
+def _compact_item(opt: "LowRankAdamW", group: dict[str, Any], i: int, p: Tensor, low: Tensor) -> Item:
+    """A projected weight whose gradient came as R from a sparse backward: its subspace must not renew now
+    (the backward computed R in the current one, and a refresh needs G)."""
+    label = f"{type(opt).__name__}: parameter {opt._label(group, i)}"
+    if p.grad is not None:
+        raise RuntimeError(f"{label} has both a dense gradient and a projected one from lro.sparse_grad; "
+                           "nothing was changed. Call zero_grad() before switching how gradients are computed")
+    state = opt.state.get(p, {})
+    step = int(state["step"]) if "step" in state else 0
+    proj = opt._projector(p, group) if step else None
+    if proj is None or not opt.is_low_rank(p, group) or policies.due(state, group, step, proj):
+        raise RuntimeError(f"{label} has a projected gradient from lro.sparse_grad, but its subspace renews at "
+                           f"this step ({step}), which needs the full gradient; nothing was changed. Compute this "
+                           "step's gradients with the sparse backward in place (it gives these weights a dense "
+                           "gradient on their refresh steps) rather than before changing the optimizer")
+    return Item(p, -low if group["maximize"] else low, opt._comm(p), projector=proj, projected=True)
 
 
 def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> None:
@@ -203,8 +233,9 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
     if it.previous is not None:
         _commit_refresh(group, rule, state, it, shape)
         opt._set_projector(p, proj)
-    it.grad = update.prepare(it.grad, state, group)  # from here on the update's gradient (G + E for error feedback)
-    low = proj.project(it.grad).to(_state.state_dtype(p.dtype))
+    if not it.projected:  # a sparse backward's R: its updates read no full gradient (lro.sparse_grad refuses them)
+        it.grad = update.prepare(it.grad, state, group)  # from here on the update's gradient (G + E for error feedback)
+    low = (it.grad if it.projected else proj.project(it.grad)).to(_state.state_dtype(p.dtype))
     split = it.comm.split(proj.side, shape)
     if split.axis is not None and proj.side == "left":
         split.whole_value = low  # every rank holds all of R; its rule steps its columns, gathers are free

@@ -67,9 +67,10 @@ def choose_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> str:
     return proj_type
 
 
-def check_index_state(name: str, state: dict[str, Any], rank: int) -> None:
+def check_index_state(name: str, state: dict[str, Any], rank: int, repeats: bool = False) -> None:
     """Validate a selection projector's state: ``dim`` (the projected side's length) and ``idx``,
-    ``rank`` strictly increasing int64 indices into it."""
+    ``rank`` strictly increasing int64 indices into it (non-decreasing with ``repeats``: a draw with
+    replacement may pick an index twice)."""
     idx, dim = state.get("idx"), state.get("dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < rank:
         raise ValueError(f"{name} projector state needs an integer 'dim' >= rank {rank}, got {dim!r}")
@@ -77,8 +78,10 @@ def check_index_state(name: str, state: dict[str, Any], rank: int) -> None:
         raise ValueError(f"{name} projector state needs a 1-D int64 tensor 'idx'")
     if idx.numel() != rank:
         raise ValueError(f"{name} projector state holds {idx.numel()} indices but this projector has rank {rank}")
-    if bool((idx < 0).any()) or bool((idx >= dim).any()) or bool((idx[1:] <= idx[:-1]).any()):
-        raise ValueError(f"{name} projector state 'idx' must be strictly increasing indices in [0, {dim})")
+    unordered = (idx[1:] < idx[:-1]) if repeats else (idx[1:] <= idx[:-1])
+    if bool((idx < 0).any()) or bool((idx >= dim).any()) or bool(unordered.any()):
+        order = "non-decreasing" if repeats else "strictly increasing"
+        raise ValueError(f"{name} projector state 'idx' must be {order} indices in [0, {dim})")
 
 
 def check_rank(rank: Any, owner: str = "rank") -> int:
@@ -132,6 +135,12 @@ class Projector(abc.ABC):
         """Use ``comm`` for the parameter this projector serves (its rows on FSDP2); returns self."""
         self.comm = comm
         return self
+
+    @classmethod
+    def orthonormal_with(cls, options: dict[str, Any]) -> bool:
+        """Whether this projector, built with these constructor options, has an orthonormal basis (see
+        ``orthonormal``; the default ignores the options)."""
+        return cls.orthonormal
 
     @classmethod
     def shard_error(cls, side: str, options: dict[str, Any]) -> str | None:

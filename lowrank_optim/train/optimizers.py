@@ -107,6 +107,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "coap": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25, "update_proj_gap": 32},
     # GWT: the official LLaMA scripts' lr 0.01 and scale 0.25 (level 2); rank only chooses the projected weights
     "gwt": {**_LOW_RANK, "lr": 1e-2, "scale": 0.25},
+    # Grass: GaLore's settings, which its pretraining runs share (lr 0.01, scale 0.25, gap 200)
+    "grass": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     # DCT-AdamW: the official default refresh (every step) and scale 1, with GaLore's lr
     "dct_adamw": {**_LOW_RANK, "lr": 1e-2, "update_proj_gap": 1},
     # any preset without an entry of its own
