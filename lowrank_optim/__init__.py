@@ -28,6 +28,7 @@ from .optim import (
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
 from .sparse_backward import SparseGrad, sparse_grad
+from .sampling import LayerSampler, OwLore, owl_ratios
 
 
 def __getattr__(name: str):
@@ -59,6 +60,9 @@ PRESETS.update({"grass": Grass})
 PRESETS["dct_adamw"] = DCTAdamW
 
 __all__ = [
+    "LayerSampler",
+    "OwLore",
+    "owl_ratios",
     "APOLLO",
     "COAP",
     "DCTAdamW",

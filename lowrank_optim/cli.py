@@ -42,6 +42,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--ef-bits", type=int, choices=[32, 8, 4], default=None,
                      help="residual='error_feedback' (dct_adamw): its buffer in 32, 8 or 4 bits (default: the preset's, 32)")
     mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
+    mem.add_argument("--sample-layers", type=int, default=None,
+                     help="layer sampling (LISA/OwLore): only this many decoder layers hold gradients and optimizer state")
     mem.add_argument("--batch", type=int, default=None, help="batch size, for the activation estimate")
     mem.add_argument("--seq", type=int, default=None, help="sequence length, for the activation estimate")
     mem.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
@@ -98,6 +100,14 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--scale", type=float, default=None, help="the low-rank update's scale (default: the preset's)")
     pre.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
     _add_training_flags(pre)
+    pre.add_argument("--layer-sampling", choices=["lisa", "owl"], default=None,
+                     help="train a few sampled decoder layers at a time (lro.LayerSampler): lisa uniformly, owl (OwLore) "
+                          "by OWL outlier ratio; frozen layers hold no optimizer state")
+    pre.add_argument("--sample-every", type=int, default=50, help="steps between layer choices (default 50, OwLore's K)")
+    pre.add_argument("--sample-layers", type=int, default=5,
+                     help="layers trained at a time (default 5, OwLore's; clamped to the model's layers)")
+    pre.add_argument("--owl-threshold", type=float, default=13.0,
+                     help="OWL's outlier threshold M for --layer-sampling owl (default 13, OwLore's)")
     pre.add_argument("--out", default=None, help="folder for metrics.jsonl and checkpoint.pt (checkpoint.dcp/ with --fsdp) "
                      "(default runs/<config>-<optimizer>)")
     pre.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
@@ -155,7 +165,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / f"{Path(args.config).stem}-{args.optimizer}")
     a = _train_args(args, optimizer=args.optimizer, options={k: v for k, v in options.items() if v is not None},
                     out=out, resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
-                    stop_at=args.stop_at, fsdp=args.fsdp)
+                    stop_at=args.stop_at, fsdp=args.fsdp, layer_sampling=args.layer_sampling,
+                    sample_every=args.sample_every, sample_layers=args.sample_layers, owl_threshold=args.owl_threshold)
     result = pretrain(a)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.optimizer}: step {result.steps}, held-out loss {result.final_eval_loss:.4f}, perplexity "
@@ -203,7 +214,7 @@ def _memory(args: argparse.Namespace) -> int:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     report = memory.estimate(
         args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
-        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, **keys,
+        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, sample_layers=args.sample_layers, **keys,
     )
     measured = None
     if args.measure:
@@ -256,6 +267,12 @@ def _list() -> int:
     rows.append(("projectors (lowrank_optim.projectors.make(name, rank)):", [
         (name, _summary(inspect.getmodule(projectors.REGISTRY[name]).__doc__ or projectors.REGISTRY[name].__doc__))
         for name in projectors.available()]))
+    rows.append(("layer sampling (lowrank_optim.LayerSampler; lowrank-optim pretrain --layer-sampling <name>):", [
+        ("lisa", "LISA: every --sample-every steps train --sample-layers decoder layers drawn uniformly; the others "
+                 "frozen, their optimizer state freed. Any --optimizer."),
+        ("owl", "OwLore: the same, layers drawn in proportion to OWL's outlier ratio (lowrank_optim.owl_ratios); "
+                "lowrank_optim.OwLore builds GaLore (rank 256, gap 100, scale 1) with it."),
+    ]))
     left = max(len(name) for _, items in rows for name, _ in items) + 4
     for title, items in rows:
         print(title)

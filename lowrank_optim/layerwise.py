@@ -17,8 +17,8 @@ at once falls from 221.5 MiB (all of it) to 62.5 MiB (the largest single tensor,
 embedding). How each piece is done and what it costs:
 
 * **Stepping.** ``torch.Tensor.register_post_accumulate_grad_hook`` on every parameter of the
-  optimizer that requires grad. The hook runs once per backward pass, after autograd has written the
-  parameter's complete gradient into ``.grad``; it calls ``optimizer.step_parameters([p])``
+  optimizer (a frozen one's never fires; it steps once ``lro.LayerSampler`` unfreezes it). The hook
+  runs once per backward pass, after autograd has written the parameter's complete gradient into ``.grad``; it calls ``optimizer.step_parameters([p])``
   (``LowRankAdamW`` and every preset) and sets ``p.grad = None``. Any other ``torch.optim`` optimizer is
   stepped through its own ``step()`` with its ``param_groups`` narrowed to the parameter for the
   call, so its state, ``state_dict()``, lr and schedulers are the optimizer's own; this needs a rule
@@ -218,10 +218,11 @@ def _check_settings(optimizer: Any, accumulation_steps: Any, max_grad_norm: Any)
 
 
 def _stepped_params(optimizer: Optimizer, given: dict[int, Tensor], names: dict[int, str]) -> list[Tensor]:
-    """The optimizer's parameters that require grad, in its order, once each is known to be a leaf
-    among ``given`` that no other active handle steps."""
-    params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    if not params:
+    """The optimizer's parameters, in its order, once each is known to be a leaf among ``given`` that no
+    other active handle steps. Frozen ones are hooked too (their hook never fires), so that a parameter
+    unfrozen later (``lro.LayerSampler``) is stepped."""
+    params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(p.requires_grad for p in params):
         raise ValueError("layerwise: the optimizer has no parameter that requires grad; nothing to step")
     outside = [p for p in params if id(p) not in given]
     if outside:
@@ -240,6 +241,18 @@ def _stepped_params(optimizer: Optimizer, given: dict[int, Tensor], names: dict[
                 "updates from another handle; call .remove() on that handle first"
             )
     return params
+
+
+def _hook(p: Tensor, fn: Any) -> Any:
+    """``p.register_post_accumulate_grad_hook(fn)``, also on a frozen ``p`` (torch refuses a hook on a tensor
+    that does not require grad, but keeps one through ``requires_grad_(False)`` and back)."""
+    if p.requires_grad:
+        return p.register_post_accumulate_grad_hook(fn)
+    p.requires_grad_(True)
+    try:
+        return p.register_post_accumulate_grad_hook(fn)
+    finally:
+        p.requires_grad_(False)
 
 
 def _reusable_hook_state(ddp: DistributedDataParallel) -> _DDPHookState | None:
@@ -337,7 +350,7 @@ class LayerwiseUpdates:
                 ddp.register_comm_hook(hook_state, _layerwise_comm_hook)
             hook_state.handle = weakref.ref(self)
         self._hook_state = hook_state
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+        self._handles = [_hook(p, self._on_grad) for p in self._params]
         ref = weakref.ref(self)
         for p in self._params:
             _ACTIVE[id(p)] = ref

@@ -166,6 +166,7 @@ def estimate(
     checkpointing: bool = False,
     target_modules: list[str] | None = None,
     state_bits: int | None = None,
+    sample_layers: int | None = None,
     **keys: Any,
 ) -> MemoryReport:
     """Bytes of weights, gradients, optimizer states, projections and activations, ours and AdamW's.
@@ -190,6 +191,8 @@ def estimate(
         layerwise: updates from gradient hooks (``lro.layerwise``): one parameter's gradient at a
             time instead of all of them; applied to both columns.
         batch, seq, checkpointing: for the activation estimate (left at 0 without batch and seq).
+        sample_layers: layer sampling (``lro.LayerSampler``): only this many decoder layers hold gradients
+            and optimizer state, in both columns (embeddings, head and norms train as always).
         target_modules, **keys: passed to ``lro.param_groups`` (``update_proj_gap``, ``projector``...).
     """
     name, cls = _resolve_optimizer(optimizer)
@@ -200,21 +203,38 @@ def estimate(
     built = param_groups(model, rank="auto" if rank is None else rank, target_modules=target_modules, **keys)
     if rank is None:
         rank = _default_rank(cls, built)
-    groups = _meta_groups([{**g, "rank": rank} if g.get("rank") is not None else g for g in built], dtype)
+    groups = _sampled(model, built, _meta_groups([{**g, "rank": rank} if g.get("rank") is not None else g
+                                                  for g in built], dtype), sample_layers)
     trainable, weight_bytes, adamw_weight_bytes, grad_bytes = _weight_and_gradient_bytes(groups, int8, layerwise)
     activations = _estimated_activations(config, batch, seq, checkpointing, dtype)
-
-    adamw_states = _adamw_state_bytes(trainable, state_bits == 8)
-    adamw = Breakdown(adamw_weight_bytes, grad_bytes, adamw_states, 0, activations)
-    if name == "adamw" and cls is None:
-        ours = adamw
-    else:
-        states, projections = _optimizer_state_bytes(name, cls, groups, trainable, state_bits)
-        ours = Breakdown(weight_bytes, grad_bytes, states, projections, activations)
-    settings = dict(rank=rank if cls is not None else None,
+    adamw = Breakdown(adamw_weight_bytes, grad_bytes, _adamw_state_bytes(trainable, state_bits == 8), 0, activations)
+    ours = adamw if name == "adamw" and cls is None else Breakdown(
+        weight_bytes, grad_bytes, *_optimizer_state_bytes(name, cls, groups, trainable, state_bits), activations)
+    settings = dict(rank=rank if cls is not None else None, sample_layers=sample_layers,
                     weights="int8" if int8 else (weights or ("bf16" if config else None)), state_bits=state_bits,
                     layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
     return MemoryReport(ours, adamw, name, settings, _unprojected_note(groups, rank) if cls is not None else [])
+
+
+def _sampled(model: nn.Module, built: list[dict[str, Any]], groups: list[dict[str, Any]],
+             sample_layers: int | None) -> list[dict[str, Any]]:
+    """``groups`` with the meta copies of all but ``sample_layers`` decoder layers' parameters frozen (all
+    layers of a LLaMA are alike, so which ones does not matter); ``model`` itself is not touched."""
+    from .sampling import decoder_layers
+
+    if sample_layers is None:
+        return groups
+    layers = decoder_layers(model)
+    if isinstance(sample_layers, bool) or not isinstance(sample_layers, int) or not 1 <= sample_layers <= len(layers):
+        raise ValueError(f"sample_layers must be an integer in 1..{len(layers)} (the model's decoder layers), "
+                         f"got {sample_layers!r}")
+    frozen = {id(p) for layer in layers[sample_layers:] for p in layer.parameters()}
+    for g, mg in zip(built, groups):
+        for item, meta in zip(g["params"], mg["params"]):
+            p = item[1] if isinstance(item, tuple) else item
+            if id(p) in frozen:
+                (meta[1] if isinstance(meta, tuple) else meta).requires_grad_(False)
+    return groups
 
 
 def _default_rank(cls: type | None, groups: list[dict[str, Any]]) -> int:
@@ -311,6 +331,8 @@ def _optimizer_state_bytes(name: str, cls: type | None, groups: list[dict[str, A
         warnings.simplefilter("ignore", RankFallbackWarning)
         opt = cls(groups, **({} if state_bits is None else {"state_bits": state_bits}))
     opt.init_state()
+    for p in [p for p in opt.state if not p.requires_grad]:  # layer sampling frees the frozen layers' state
+        del opt.state[p]
     nb = opt.state_nbytes()
     return nb["moments"] + nb["other"], nb["projectors"] + _shared_dct_bytes(opt)
 

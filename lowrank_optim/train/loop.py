@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
-from . import outdir, preempt, saving
+from . import layer_sampling, outdir, preempt, saving
 from .data import Corpus, c4_sources, local_corpus, stdlib_corpus
 from ..projectors import NonFiniteGradientError
 from .errors import TrainError, require
@@ -92,6 +92,10 @@ class TrainArgs:
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     save: bool = True  # False: no checkpoints (compare)
     label: str | None = None  # shown in the progress bar
+    layer_sampling: str | None = None  # lisa | owl: lro.LayerSampler over the decoder layers (.layer_sampling)
+    sample_every: int = 50
+    sample_layers: int = 5
+    owl_threshold: float = 13.0
 
 
 @dataclass
@@ -145,6 +149,7 @@ def _check_args(a: TrainArgs) -> None:
                          "after its backward, where layer-wise updates would already have stepped; pick one")
     if a.fsdp and a.optimizer in FSDP_REFUSED:
         raise TrainError(f"--fsdp: {FSDP_REFUSED[a.optimizer]}")
+    layer_sampling.check_args(a)
 
 
 def schedule(warmup: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -381,6 +386,7 @@ def pretrain(a: TrainArgs, *, corpus: Corpus | None = None, log: Callable[[str],
 def _pretrain(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None, log: Callable[[str], None] | None) -> RunResult:
     """:func:`pretrain` inside its process group: build the run, resume it if asked, train, report."""
     run = _build_run(a, config, corpus, log)
+    run.sampler = layer_sampling.build(run)  # before resume, which restores its choice
     step, position = saving.resume(run)
     run.say(f"data: {run.data_name}")
     _start_metrics(run, step)
@@ -414,6 +420,7 @@ class _Run:
     save_every: int
     ckpt_path: Path | None
     metrics_path: Path | None
+    sampler: Any = None  # lro.LayerSampler with --layer-sampling
 
     @property
     def is_main(self) -> bool:
@@ -568,6 +575,7 @@ def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], da
     }
     if a.fsdp:  # only then, so that checkpoints of earlier DDP runs still resume
         run_spec["fsdp"] = True
+    run_spec.update(layer_sampling.run_spec(a))
     return run_spec
 
 
@@ -729,6 +737,9 @@ def _train_step(run: _Run, progress: _Progress, wrapped: _Wrapped) -> tuple[dict
         raise TrainError(f"a gradient holds inf or NaN at step {progress.step + 1} ({str(err).split(';')[0]}); "
                          f"the checkpoint on disk is intact; lower --lr (now {_lr(run)})") from None
     run.sched.step()
+    # no new draw after the last step, so the state the run reports is that of the layers it trained
+    if run.sampler is not None and progress.step + 1 < run.a.max_steps:
+        run.sampler.step()
     progress.step += 1
     progress.position += run.per_step
     elapsed = time.perf_counter() - t0

@@ -94,6 +94,8 @@ def _save_single_file(run: _Run, at: int, position: int) -> None:
     ``--fsdp`` checkpoint from the folder."""
     obj = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, **_meta(run, at, position),
            "model": run.model.state_dict(), "optimizer": run.opt.state_dict()}
+    if run.sampler is not None:
+        obj["sampler"] = run.sampler.state_dict()
     try:
         ckpt_io.save_atomic(integrity.with_digest(obj), run.ckpt_path)
     except OSError as err:
@@ -227,6 +229,8 @@ def _load_single_file(run: _Run, path: Path) -> tuple[int, int]:
     try:
         run.model.load_state_dict(saved["model"])
         run.opt.load_state_dict(saved["optimizer"])
+        if run.sampler is not None:
+            run.sampler.load_state_dict(saved["sampler"])
         _load_schedule(run, saved["scheduler"], step, path)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"--resume: the checkpoint {str(path)!r} does not fit this model and "
