@@ -145,6 +145,9 @@ PRESET_CASES = [
     ("gwt", lro.GWT, {}),
     # Grass: rows drawn ∝ norm² with replacement (repeated indices, ρ), moments reset at each draw
     ("grass", lro.Grass, {}),
+    # DCT-AdamW: the official basis, a refresh every step, error feedback (float32, and an 8-bit buffer)
+    ("dct_adamw", lro.DCTAdamW, {}),
+    ("dct_adamw-ef8-rotate", lro.DCTAdamW, {"ef_bits": 8, "on_refresh": "rotate", "min_8bit_size": 0}),
 ]
 
 

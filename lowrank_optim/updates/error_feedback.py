@@ -28,7 +28,9 @@ as its 4-bit one), so it is 4-bit precision in 8-bit storage; we spend all 256 c
 row of W, ours 256 elements (both min–max and round-to-nearest for 4 bits), which keeps the error bounded
 on rows of any width. Its unquantized E is in the weight's dtype (bf16 for a bf16 model), ours float32.
 
-On FSDP2 row shards E is this rank's rows of G (a DTensor ``Shard(0)`` in the state, its INT8 absmax
+Under ``nonfinite="ignore"`` a non-finite entry of A reaches the moments and the weight, as ``ignore`` says, but
+is stored in E as 0 (otherwise every later refresh would see a non-finite gradient). On FSDP2 row shards E is
+this rank's rows of G (a DTensor ``Shard(0)`` in the state, its INT8 absmax
 padded to the largest piece); nothing is gathered. INT4 buffers are not built for shards (their packed
 layout does not follow rows).
 """
@@ -108,7 +110,9 @@ class ErrorFeedback(Update):
         coords = ctx.low if ctx.projector.orthonormal else self.coordinates(ctx)
         rest = ctx.projector.residual(ctx.grad, coords)  # A − Π(A): ctx.grad is A (prepare)
         ctx.apply_back(ctx.direction, -ctx.lr * ctx.scale, ctx.decay)
-        self.store(ctx.state, rest)
+        # only under nonfinite="ignore" can A hold inf or NaN: it reaches N and W as ignore says, but E keeps 0
+        # there, or every later refresh would see a non-finite gradient (and INT8/INT4 could not store it)
+        self.store(ctx.state, torch.nan_to_num_(rest, nan=0.0, posinf=0.0, neginf=0.0))
 
     @staticmethod
     def coordinates(ctx: Context) -> Tensor:
