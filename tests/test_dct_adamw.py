@@ -275,6 +275,28 @@ def test_bad_options_are_refused_by_name(keys, name):
 def test_a_bad_dct_variant_is_refused_by_name():
     with pytest.raises(ValueError, match="dct_variant must be one of 'makhoul', 'matmul'"):
         lro.projectors.make("dct", 2, dct_variant="fft")
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    opt = lro.DCTAdamW([{"params": [p], "rank": 2, "dct_variant": "fft"}], lr=1e-3)
+    p.grad, before = torch.randn(16, 8), p.detach().clone()
+    with pytest.raises(ValueError, match="dct_variant must be one of"):
+        opt.step()  # the projector is built in the step's plan, before anything is written
+    assert torch.equal(p.detach(), before) and not opt.state[p]
+
+
+def test_dct_variant_is_a_group_key_that_projector_options_override():
+    """DCTAdamW's ``dct_variant`` reaches the dct projector; ``projector_options`` win; another projector
+    ignores it (so DCTAdamW(projector="svd") is error feedback around GaLore's subspace)."""
+    def variant(**keys):
+        p = torch.nn.Parameter(torch.randn(24, 16))
+        opt = lro.DCTAdamW([{"params": [p], "rank": 4, **keys}], lr=1e-3)
+        p.grad = torch.randn(24, 16)
+        opt.step()
+        return opt._projectors[p]
+
+    assert variant().variant == "matmul"
+    assert variant(dct_variant="makhoul").variant == "makhoul"
+    assert variant(projector_options={"dct_variant": "makhoul"}).variant == "makhoul"
+    assert variant(projector="svd").name == "svd"
 
 
 # ---------------------------------------------------------------------------- the official DCTAdamW
@@ -354,7 +376,7 @@ def test_parity_with_the_official_dct_adamw(sim_type, rotate, gap, monkeypatch):
                        rotate_subspace=rotate, sim_type=sim_type)
         opt = lro.DCTAdamW([{"params": ours[:2], "rank": 8}, {"params": ours[2:], "rank": None}], lr=1e-2,
                            weight_decay=0.1, update_proj_gap=gap, on_refresh="rotate" if rotate else "keep",
-                           projector_options={"dct_variant": sim_type})
+                           dct_variant=sim_type)
         for step in grads:
             for a, b, g in zip(theirs, ours, step):
                 a.grad, b.grad = g.clone(), g.clone()

@@ -265,8 +265,9 @@ class DCTAdamW(LowRankAdamW):
     arXiv:2505.17967; official code: ``ista_daslab_optimizers.DCTAdamW``, IST-DASLab/ISTA-DASLab-Optimizers).
 
     Each step (``update_proj_gap=1``, the official default) the r basis vectors most aligned with
-    A = G + E are chosen from the official default basis (``dct_variant="matmul"``: the DCT-III vectors,
-    scored by the ℓ1 norms of the columns of A·Dᵀ, ``lro.projectors.dct``); Adam runs on R = project(A),
+    A = G + E are chosen from the official default basis (``dct_variant="matmul"``, a group key here, which
+    ``projector_options={"dct_variant": ...}`` overrides: the DCT-III vectors, scored by the ℓ1 norms of the
+    columns of A·Dᵀ; ``"makhoul"``: the DCT-II vectors by FFT, ``lro.projectors.dct``); Adam runs on R = project(A),
     the update is lr·project_back(N) (scale 1: the official code has none), and what the subspace drops,
     E ← A − project_back(R), is fed back into the next gradient (``residual="error_feedback"``,
     ``ef_bits`` 32, 8 or 4: ``lro.updates.error_feedback``). The moments are kept in their slots across
@@ -286,5 +287,5 @@ class DCTAdamW(LowRankAdamW):
     which is also what the official code does.
     """
 
-    preset = {"projector": "dct", "projector_options": {"dct_variant": "matmul"}, "residual": "error_feedback",
-              "scale": 1.0, "update_proj_gap": 1, "max_dim": 32000}
+    preset = {"projector": "dct", "dct_variant": "matmul", "residual": "error_feedback", "scale": 1.0,
+              "update_proj_gap": 1, "max_dim": 32000}

@@ -134,6 +134,12 @@ class DCTProjector(Projector):
         # basis()'s default dtype: the last gradient's (a loaded projector has seen none: float32)
         self._seen_dtype: torch.dtype | None = None
 
+    @classmethod
+    def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+        """A group's ``dct_variant`` key (``lro.DCTAdamW`` sets ``"matmul"``), so a preset chooses the basis
+        without ``projector_options`` (which override it) and still works with any other projector."""
+        return {"dct_variant": group["dct_variant"]} if group.get("dct_variant") is not None else {}
+
     def _select(self, scores: Tensor, d: int, grad: Tensor) -> None:
         self._state["idx"] = torch.topk(scores, self.rank, sorted=False).indices.sort().values
         self._state["dim"] = d
