@@ -503,3 +503,21 @@ def test_memory_command_counts_the_buffer_in_each_width(capsys):
     n = (states[32] - states[8]) / (4 - 1 - 4 / 256)
     assert n > 0
     assert (states[8] - states[4]) / (1 + 4 / 256 - 0.5 - 8 / 256) == pytest.approx(n, rel=0.01)
+
+
+def test_error_feedback_with_grass_repeated_rows():
+    """Grass draws rows with replacement, so an index can be drawn twice and the basis' Gram matrix is
+    singular: Π uses its pseudo-inverse, E = A − Π(A) is A off the drawn rows and 0 on them."""
+    p = torch.nn.Parameter(torch.zeros(6, 40))
+    opt = lro.Grass([{"params": [p], "rank": 5}], lr=1e-3, residual="error_feedback", update_proj_gap=1)
+    gen, repeated = torch.Generator().manual_seed(0), 0
+    for _ in range(6):
+        p.grad = torch.randn(6, 40, generator=gen)
+        opt.step()
+        proj = opt._projectors[p]
+        idx = proj.state_dict()["idx"]
+        repeated += int(idx.unique().numel() < idx.numel())
+        e = opt.state[p]["ef"]
+        assert proj.side == "left" and torch.isfinite(e).all()
+        assert float(e[idx.unique()].abs().max()) < 1e-5 and float(e.norm()) > 0  # float32 round-off on the rows
+    assert repeated > 0  # the singular case was met

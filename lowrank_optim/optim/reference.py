@@ -135,11 +135,12 @@ def gwt(group: dict[str, Any], state: dict[str, Any], proj: projectors.Projector
 
 
 def error_feedback(proj: projectors.Projector, a: Tensor, r: Tensor) -> Tensor:
-    """E = A − Π(A), Π the orthogonal projection onto the basis' span: B(Γ⁻¹R) or B(RΓ⁻¹), Γ its Gram matrix."""
+    """E = A − Π(A), Π the orthogonal projection onto the basis' span: B(Γ⁺R) or B(RΓ⁺), Γ its Gram matrix
+    (the pseudo-inverse: a basis with a repeated row has a singular Γ)."""
     b = proj.basis(device=a.device, dtype=a.dtype)
     if proj.side == "left":
-        return a - proj.project_back(torch.linalg.solve(b.T @ b, r))
-    return a - proj.project_back(torch.linalg.solve(b @ b.T, r.T).T)
+        return a - proj.project_back(torch.linalg.pinv(b.T @ b) @ r)
+    return a - proj.project_back(r @ torch.linalg.pinv(b @ b.T))
 
 
 def new_projector(group: dict[str, Any], seed: int) -> projectors.Projector:

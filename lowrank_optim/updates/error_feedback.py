@@ -8,12 +8,13 @@ and LDAdam (Robert et al., ICLR 2025) keep a buffer E shaped like the weight, ze
     E ← A − Π(A)                       what the step cannot apply, carried to the next step
     W ← (1 − lr·wd)·W − lr·scale·project_back(N)              as ``residual="drop"``
 
-Π is the orthogonal projection onto the subspace: project_back(R) for an orthonormal basis, which is
-the paper's E ← A − QQᵀA and the official code's ``E = A − from_lower_to_higher(a)``. For a basis that
-is not orthonormal (``random``'s Gaussian, ``coap`` between re-SVDs) project_back(R) is no projection:
-with a Gaussian r×n Q, QᵀQ has eigenvalues near n/r on its range, so A − QᵀQA would grow E by about n/r
-per step. There Π(A) = project_back(Γ⁻¹R) (left, Γ = PᵀP) or project_back(RΓ⁻¹) (right, Γ = QQᵀ), one r×r
-solve, and ‖E‖ ≤ ‖A‖ for every projector. lr, scale and weight decay never touch E: it is in gradient
+Π is the orthogonal projection onto the subspace, Π(A) = project_back(Γ⁻¹R) (left, Γ = PᵀP) or
+project_back(RΓ⁻¹) (right, Γ = QQᵀ): one r×r Gram matrix and solve, r²·d + r³ work beside the step's m·n·r.
+For an orthonormal basis Γ = I and this is the paper's E ← A − QQᵀA, the official code's
+``E = A − from_lower_to_higher(a)``. A basis that is not orthonormal, or only nearly (``random``'s Gaussian;
+``coap`` and ``online_pca`` between SVDs; an INT4-stored basis) makes project_back(R) no projection: with a
+Gaussian r×n Q, QᵀQ has eigenvalues near n/r on its range, so A − QᵀQA would grow E by about n/r per step;
+with Γ, ‖E‖ ≤ ‖A‖ for every projector. lr, scale and weight decay never touch E: it is in gradient
 units, as in the official code.
 
 The buffer is kept, per ``ef_bits``, in float32 (float64 for float64 weights), or through the package's
@@ -107,8 +108,7 @@ class ErrorFeedback(Update):
         return torch.add(e, grad.to(e.dtype)) if grad.dtype != e.dtype else grad + e
 
     def apply(self, ctx: Context) -> None:
-        coords = ctx.low if ctx.projector.orthonormal else self.coordinates(ctx)
-        rest = ctx.projector.residual(ctx.grad, coords)  # A − Π(A): ctx.grad is A (prepare)
+        rest = ctx.projector.residual(ctx.grad, self.coordinates(ctx))  # A − Π(A): ctx.grad is A (prepare)
         ctx.apply_back(ctx.direction, -ctx.lr * ctx.scale, ctx.decay)
         # only under nonfinite="ignore" can A hold inf or NaN: it reaches N and W as ignore says, but E keeps 0
         # there, or every later refresh would see a non-finite gradient (and INT8/INT4 could not store it)
@@ -116,15 +116,17 @@ class ErrorFeedback(Update):
 
     @staticmethod
     def coordinates(ctx: Context) -> Tensor:
-        """Γ⁻¹R (left) or RΓ⁻¹ (right), Γ the basis' Gram matrix: project_back of it is Π(A) for any basis."""
+        """Γ⁺R (left) or RΓ⁺ (right), Γ the basis' Gram matrix: project_back of it is Π(A) for any basis, in
+        float32 at least. The pseudo-inverse (eigh of the r×r Γ): a basis of repeated rows (Grass's sampling with
+        replacement draws an index twice) has a singular Γ, and Bᵀ Γ⁺ B is still the projection onto its span."""
         low = ctx.low
         b = ctx.projector.local_basis(low.device, torch.float64 if low.dtype == torch.float64 else torch.float32)
         if ctx.side == "left":
             gram = b.t() @ b
             gram = gram if ctx.comm.whole else ctx.comm.all_reduce_(gram, "norms")
-            return torch.linalg.solve(gram, low.to(gram.dtype)).to(low.dtype)
+            return (torch.linalg.pinv(gram, hermitian=True) @ low.to(gram.dtype)).to(low.dtype)
         gram = b @ b.t()
-        return torch.linalg.solve(gram, low.to(gram.dtype).t()).t().to(low.dtype)
+        return (low.to(gram.dtype) @ torch.linalg.pinv(gram, hermitian=True)).to(low.dtype)
 
     def store(self, state: dict[str, Any], value: Tensor) -> None:
         """Write E into its entries in place (on shards they are views of DTensors)."""
