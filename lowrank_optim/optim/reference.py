@@ -18,7 +18,8 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
     B = proj.project_back;  S = G − B(R)                        # the residual
     U = √scale · lim(G ∘ s(N, R))                  if scaling (APOLLO: channel or tensor)
         scale · B(N)                               residual = drop (GaLore), error_feedback (DCT-AdamW),
-                                                   then E = G − Π(G), Π the orthogonal projection onto span(B)
+                                                   then E = G − Π(G), Π the orthogonal projection onto span(B):
+                                                   B(R), or B(Γ⁺R) / B(RΓ⁺) for a basis that is not orthonormal
         scale · B(N) + rls · lim(sign(S))          residual = sign (FRUGAL)
         scale · B(N) + rls · lim(S)                residual = sgd
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
@@ -134,9 +135,12 @@ def gwt(group: dict[str, Any], state: dict[str, Any], proj: projectors.Projector
     return group["scale"] * f * (proj.project_back(n) + details)
 
 
-def error_feedback(proj: projectors.Projector, a: Tensor, r: Tensor) -> Tensor:
-    """E = A − Π(A), Π the orthogonal projection onto the basis' span: B(Γ⁺R) or B(RΓ⁺), Γ its Gram matrix
-    (the pseudo-inverse: a basis with a repeated row has a singular Γ)."""
+def error_feedback(group: dict[str, Any], proj: projectors.Projector, a: Tensor, r: Tensor) -> Tensor:
+    """E = A − Π(A), Π the orthogonal projection onto the basis' span: B(R) for an orthonormal basis, else
+    B(Γ⁺R) or B(RΓ⁺), Γ its Gram matrix (the pseudo-inverse: a basis with a repeated row has a singular Γ)."""
+    cls = type(proj)
+    if cls.orthonormal_with({**cls.options_from_group(group), **group["projector_options"]}):
+        return a - proj.project_back(r)
     b = proj.basis(device=a.device, dtype=a.dtype)
     if proj.side == "left":
         return a - proj.project_back(torch.linalg.pinv(b.T @ b) @ r)
@@ -208,5 +212,5 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if group["residual"] == "gwt":
             return gwt(group, state, proj, g, r, n)
         if group["residual"] == "error_feedback":
-            state["ef"] = error_feedback(proj, g, r)
+            state["ef"] = error_feedback(group, proj, g, r)
         return low_rank_update(group, state, proj.project_back, proj.side, g, r, n)

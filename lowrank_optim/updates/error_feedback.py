@@ -8,13 +8,15 @@ and LDAdam (Robert et al., ICLR 2025) keep a buffer E shaped like the weight, ze
     E ← A − Π(A)                       what the step cannot apply, carried to the next step
     W ← (1 − lr·wd)·W − lr·scale·project_back(N)              as ``residual="drop"``
 
-Π is the orthogonal projection onto the subspace, Π(A) = project_back(Γ⁻¹R) (left, Γ = PᵀP) or
-project_back(RΓ⁻¹) (right, Γ = QQᵀ): one r×r Gram matrix and solve, r²·d + r³ work beside the step's m·n·r.
-For an orthonormal basis Γ = I and this is the paper's E ← A − QQᵀA, the official code's
-``E = A − from_lower_to_higher(a)``. A basis that is not orthonormal, or only nearly (``random``'s Gaussian;
-``coap`` and ``online_pca`` between SVDs; an INT4-stored basis) makes project_back(R) no projection: with a
-Gaussian r×n Q, QᵀQ has eigenvalues near n/r on its range, so A − QᵀQA would grow E by about n/r per step;
-with Γ, ‖E‖ ≤ ‖A‖ for every projector. lr, scale and weight decay never touch E: it is in gradient
+Π is the orthogonal projection onto the subspace. For a projector with an orthonormal basis
+(``orthonormal_with`` its options: svd, rsvd, dct, sparse top-r, haar, online_pca) Π(A) = project_back(R):
+the paper's E ← A − QQᵀA, the official code's ``E = A − from_lower_to_higher(a)``. For one without
+(``random``'s Gaussian, ``coap`` between re-SVDs, Grass's sampled rows) project_back(R) is no projection:
+with a Gaussian r×n Q, QᵀQ has eigenvalues near n/r on its range, so A − QᵀQA would grow E by about n/r per
+step. There Π(A) = project_back(Γ⁺R) (left, Γ = PᵀP) or project_back(RΓ⁺) (right, Γ = QQᵀ): one r×r Gram
+matrix and pseudo-inverse (r²·d + O(r³) beside the step's m·n·r), and ‖E‖ ≤ ‖A‖. (A basis that is nearly
+orthonormal, online_pca's between SVDs or an INT4-stored one, keeps the direct form: its QᵀQ has eigenvalues
+near 1, so E stays bounded.) lr, scale and weight decay never touch E: it is in gradient
 units, as in the official code.
 
 The buffer is kept, per ``ef_bits``, in float32 (float64 for float64 weights), or through the package's
@@ -108,11 +110,18 @@ class ErrorFeedback(Update):
         return torch.add(e, grad.to(e.dtype)) if grad.dtype != e.dtype else grad + e
 
     def apply(self, ctx: Context) -> None:
-        rest = ctx.projector.residual(ctx.grad, self.coordinates(ctx))  # A − Π(A): ctx.grad is A (prepare)
+        coords = ctx.low if self.orthonormal(ctx) else self.coordinates(ctx)
+        rest = ctx.projector.residual(ctx.grad, coords)  # A − Π(A): ctx.grad is A (prepare)
         ctx.apply_back(ctx.direction, -ctx.lr * ctx.scale, ctx.decay)
         # only under nonfinite="ignore" can A hold inf or NaN: it reaches N and W as ignore says, but E keeps 0
         # there, or every later refresh would see a non-finite gradient (and INT8/INT4 could not store it)
         self.store(ctx.state, torch.nan_to_num_(rest, nan=0.0, posinf=0.0, neginf=0.0))
+
+    @staticmethod
+    def orthonormal(ctx: Context) -> bool:
+        """Whether the projector, built with this group's options, has an orthonormal basis (Γ = I)."""
+        cls = type(ctx.projector)
+        return cls.orthonormal_with({**cls.options_from_group(ctx.group), **ctx.group["projector_options"]})
 
     @staticmethod
     def coordinates(ctx: Context) -> Tensor:
