@@ -5,6 +5,7 @@
 """
 
 from . import kernels, memory, projectors, quant, rules
+from . import nn  # SLTrain's sparse plus low-rank layers: lro.nn.to_sltrain
 from ._version import __version__
 from .groups import param_groups
 from .layerwise import layerwise
@@ -20,11 +21,13 @@ from .optim import (
     GaLoreAdamW8bit,
     Grass,
     LowRankAdamW,
+    OnlineSubspaceDescent,
     QGaLoreAdamW,
     RankFallbackWarning,
     SUMO,
     DCTAdamW,
 )
+from .optim import GoLore  # needs projector_options={"switch_step": ...}, so not in PRESETS
 from .projectors import NonFiniteGradientError
 from .quant import quantize_model_int8
 from .sparse_backward import SparseGrad, sparse_grad
@@ -56,6 +59,8 @@ PRESETS = {
 PRESETS.update({"coap": COAP, "gwt": GWT})
 # Grass (sampled sparse rows, unbiased by ρ; its sparse backward is lro.sparse_grad)
 PRESETS.update({"grass": Grass})
+# Online Subspace Descent (online PCA of the gradient, its own optimizer for P)
+PRESETS["osd"] = OnlineSubspaceDescent
 # DCT-AdamW (DCT column selection with error feedback)
 PRESETS["dct_adamw"] = DCTAdamW
 
@@ -68,6 +73,7 @@ __all__ = [
     "DCTAdamW",
     "GWT",
     "FRUGAL",
+    "GoLore",
     "PRESETS",
     "APOLLOMini",
     "Fira",
@@ -78,6 +84,7 @@ __all__ = [
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
+    "OnlineSubspaceDescent",
     "RankFallbackWarning",
     "SUMO",
     "SparseGrad",
@@ -85,6 +92,7 @@ __all__ = [
     "kernels",
     "layerwise",
     "memory",
+    "nn",
     "param_groups",
     "projectors",
     "quant",

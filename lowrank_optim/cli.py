@@ -53,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="with --measure: cap torch's CUDA allocator at this many GiB (e.g. 24), so a setup that would not "
                      "fit a card of that size fails with out-of-memory (the CUDA context's few hundred MiB are not counted)")
     mem.add_argument("--json", action="store_true", help='print {"ours": {...}, "adamw": {...}} in bytes')
+    mem.add_argument("--sltrain", default=None, metavar="RANK:DENSITY[:ALPHA]",
+                     help="SLTrain (lro.nn.to_sltrain) trained by AdamW, beside dense AdamW; with --optimizer adamw")
     _add_train_parsers(sub)
     return parser
 
@@ -115,6 +117,10 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: as --eval-every; 0: at the end only)")
     pre.add_argument("--stop-at", type=int, default=None,
                      help="stop after this step with a checkpoint (the schedule still spans --max-steps); --resume goes on")
+    pre.add_argument("--sltrain", default=None, metavar="RANK:DENSITY[:ALPHA]",
+                     help="SLTrain: replace the attention and MLP linears by lro.nn.SparseLowRankLinear (W = alpha/r BA + S, "
+                          "S a fixed random support of DENSITY of the entries; alpha default 32) before the optimizer; "
+                          "paper: --optimizer adamw --lr 3e-3, 128:0.03 at 60M")
     pre.add_argument("--fsdp", action="store_true",
                      help="shard weights, gradients and optimizer states over the ranks with FSDP2 (fully_shard per "
                           "decoder layer, then the root) instead of DDP: run under torchrun, e.g. torchrun "
@@ -166,7 +172,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     a = _train_args(args, optimizer=args.optimizer, options={k: v for k, v in options.items() if v is not None},
                     out=out, resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
                     stop_at=args.stop_at, fsdp=args.fsdp, layer_sampling=args.layer_sampling,
-                    sample_every=args.sample_every, sample_layers=args.sample_layers, owl_threshold=args.owl_threshold)
+                    sample_every=args.sample_every, sample_layers=args.sample_layers, owl_threshold=args.owl_threshold,
+                    sltrain=args.sltrain)
     result = pretrain(a)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.optimizer}: step {result.steps}, held-out loss {result.final_eval_loss:.4f}, perplexity "
@@ -212,6 +219,8 @@ def _memory(args: argparse.Namespace) -> int:
         keys["ef_bits"] = args.ef_bits
     if args.cap_gib is not None and not args.measure:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
+    if args.sltrain is not None:
+        return _memory_sltrain(args)
     report = memory.estimate(
         args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
         batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, sample_layers=args.sample_layers, **keys,
@@ -234,6 +243,25 @@ def _memory(args: argparse.Namespace) -> int:
         if measured is not None:
             print(f"\nmeasured peak (CUDA, {args.optimizer}): {measured / 2**30:.2f} GiB "
                   f"against an estimated total of {report.ours.total / 2**30:.2f} GiB")
+    return 0
+
+
+def _memory_sltrain(args: argparse.Namespace) -> int:
+    """``memory --sltrain``: SLTrain under AdamW beside dense AdamW (lro.memory.estimate_sltrain)."""
+    from . import memory
+
+    if args.optimizer != "adamw" or args.projector or args.rank is not None or args.measure:
+        raise ValueError("--sltrain counts SLTrain trained by AdamW (the paper's recipe): use --optimizer adamw "
+                         "(--state-bits 8 for 8-bit AdamW), without --rank, --projector or --measure")
+    report = memory.estimate_sltrain(args.config, args.sltrain, weights=args.weights, state_bits=args.state_bits,
+                                     layerwise=args.layerwise, batch=args.batch, seq=args.seq,
+                                     checkpointing=args.checkpointing)
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.table())
     return 0
 
 
@@ -264,6 +292,10 @@ def _list() -> int:
         presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}"
                         + (f"; rank {rank} when a group asks for one without a number." if rank else ".")))
     rows.append(("optimizers (lowrank_optim.<Class>; lowrank-optim pretrain/compare --optimizer <name>):", presets))
+    rows.append(("model reparameterizations (lowrank_optim.nn; pretrain and memory --sltrain RANK:DENSITY[:ALPHA]):", [
+        ("sltrain", "SLTrain (Han et al. 2024): attention and MLP weights as (alpha/r) B A + S, S a fixed random sparse "
+                    "support (paper: density 0.03, rank 128 at 60M), trained with AdamW (lr 3e-3); no W formed."),
+    ]))
     rows.append(("projectors (lowrank_optim.projectors.make(name, rank)):", [
         (name, _summary(inspect.getmodule(projectors.REGISTRY[name]).__doc__ or projectors.REGISTRY[name].__doc__))
         for name in projectors.available()]))

@@ -237,6 +237,46 @@ def _sampled(model: nn.Module, built: list[dict[str, Any]], groups: list[dict[st
     return groups
 
 
+def estimate_sltrain(config: str | Path | dict[str, Any], sltrain: str | tuple, *, weights: str | None = None,
+                     state_bits: int | None = None, layerwise: bool = False, batch: int | None = None,
+                     seq: int | None = None, checkpointing: bool = False) -> MemoryReport:
+    """SLTrain's memory (``lro.nn.to_sltrain`` on the config's LLaMA) under AdamW, beside dense AdamW.
+
+    ``sltrain``: ``"RANK:DENSITY[:ALPHA]"`` or a tuple (alpha only scales, it costs nothing).
+    ``state_bits=8``: 8-bit AdamW in both columns (the paper's 7B run uses 8-bit Adam). The weights
+    count the support's int32 CSR indices (4 bytes per kept entry and per row). The other arguments
+    are :func:`estimate`'s, whose ``adamw`` report gives the dense column.
+    """
+    from .nn import parse_sltrain
+
+    spec = parse_sltrain(sltrain)
+    if weights == "int8":
+        raise ValueError("sltrain with weights='int8' is not counted: use --weights bf16 or fp32")
+    if isinstance(config, nn.Module):
+        raise ValueError("sltrain estimates start from a LlamaConfig (a path or dict), not a module; pass the config")
+    dense = estimate(config, "adamw", weights=weights, state_bits=state_bits, layerwise=layerwise, batch=batch,
+                     seq=seq, checkpointing=checkpointing)
+    cfg, dtype = load_config(config), WEIGHT_DTYPES[weights or "bf16"]
+    ours = _sltrain_breakdown(cfg, dtype, spec, layerwise, state_bits == 8, dense.adamw.activations)
+    settings = {**dense.settings, "sltrain": ":".join(f"{v:g}" for v in spec)}
+    return MemoryReport(ours, dense.adamw, "sltrain", settings, [])
+
+
+def _sltrain_breakdown(config: dict[str, Any], dtype: torch.dtype, sltrain: tuple[int, float, float],
+                       layerwise: bool, eight_bit: bool, activations: int) -> Breakdown:
+    """SLTrain's model (a meta-device skeleton through ``lro.nn.to_sltrain``) under the AdamW baseline:
+    its parameters and int32 support indices, their gradients and AdamW's state. The activations
+    are the dense model's: the layer saves only its input, as ``nn.Linear`` does."""
+    from .nn import to_sltrain
+
+    rank, density, alpha = sltrain
+    model = to_sltrain(llama_skeleton(config, dtype=dtype), rank, density, alpha=alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
+    grads = max((_nbytes(p) for p in params), default=0) if layerwise else sum(_nbytes(p) for p in params)
+    return Breakdown(weights, grads, _adamw_state_bytes(params, eight_bit), 0, activations)
+
+
 def _default_rank(cls: type | None, groups: list[dict[str, Any]]) -> int:
     """The low-rank groups' rank when none is given: the preset's own for this width (``rank="auto"``: a
     quarter of the weights' short side, APOLLO-Mini 1); a quarter of it for the baselines' columns."""
@@ -554,4 +594,4 @@ def measure_peak(config: str | Path | dict[str, Any], optimizer: str | type = "g
     return torch.cuda.max_memory_allocated() - base
 
 
-__all__ = ["Breakdown", "MemoryReport", "estimate", "llama_activation_bytes", "measure_peak", "train_steps"]
+__all__ = ["Breakdown", "MemoryReport", "estimate", "estimate_sltrain", "llama_activation_bytes", "measure_peak", "train_steps"]

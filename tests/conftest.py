@@ -90,17 +90,19 @@ def roundtrip(obj) -> object:
     return torch.load(buf, weights_only=True)
 
 
-def train_and_resume(build, data: list[torch.Tensor], split: int):
+def train_and_resume(build, data: list[torch.Tensor], split: int, make=None):
     """The resume check: ``build(model) -> optimizer`` trains a fresh model on ``data[:split]``, is checkpointed
     (through :func:`roundtrip`) and trains on; a twin model of another seed loads the checkpoint, gets a new
     optimizer from ``build`` that loads its state, and trains on ``data[split:]`` too. Returns
-    (model, opt, twin, twin_opt): bit-identical resume means the two models' parameters are equal."""
-    model = make_model()
+    (model, opt, twin, twin_opt): bit-identical resume means the two models' parameters are equal.
+    ``make(seed=...)`` builds the models (default :func:`make_model`)."""
+    make = make or make_model
+    model = make()
     opt = build(model)
     train(model, opt, data[:split])
     ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     train(model, opt, data[split:])
-    twin = make_model(seed=9)
+    twin = make(seed=9)
     twin.load_state_dict(ckpt["model"])
     twin_opt = build(twin)
     twin_opt.load_state_dict(ckpt["opt"])
@@ -145,6 +147,10 @@ PRESET_CASES = [
     ("gwt", lro.GWT, {}),
     # Grass: rows drawn ∝ norm² with replacement (repeated indices, ρ), moments reset at each draw
     ("grass", lro.Grass, {}),
+    # Online Subspace Descent: AdamW on P (its default), and the 8-bit recipe (INT8 moments for the weights)
+    ("osd", lro.OnlineSubspaceDescent, {}),
+    ("osd-8bit-lion", lro.OnlineSubspaceDescent, {"state_bits": 8, "min_8bit_size": 0,
+                                                  "projector_options": {"pca_optimizer": "lion"}}),
     # DCT-AdamW: the official basis, a refresh every step, error feedback (float32, and an 8-bit buffer)
     ("dct_adamw", lro.DCTAdamW, {}),
     ("dct_adamw-ef8-rotate", lro.DCTAdamW, {"ef_bits": 8, "on_refresh": "rotate", "min_8bit_size": 0}),

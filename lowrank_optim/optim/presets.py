@@ -259,6 +259,53 @@ class Grass(LowRankAdamW):
               "update_proj_gap": 200}
 
 
+class GoLore(GaLoreAdamW):
+    """GoLore: GaLore, then random orthonormal projections for the end of training (He et al. 2025).
+
+    "Subspace Optimization for Large Language Models with Convergence Guarantees", ICML 2025 (official
+    code pkumelon/Golore). GaLore's SVD subspace until the first refresh at or after ``switch_step``,
+    then a fresh random Stiefel basis at every refresh (``projector="golore"``,
+    ``lro.projectors.golore``): with small batches GaLore's SVD subspace can stall while the random
+    one converges. Give ``projector_options={"switch_step": int(rand_ratio * total_steps)}`` (the
+    official ``rand_ratio`` is 0.8: SVD for the first 80% of the steps); ``"before"`` chooses another
+    first projector. GaLore's other settings (scale 0.25, gap 200). Departure: the official optimizer
+    rotates the first moment into each new basis and keeps the second as it is; here the moments are
+    kept (``on_refresh="keep"``, GaLore's) or both rotated (``on_refresh="rotate"``).
+    """
+
+    preset = {**GaLoreAdamW.preset, "projector": "golore"}
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            opts = group.get("projector_options") or {}
+            if group.get("rank") is not None and group.get("projector") == "golore" and "switch_step" not in opts:
+                raise ValueError("GoLore needs projector_options={'switch_step': int(rand_ratio * total_steps)} "
+                                 "(rand_ratio 0.8 in the paper): the step from which it projects at random")
+
+
+class OnlineSubspaceDescent(LowRankAdamW):
+    """Online Subspace Descent: Adam in a subspace that an optimizer of its own moves every step, no SVD
+    after the first (Liang et al. 2024, "Memory-Efficient LLM Training with Online Subspace Descent",
+    arXiv:2408.12857; official code kyleliang919/Online-Subspace-Descent, ``--proj_type continuous``).
+
+    GaLore's step (Adam on R = project(G), the update scale · project_back(N), the residual dropped, moments
+    kept) with ``projector="online_pca"``: P starts from the first gradient's SVD, and once each step has
+    used it, takes one step of ``pca_optimizer`` (AdamW, lr 1/``update_proj_gap`` following the weight lr's
+    schedule, weight decay 0.01: the official default) on the PCA loss ‖Ĝ PᵀP − Ĝ‖², Ĝ = G/‖G‖
+    (``lro.projectors.online_pca``). ``projector_options={"pca_optimizer": "adam8bit"}`` is the official
+    7B recipe's P optimizer (also ``lion``, ``adafactor``, ``sgd``).
+
+    Settings of the official LLaMA scripts (GaLore's): lr 0.01, scale 0.25, gap 200 (so P's lr is 0.005),
+    rank 128 for 60M; 7B: rank 1024, gap 500, lr 0.005, 8-bit Adam for the weights and ``adam8bit`` for P.
+    Departures from the official code (P and its optimizer state in float32, canonical singular-vector
+    signs) are listed in ``lro.projectors.online_pca``; as for every preset, ε sits on √V̂ and weight decay
+    is taken from the weights before the update (the official GaLore AdamW: ε on √V, decay after it).
+    """
+
+    preset = {"projector": "online_pca", "scale": 0.25, "update_proj_gap": 200}
+
+
 class DCTAdamW(LowRankAdamW):
     """DCT-AdamW: Adam on r columns of a fixed DCT basis chosen by the gradient, with error feedback
     (Modoranu et al. 2025, "SVD-free low-rank adaptive gradient optimization for large language models",

@@ -7,11 +7,12 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
 
     G = W.grad
     if residual = error_feedback:  G = G + E                   # E = 0 at t = 0; the refresh sees it too
-    if t % update_proj_gap == 0 (online_pca: every step; haar: t = 0 only):      # refresh the subspace
+    if t % update_proj_gap == 0 (haar, online_pca: t = 0 only):                   # refresh the subspace
         old, proj = proj, proj.refreshed(G, M)                  # make(seed=W's position) at t = 0; M for COAP
         keep:   M, V as they are
         reset:  M = V = 0 and k = 0: a fresh Adam in the new subspace (FRUGAL's code sets step = 0)
         rotate: M = T(M), V = |T(V)|,  T(X) = (P_newᵀ P_old) X (left) or X (Q_old Q_newᵀ) (right)
+        transfer (LDAdam): M = T(M), V = c₂ |T²(V/c₂ − M_old²/c₁²) + M²/c₁²|, T² with T squared element-wise
     R = proj.project(G)                                         # r×n (left) or m×r (right)
     k += 1;  M = β₁M + (1 − β₁)R;  V = β₂V + (1 − β₂)R²
     N = (M / (1 − β₁ᵏ)) / (√(V / (1 − β₂ᵏ)) + ε)                  # as torch.optim.AdamW
@@ -25,6 +26,7 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
         scale · f · (B(N) + S ⊘ (c₁ · spread(√V̂ + ε)))   residual = gwt (haar's blocks; c₁ = 1 − β₁ᵏ)
     W = W − lr · (U + wd · W)                                   # decay from the pre-update W
+    if online_pca and t > 0: proj = proj.learned(G, lr / lr₀)   # P learns from G after this step used it
 
     s(N, R) = ‖N‖ / (‖R‖ + 1e-8) per channel (the norms run along the projected dimension: per
               row of W on the right side, per column on the left) or for the whole tensor;
@@ -92,7 +94,22 @@ def rotate(state: dict[str, Any], old: projectors.Projector, new: projectors.Pro
         state["exp_avg"], state["exp_avg_sq"] = m @ t, (state["exp_avg_sq"] @ t).abs()
 
 
-def refresh(state: dict[str, Any], old: projectors.Projector, g: Tensor, policy: str) -> projectors.Projector:
+def transfer(state: dict[str, Any], old: projectors.Projector, new: projectors.Projector,
+             betas: tuple[float, float]) -> None:
+    """LDAdam's transfer: M ← T(M), V ← c₂ |T∘T(V/c₂ − M_old²/c₁²) + M²/c₁²| (k = the Adam steps so far)."""
+    m, v, k = state["exp_avg"], state["exp_avg_sq"], state["adam_steps"]
+    c1, c2 = 1 - betas[0] ** k, 1 - betas[1] ** k
+    a = old.basis(device=m.device, dtype=m.dtype)
+    b = new.basis(device=m.device, dtype=m.dtype)
+    t = b.T @ a if new.side == "left" else a @ b.T
+    apply = (lambda t_, x: t_ @ x) if new.side == "left" else (lambda t_, x: x @ t_)
+    new_m = apply(t, m)
+    state["exp_avg_sq"] = (c2 * (apply(t * t, v / c2 - m * m / c1**2) + new_m * new_m / c1**2)).abs()
+    state["exp_avg"] = new_m
+
+
+def refresh(state: dict[str, Any], old: projectors.Projector, g: Tensor, policy: str,
+            betas: tuple[float, float] = (0.9, 0.999)) -> projectors.Projector:
     """A new subspace from ``g``, and the moments carried into it by ``policy``."""
     new = old.refreshed(g, state.get("exp_avg"))  # the first moment, which COAP's refresh reads
     if "exp_avg" in state:  # not the first subspace
@@ -101,6 +118,8 @@ def refresh(state: dict[str, Any], old: projectors.Projector, g: Tensor, policy:
                 del state[key]
         elif policy == "rotate":
             rotate(state, old, new)
+        elif policy == "transfer":
+            transfer(state, old, new, betas)
     return new
 
 
@@ -203,14 +222,20 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         proj = state["projector"]
         if group["residual"] == "error_feedback":
             g = g + state.get("ef", torch.zeros_like(g))
-        due = state["step"] % group["update_proj_gap"] == 0 and not (proj.fixed and state["step"])
-        if due or proj.refresh_every_step:
-            proj = state["projector"] = refresh(state, proj, g, group["on_refresh"])
+        once = proj.fixed or proj.learns_after_use
+        due = (state["step"] % group["update_proj_gap"] == 0 and not (once and state["step"])) or proj.refresh_every_step
+        if due:
+            proj = state["projector"] = refresh(state, proj, g, group["on_refresh"], group["betas"])
         state["step"] += 1
         r = proj.project(g)
         n = adam(state, r, group["betas"], group["eps"])
         if group["residual"] == "gwt":
-            return gwt(group, state, proj, g, r, n)
+            u = gwt(group, state, proj, g, r, n)
+        else:
+            u = low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
         if group["residual"] == "error_feedback":
             state["ef"] = error_feedback(group, proj, g, r)
-        return low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
+        if proj.learns_after_use and not due:  # online_pca: P learns from G once this step has used it
+            start = group.get("initial_lr", group["lr"])
+            state["projector"] = proj.learned(g, group["lr"] / start if start > 0 else 1.0)
+        return u

@@ -12,6 +12,7 @@
       N         = rule.directions([R], [state], splits)     fused kernels for INT8 storage where the rule has one
       update    .apply(W, G, R, N, state)                   drop | sign | sgd | fira | channel | tensor
       write     back: the weight, its FSDP2 piece, an INT8 weight, stochastic rounding into bf16
+      learn     a projector that learns after use (online_pca) moves its basis from G (``learned``)
 
 The seam is ``comm`` (:mod:`lowrank_optim.distributed`), chosen once per parameter: on one process every
 sum and gather is the identity.
@@ -117,18 +118,20 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
     step = int(state["step"]) if "step" in state else 0
     # The first step starts from a fresh projector, whatever init_state() put there.
     proj = opt._projector(p, group) if step else opt._new_projector(group, p)
-    if policies.due(state, group, step, proj):
-        moment = _state.first_moment(_rules.get(group["rule"]), state) if proj.reads_moment else None
-        # the gradient the update feeds the projector (error feedback: G + E), built again in _begin
-        grad = _updates.for_group(group).prepare(item.grad, state, group)
-        try:
+    try:
+        if policies.due(state, group, step, proj):
+            moment = _state.first_moment(_rules.get(group["rule"]), state) if proj.reads_moment else None
+            # the gradient the update feeds the projector (error feedback: G + E), built again in _begin
+            grad = _updates.for_group(group).prepare(item.grad, state, group)
             item.previous, proj = proj, proj.refreshed(grad, moment)
-        except NonFiniteGradientError as err:
-            raise NonFiniteGradientError(
-                f"{type(opt).__name__}: parameter {opt._label(group, i)} has a non-finite gradient at a subspace "
-                f"refresh (step {step}): {err}. Weights and optimizer state are unchanged; skip this step "
-                "(torch.amp.GradScaler does) or lower the learning rate."
-            ) from None
+        elif proj.learns_after_use and not item.comm.all_finite(item.grad):  # it learns from G after the step
+            raise NonFiniteGradientError("non-finite values (inf or NaN) in the gradient the subspace learns from")
+    except NonFiniteGradientError as err:
+        raise NonFiniteGradientError(
+            f"{type(opt).__name__}: parameter {opt._label(group, i)} has a non-finite gradient at a subspace "
+            f"refresh (step {step}): {err}. Weights and optimizer state are unchanged; skip this step "
+            "(torch.amp.GradScaler does) or lower the learning rate."
+        ) from None
     item.projector = proj
 
 
@@ -283,6 +286,8 @@ def _finish(opt: "LowRankAdamW", group: dict[str, Any], update: _updates.Update,
     update.apply(ctx)
     if write is not None:
         write()
+    if it.projector.learns_after_use and it.previous is None:  # not the step that built it
+        opt._set_projector(it.param, it.projector.learned(it.grad, policies.lr_ratio(group)))
 
 
 def placeholder(opt: "LowRankAdamW", group: dict[str, Any], p: Tensor) -> dict[str, Any]:

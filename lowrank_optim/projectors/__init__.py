@@ -57,11 +57,18 @@ from .haar import HaarProjector
 register(COAPProjector)
 register(HaarProjector)
 
+# GoLore: a random orthonormal (Stiefel) basis, and the schedule that switches to it late in training
+from .golore import GoLoreProjector, StiefelProjector
+
+register(StiefelProjector)
+register(GoLoreProjector)
+
 __all__ = [
     "PROJ_TYPES",
     "REGISTRY",
     "COAPProjector",
     "DCTProjector",
+    "GoLoreProjector",
     "HaarProjector",
     "NonFiniteGradientError",
     "OnlinePCAProjector",
@@ -70,6 +77,7 @@ __all__ = [
     "RandomProjector",
     "SVDProjector",
     "SparseProjector",
+    "StiefelProjector",
     "available",
     "choose_side",
     "make",

@@ -96,6 +96,7 @@ class TrainArgs:
     sample_every: int = 50
     sample_layers: int = 5
     owl_threshold: float = 13.0
+    sltrain: str | None = None  # "RANK:DENSITY[:ALPHA]": lro.nn.to_sltrain on the model before the optimizer
 
 
 @dataclass
@@ -150,6 +151,20 @@ def _check_args(a: TrainArgs) -> None:
     if a.fsdp and a.optimizer in FSDP_REFUSED:
         raise TrainError(f"--fsdp: {FSDP_REFUSED[a.optimizer]}")
     layer_sampling.check_args(a)
+    if a.sltrain is not None:
+        _check_sltrain(a)
+
+
+def _check_sltrain(a: TrainArgs) -> None:
+    from ..nn import parse_sltrain
+
+    if a.fsdp:
+        raise TrainError("--sltrain and --fsdp cannot be combined: SLTrain's sparse values and CSR support are not "
+                         "sharded by FSDP2; train it with DDP (torchrun without --fsdp)")
+    try:
+        parse_sltrain(a.sltrain)
+    except ValueError as err:
+        raise TrainError(f"--sltrain: {err}") from None
 
 
 def schedule(warmup: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -541,6 +556,11 @@ def _build_training(a: TrainArgs, config: dict[str, Any], dtype: torch.dtype,
     random.seed(a.seed)
     np.random.seed(a.seed)
     model = build_model(config, a.seed, dtype, device)
+    if a.sltrain is not None:  # SLTrain's layers replace attention and MLP, initialized afresh from --seed
+        from ..nn import parse_sltrain, to_sltrain
+
+        rank, density, alpha = parse_sltrain(a.sltrain)
+        to_sltrain(model, rank, density, alpha=alpha, seed=a.seed)
     if a.checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -576,6 +596,8 @@ def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], da
     if a.fsdp:  # only then, so that checkpoints of earlier DDP runs still resume
         run_spec["fsdp"] = True
     run_spec.update(layer_sampling.run_spec(a))
+    if a.sltrain is not None:
+        run_spec["sltrain"] = a.sltrain
     return run_spec
 
 
