@@ -25,6 +25,7 @@ from .optim import (
     QGaLoreAdamW,
     RankFallbackWarning,
     SUMO,
+    DCTAdamW,
 )
 from .optim import GoLore  # needs projector_options={"switch_step": ...}, so not in PRESETS
 from .projectors import NonFiniteGradientError
@@ -60,6 +61,8 @@ PRESETS.update({"coap": COAP, "gwt": GWT})
 PRESETS.update({"grass": Grass})
 # Online Subspace Descent (online PCA of the gradient, its own optimizer for P)
 PRESETS["osd"] = OnlineSubspaceDescent
+# DCT-AdamW (DCT column selection with error feedback)
+PRESETS["dct_adamw"] = DCTAdamW
 
 __all__ = [
     "LayerSampler",
@@ -67,6 +70,7 @@ __all__ = [
     "owl_ratios",
     "APOLLO",
     "COAP",
+    "DCTAdamW",
     "GWT",
     "FRUGAL",
     "GoLore",

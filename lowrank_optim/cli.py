@@ -39,6 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="weight dtype (gradients bf16 for int8: the projected linear weights stored as INT8, Q-GaLore)")
     mem.add_argument("--state-bits", type=int, choices=[32, 8], default=None,
                      help="8: INT8 optimizer moments, ours and the baseline's (8-bit AdamW); default: the preset's own")
+    mem.add_argument("--ef-bits", type=int, choices=[32, 8, 4], default=None,
+                     help="residual='error_feedback' (dct_adamw): its buffer in 32, 8 or 4 bits (default: the preset's, 32)")
     mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
     mem.add_argument("--sample-layers", type=int, default=None,
                      help="layer sampling (LISA/OwLore): only this many decoder layers hold gradients and optimizer state")
@@ -213,6 +215,8 @@ def _memory(args: argparse.Namespace) -> int:
     from . import memory
 
     keys = {"projector": args.projector} if args.projector else {}
+    if args.ef_bits is not None:
+        keys["ef_bits"] = args.ef_bits
     if args.cap_gib is not None and not args.measure:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     if args.sltrain is not None:

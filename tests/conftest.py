@@ -163,6 +163,9 @@ PRESET_CASES = [
     ("osd", lro.OnlineSubspaceDescent, {}),
     ("osd-8bit-lion", lro.OnlineSubspaceDescent, {"state_bits": 8, "min_8bit_size": 0,
                                                   "projector_options": {"pca_optimizer": "lion"}}),
+    # DCT-AdamW: the official basis, a refresh every step, error feedback (float32, and an 8-bit buffer)
+    ("dct_adamw", lro.DCTAdamW, {}),
+    ("dct_adamw-ef8-rotate", lro.DCTAdamW, {"ef_bits": 8, "on_refresh": "rotate", "min_8bit_size": 0}),
 ]
 
 

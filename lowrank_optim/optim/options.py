@@ -49,6 +49,7 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     momentum=None,
     nonfinite="raise",
     match_adamw_rms=False,
+    max_dim=None,
 )
 #: What a step does with a gradient that holds inf or NaN (see :mod:`.nonfinite`).
 NONFINITE = ("raise", "skip", "ignore")
@@ -119,6 +120,10 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
     if group.get("match_adamw_rms", False) not in (True, False):
         fail("match_adamw_rms", "pass True (the low-rank update scaled to AdamW's update RMS, so AdamW's lr "
              "carries over) or False (the preset's scale)")
+    max_dim = group.get("max_dim")
+    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 2):
+        fail("max_dim", "pass None (project every 2-D weight) or an integer >= 2: weights with a dimension of at "
+             "least max_dim are stepped as plain AdamW (DCTAdamW: 32000, the embeddings and output heads)")
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
         fail("update_proj_gap", "the refresh interval must be an integer >= 1 (steps between refreshes)")

@@ -6,6 +6,7 @@ float64 parameters), one process. The projector object lives in ``state[p]``, so
 not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n), step t = 0, 1, ...::
 
     G = W.grad
+    if residual = error_feedback:  G = G + E                   # E = 0 at t = 0; the refresh sees it too
     if t % update_proj_gap == 0 (haar, online_pca: t = 0 only):                   # refresh the subspace
         old, proj = proj, proj.refreshed(G, M)                  # make(seed=W's position) at t = 0; M for COAP
         keep:   M, V as they are
@@ -17,7 +18,9 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
     N = (M / (1 − β₁ᵏ)) / (√(V / (1 − β₂ᵏ)) + ε)                  # as torch.optim.AdamW
     B = proj.project_back;  S = G − B(R)                        # the residual
     U = √scale · lim(G ∘ s(N, R))                  if scaling (APOLLO: channel or tensor)
-        scale · B(N)                               residual = drop (GaLore)
+        scale · B(N)                               residual = drop (GaLore), error_feedback (DCT-AdamW),
+                                                   then E = G − Π(G), Π the orthogonal projection onto span(B):
+                                                   B(R), or B(Γ⁺R) / B(RΓ⁺) for a basis that is not orthonormal
         scale · B(N) + rls · lim(sign(S))          residual = sign (FRUGAL)
         scale · B(N) + rls · lim(S)                residual = sgd
         scale · (B(N) + lim(S ∘ s(N, R)))          residual = fira (s per channel)
@@ -31,7 +34,7 @@ not for checkpoints. For a weight W (m×n) in a group with ``rank`` r < min(m, n
               that norm; ‖X_prev‖ is the last step's limited norm (the 1e-8 as apollo-torch and fira);
     f       = the factor lim applies to X = N · c₁/√c₂ (GWT's official code limits that uncorrected norm).
 
-Every other parameter (not 2-D, short side ≤ rank, or a group without ``rank``) is AdamW:
+Every other parameter (not 2-D, short side ≤ rank, a side ≥ ``max_dim``, or a group without ``rank``) is AdamW:
 W = W − lr · (N(G) + wd · W), with the same Adam on G itself.
 """
 
@@ -126,7 +129,7 @@ def low_rank_update(group: dict[str, Any], state: dict[str, Any], back: Callable
     gamma, scale = group["limiter"], group["scale"]
     if group["scaling"] is not None:  # APOLLO: the raw gradient, rescaled by what Adam did to R
         return math.sqrt(scale) * limit(g * ratio(n, r, side, group["scaling"]), state, gamma)
-    if group["residual"] == "drop":  # GaLore
+    if group["residual"] in ("drop", "error_feedback"):  # GaLore; DCT-AdamW (E in error_feedback())
         return scale * back(n)
     rest = g - back(r)
     if group["residual"] == "fira":
@@ -151,10 +154,22 @@ def gwt(group: dict[str, Any], state: dict[str, Any], proj: projectors.Projector
     return group["scale"] * f * (proj.project_back(n) + details)
 
 
+def error_feedback(group: dict[str, Any], proj: projectors.Projector, a: Tensor, r: Tensor) -> Tensor:
+    """E = A − Π(A), Π the orthogonal projection onto the basis' span: B(R) for an orthonormal basis, else
+    B(Γ⁺R) or B(RΓ⁺), Γ its Gram matrix (the pseudo-inverse: a basis with a repeated row has a singular Γ)."""
+    cls = type(proj)
+    if cls.orthonormal_with({**cls.options_from_group(group), **group["projector_options"]}):
+        return a - proj.project_back(r)
+    b = proj.basis(device=a.device, dtype=a.dtype)
+    if proj.side == "left":
+        return a - proj.project_back(torch.linalg.pinv(b.T @ b) @ r)
+    return a - proj.project_back(r @ torch.linalg.pinv(b @ b.T))
+
+
 def new_projector(group: dict[str, Any], seed: int) -> projectors.Projector:
     """The group's projector, seeded with the parameter's position among all parameters."""
     cls = projectors.REGISTRY[group["projector"]]
-    if group["residual"] != "drop" and not cls.orthonormal:
+    if group["residual"] not in ("drop", "error_feedback") and not cls.orthonormal:
         raise ValueError(f"residual={group['residual']!r} needs an orthonormal projector, not {group['projector']!r}")
     if group["scaling"] is not None and group["residual"] != "drop":
         raise ValueError("scaling rescales the whole gradient and leaves no residual: use residual='drop'")
@@ -170,11 +185,12 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
                  scale: float = 1.0, proj_type: str = "std", projector: str = "svd",
                  projector_options: dict[str, Any] | None = None, residual: str = "drop",
                  residual_lr_scale: float = 1.0, scaling: str | None = None, limiter: float | None = None,
-                 on_refresh: str = "keep") -> None:
+                 on_refresh: str = "keep", max_dim: int | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=projector,
                         projector_options=projector_options or {}, residual=residual,
-                        residual_lr_scale=residual_lr_scale, scaling=scaling, limiter=limiter, on_refresh=on_refresh)
+                        residual_lr_scale=residual_lr_scale, scaling=scaling, limiter=limiter, on_refresh=on_refresh,
+                        max_dim=max_dim)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -190,7 +206,8 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
                     continue
                 g = p.grad.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
                 rank = group["rank"]
-                if rank is not None and p.dim() == 2 and min(p.shape) > rank:
+                small = group["max_dim"] is None or max(p.shape) < group["max_dim"]
+                if rank is not None and p.dim() == 2 and min(p.shape) > rank and small:
                     position = next(i for i, q in enumerate(everyone) if q is p)
                     u = self._low_rank(group, self.state[p], g, position)
                 else:
@@ -203,6 +220,8 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if "projector" not in state:
             state["projector"], state["step"] = new_projector(group, position), 0
         proj = state["projector"]
+        if group["residual"] == "error_feedback":
+            g = g + state.get("ef", torch.zeros_like(g))
         once = proj.fixed or proj.learns_after_use
         due = (state["step"] % group["update_proj_gap"] == 0 and not (once and state["step"])) or proj.refresh_every_step
         if due:
@@ -214,6 +233,8 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
             u = gwt(group, state, proj, g, r, n)
         else:
             u = low_rank_update(group, state, proj.project_back, proj.side, g, r, n)
+        if group["residual"] == "error_feedback":
+            state["ef"] = error_feedback(group, proj, g, r)
         if proj.learns_after_use and not due:  # online_pca: P learns from G once this step has used it
             start = group.get("initial_lr", group["lr"])
             state["projector"] = proj.learned(g, group["lr"] / start if start > 0 else 1.0)
