@@ -63,6 +63,10 @@ PRESETS.update({"grass": Grass})
 PRESETS["osd"] = OnlineSubspaceDescent
 # DCT-AdamW (DCT column selection with error feedback)
 PRESETS["dct_adamw"] = DCTAdamW
+# Trion (Dion's update with DCT column selection and error feedback on the momentum)
+from .optim import Trion  # noqa: E402
+
+PRESETS["trion"] = Trion
 
 __all__ = [
     "LayerSampler",
@@ -100,3 +104,4 @@ __all__ = [
     "rules",
     "sparse_grad",
 ]
+__all__ += ["Trion"]

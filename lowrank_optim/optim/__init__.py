@@ -24,3 +24,8 @@ __all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APO
 from .presets import GoLore  # noqa: E402
 
 __all__ += ["GoLore"]
+
+# Trion (DCT column selection, error feedback on the momentum, Newton-Schulz)
+from .presets import Trion  # noqa: E402
+
+__all__ += ["Trion"]

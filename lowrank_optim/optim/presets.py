@@ -336,3 +336,50 @@ class DCTAdamW(LowRankAdamW):
 
     preset = {"projector": "dct", "dct_variant": "matmul", "residual": "error_feedback", "scale": 1.0,
               "update_proj_gap": 1, "max_dim": 32000}
+
+
+class Trion(LowRankAdamW):
+    """Trion: Dion's low-rank orthonormal update with the subspace chosen as r DCT columns
+    (Modoranu et al. 2025, arXiv:2505.17967; official code ``ista_daslab_optimizers`` ``Trion``,
+    IST-DASLab/ISTA-DASLab-Optimizers; Dion: Ahn et al. 2025, arXiv:2504.05295, microsoft/dion).
+
+    Per m×n weight it keeps a full momentum M (the error-feedback buffer E, ``ef_momentum`` μ = 0.95) and
+    does, every step (``update_proj_gap=1``)::
+
+        A = M + G                                   the official M.add_(G)
+        idx = top-r ℓ1 norms of the columns of A·D (right, m ≥ n) or the rows of D·A (left), D its
+                                                    ``dct3_matrix`` (``dct_variant="trion"``, ``lro.projectors.dct``)
+        m = A·D[:, idx] (right) or D[idx, :]·A (left)                      R = project(A)
+        M ← A − (1 − μ)·project_back(m)             error feedback on the momentum (``lro.updates.error_feedback``)
+        W ← (1 − lr·wd)·W − lr·scale·0.2·√max(m, n)·project_back(NS₅(m))
+
+    NS₅ is Muon's quintic Newton–Schulz iteration (5 steps, coefficients (3.4445, −4.775, 2.0315), bfloat16:
+    the official ``zeropower_via_newtonschulz5``), run by the ``orthogonal`` rule with its own momentum off
+    (``momentum=0``: the momentum is M, before the projection). ``momentum=`` given to the constructor is
+    Trion's μ (the official key) and sets ``ef_momentum``. Weights with a side of 32000 or more (embeddings,
+    heads; ``max_dim``) and every other parameter are stepped by AdamW, as the official ``use_muon=False``
+    groups. State per m×n weight: M (m·n floats), the orthogonal rule's r×n (m×r) buffer, r int64 indices.
+
+    Departures from the official code: its scale is ``scaling_type`` (no default; ``"kimi"`` =
+    0.2·√max(m, n), ``"kj"``, ``"dion"``, ``"none"``): here the orthogonal rule's RMS matching, which is
+    ``"kimi"``, times ``scale`` (1); its lr default (0.02) belongs to the unscaled variants, so the lr is the
+    package's (1e-3; the CLI uses SUMO's, the same RMS-matched rule). Its AdamW groups have their own lr, betas
+    (0.9, 0.95) and ε 1e-10; here the group's. The indices are sorted ascending (permuting m's columns permutes
+    NS₅'s output the same way). It runs on one process and on FSDP2 right-side shards; the official code
+    needs an initialized ``torch.distributed`` and a GPU for its DCT cache, and refers to two undefined names
+    (``device``/``dtype`` on a cache miss, ``get_dct_matrix``), which its parity test supplies.
+    """
+
+    preset = {"projector": "dct", "dct_variant": "trion", "residual": "error_feedback", "ef_momentum": 0.95,
+              "rule": "orthogonal", "momentum": 0.0, "orthogonalize": "newton_schulz", "ns_steps": 5,
+              "scale": 1.0, "update_proj_gap": 1, "max_dim": 32000}
+
+    def __init__(self, params: Any, *args: Any, momentum: float | None = None, **kwargs: Any) -> None:
+        if momentum is not None:
+            kwargs["ef_momentum"] = momentum
+        super().__init__(params, *args, **kwargs)
+        for i, group in enumerate(self.param_groups):
+            if isinstance(group.get("momentum"), bool) or group.get("momentum") != 0:
+                raise ValueError(f"Trion param group {i}: invalid momentum={group['momentum']!r}: Trion's momentum "
+                                 "is the full-rank buffer, set it with ef_momentum= in a group (or momentum= "
+                                 "to the constructor); the orthogonal rule's own momentum stays 0")

@@ -18,6 +18,10 @@ official code offers two candidate bases, chosen here by ``dct_variant``:
 * ``"matmul"`` (the official default, ``sim_type="matmul"``): the columns of Dᵀ, i.e. the rows of D,
   which are the DCT-III basis vectors (the official Q is ``dct3_matrix`` = Dᵀ, used as Q[:, idx]).
   A refresh computes S = G Dᵀ (right) or D G (left) by one m×n×d matmul.
+* ``"trion"`` (the official ``Trion``, ``use_makhoul=False``): ``matmul``'s basis on the right side and
+  ``makhoul``'s on the left. Trion scores S = M·Q (right) but S = Q·M (left) with the same Q =
+  ``dct3_matrix`` and takes Q[idx, :] as the left basis: the rows of Dᵀ, the DCT-II vectors. The left
+  side's coefficients are then taken by FFT (the same numbers as its matmul, to float32 rounding).
 
 Either way each of the d candidates is scored by the ℓ1 norm of its column (right) or row (left) of S
 (the official ``ell_norm=1``), and the r best indices are kept, sorted ascending. Then, with B the
@@ -93,7 +97,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 #: ``dct_variant``: which orthonormal basis the columns are chosen from (module docstring).
-VARIANTS = ("makhoul", "matmul")
+VARIANTS = ("makhoul", "matmul", "trion")
+
+
+def side_variant(variant: str, side: str) -> str:
+    """The basis a variant uses on ``side``: ``trion`` is ``matmul``'s on the right, ``makhoul``'s on the left."""
+    if variant == "trion":
+        return "matmul" if side == "right" else "makhoul"
+    return variant
 
 
 def dct2_rows(x: Tensor) -> Tensor:
@@ -155,7 +166,7 @@ class DCTProjector(Projector):
                 f"{side}-side projection of a {m}x{n} matrix"
             )
         work = grad if grad.dtype == torch.float64 else grad.float()
-        scores = coefficients(work, side, self.variant).abs().sum(dim=1 if side == "left" else 0)
+        scores = coefficients(work, side, side_variant(self.variant, side)).abs().sum(dim=1 if side == "left" else 0)
         self._select(scores, d, grad)
 
     @classmethod
@@ -171,7 +182,8 @@ class DCTProjector(Projector):
         if self.rank > n:
             raise ValueError(f"dct projector of rank {self.rank} cannot select from {n} columns")
         work = grad.double() if grad.dtype == torch.float64 else grad.float()
-        scores = self.comm.all_reduce_(coefficients(work, "right", self.variant).abs().sum(dim=0), "refresh")
+        s = coefficients(work, "right", side_variant(self.variant, "right"))
+        scores = self.comm.all_reduce_(s.abs().sum(dim=0), "refresh")
         self._select(scores, n, grad)
 
     def _check_state(self, state: dict[str, Any]) -> None:
@@ -190,7 +202,8 @@ class DCTProjector(Projector):
         """B[:, idx] (d×r) in ``dtype``: gathered from the shared float32/float64 basis, so a bf16
         model caches no second copy of D."""
         idx = self._state["idx"].to(device)
-        basis = variant_basis(self._state["dim"], self.variant, _compute_dtype(dtype), device)
+        variant = side_variant(self.variant, self.side)
+        basis = variant_basis(self._state["dim"], variant, _compute_dtype(dtype), device)
         return basis.index_select(1, idx).to(dtype)
 
     def basis(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:

@@ -113,6 +113,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "osd": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     # DCT-AdamW: the official default refresh (every step) and scale 1, with GaLore's lr
     "dct_adamw": {**_LOW_RANK, "lr": 1e-2, "update_proj_gap": 1},
+    # Trion: its update is the orthogonal rule's RMS-matched one (as SUMO), so SUMO's lr and scale; refresh every step
+    "trion": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25, "update_proj_gap": 1},
     # any preset without an entry of its own
     "*": {**_LOW_RANK, "lr": 1e-2},
 }

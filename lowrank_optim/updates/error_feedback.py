@@ -19,6 +19,12 @@ orthonormal, online_pca's between SVDs or an INT4-stored one, keeps the direct f
 near 1, so E stays bounded.) lr, scale and weight decay never touch E: it is in gradient
 units, as in the official code.
 
+**Momentum in the buffer** (``ef_momentum`` μ, default 0): E ← A − (1 − μ)·Π(A) keeps μ of the applied part
+as well. This is Dion's and Trion's error feedback on the momentum (Ahn et al. 2025, arXiv:2504.05295;
+``ista_daslab_optimizers`` ``Trion``: M ← M + G, M ← M − (1 − μ)·m·Qᵀ with m the coordinates of M): E is
+then their momentum M, A = M + G, and R = project(A) is the low-rank momentum the rule orthogonalizes. μ = 0
+is DCT-AdamW's and LDAdam's E.
+
 The buffer is kept, per ``ef_bits``, in float32 (float64 for float64 weights), or through the package's
 storages (:mod:`lowrank_optim.quant.storage`): 8, blockwise INT8 (uint8 codes and a float32 absmax per
 block of 256, the signed dynamic code book of the 8-bit moments); 4, INT4 (min–max codes packed two per
@@ -60,12 +66,16 @@ class ErrorFeedback(Update):
     name = "error_feedback"
     #: The buffer's state key (INT8 adds ``ef_absmax``; INT4 keeps ``ef_packed``, ``ef_scale``, ...).
     key = "ef"
-    defaults = {"ef_bits": 32}
+    defaults = {"ef_bits": 32, "ef_momentum": 0.0}
 
     def check(self, group: dict[str, Any], fail: Any) -> None:
         bits = group.get("ef_bits", 32)
         if isinstance(bits, bool) or bits not in EF_STORAGES:
             fail("ef_bits", "the error-feedback buffer is kept in 32 (float32), 8 (blockwise INT8) or 4 (INT4) bits")
+        mu = group.get("ef_momentum", 0.0)
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= float(mu) < 1.0:
+            fail("ef_momentum", "the share of the applied part kept in the buffer must be a number in [0, 1) "
+                 "(0: E = A − Π(A); Trion and Dion use their momentum, 0.95)")
         if group.get("residual") == self.name and group.get("scaling") is not None:
             fail("scaling", "scaling replaces project_back(N) by the scaled raw gradient, which error feedback "
                  "would not see; use scaling=None with residual='error_feedback'")
@@ -111,6 +121,9 @@ class ErrorFeedback(Update):
 
     def apply(self, ctx: Context) -> None:
         coords = ctx.low if self.orthonormal(ctx) else self.coordinates(ctx)
+        mu = float(ctx.group.get("ef_momentum", 0.0))
+        if mu:  # E = A − (1 − μ)·Π(A): the residual of (1 − μ) times the coordinates
+            coords = coords * (1.0 - mu)
         rest = ctx.projector.residual(ctx.grad, coords)  # A − Π(A): ctx.grad is A (prepare)
         ctx.apply_back(ctx.direction, -ctx.lr * ctx.scale, ctx.decay)
         # only under nonfinite="ignore" can A hold inf or NaN: it reaches N and W as ignore says, but E keeps 0
