@@ -291,7 +291,7 @@ def test_resume_is_bit_identical(bits):
     def build(model):
         return lro.Trion(lro.param_groups(model, rank=8), lr=3e-3, ef_bits=bits, min_8bit_size=0)
 
-    model, opt, twin, twin_opt = train_and_resume(build, batches(8), 4)
+    model, _, twin, twin_opt = train_and_resume(build, batches(8), 4)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     kept = [s["ef"] for s in twin_opt.state.values() if "ef" in s]

@@ -365,9 +365,10 @@ class Trion(LowRankAdamW):
     ``"kimi"``, times ``scale`` (1); its lr default (0.02) belongs to the unscaled variants, so the lr is the
     package's (1e-3; the CLI uses SUMO's, the same RMS-matched rule). Its AdamW groups have their own lr, betas
     (0.9, 0.95) and ε 1e-10; here the group's. The indices are sorted ascending (permuting m's columns permutes
-    NS₅'s output the same way). It runs on one process and on FSDP2 right-side shards; the official code
-    needs an initialized ``torch.distributed`` and a GPU for its DCT cache, and refers to two undefined names
-    (``device``/``dtype`` on a cache miss, ``get_dct_matrix``), which its parity test supplies.
+    NS₅'s output the same way). The official step needs an initialized ``torch.distributed`` and refers to
+    two names its module does not define (``device``/``dtype`` on a DCT-cache miss, ``get_dct_matrix``), which
+    its parity test supplies (README, "ista-daslab-optimizers 1.1.15 (Trion)"). On FSDP2 row shards the
+    ``dct`` projector takes the right side only (``proj_type="right"``); Trion is not tested there.
     """
 
     preset = {"projector": "dct", "dct_variant": "trion", "residual": "error_feedback", "ef_momentum": 0.95,
