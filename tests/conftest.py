@@ -166,6 +166,8 @@ PRESET_CASES = [
     # DCT-AdamW: the official basis, a refresh every step, error feedback (float32, and an 8-bit buffer)
     ("dct_adamw", lro.DCTAdamW, {}),
     ("dct_adamw-ef8-rotate", lro.DCTAdamW, {"ef_bits": 8, "on_refresh": "rotate", "min_8bit_size": 0}),
+    # Trion: DCT columns of the momentum, error feedback on the momentum, Newton-Schulz
+    ("trion", lro.Trion, {}),
 ]
 
 
