@@ -142,11 +142,13 @@ def split_head_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[di
 
 
 def _config_head_dim(model: nn.Module) -> int | None:
+    """The head width from ``model.config`` (a transformers config, or a dict as ``llama_skeleton`` keeps)."""
     config = getattr(model, "config", None)
-    width = getattr(config, "head_dim", None)
+    read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    width = read("head_dim")
     if isinstance(width, int) and width > 0:
         return width
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    hidden, heads = read("hidden_size"), read("num_attention_heads")
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
