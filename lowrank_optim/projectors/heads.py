@@ -31,8 +31,8 @@ Departures from the paper, stated: (1) the *sparsely coded residual* (a sparse c
 error on the moments and updates, with a warm-up that builds its index) is left out: it is not a projector
 (it keeps extra optimizer state beside the moments) and its exact formulation was not available to
 restate; (2) which head the paper takes is not known to us (see above). On FSDP2 row shards the refresh
-would need the chosen head's rows gathered from the ranks holding them; that is not built, and
-:meth:`shard_error` says so. The number of heads reaches the projector as ``head_dim`` (the same for
+is exact (the chosen block's Gram matrix, all-reduced, and ``eigh``), not randomized, as ``rsvd``'s on
+shards. The number of heads reaches the projector as ``head_dim`` (the same for
 q/k/v/o, also under grouped-query attention) and ``head_axis``, group keys that :func:`lro.param_groups`
 sets from the model's config when ``projector="shared_head"`` (see :func:`split_head_groups`).
 """
@@ -41,8 +41,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from ..distributed import top_right_singular
 from .rsvd import RSVDProjector
 
 HEAD_AXES = ("rows", "cols")
@@ -91,31 +93,68 @@ class SharedHeadProjector(RSVDProjector):
         opts = {k: group[k] for k in ("head_dim", "head_axis") if k in group}
         return {**super().options_from_group(group), **opts}
 
-    @classmethod
-    def shard_error(cls, side: str, options: dict[str, Any]) -> str | None:
-        return ("projector='shared_head' has no refresh on row shards (the chosen head's rows would have to be "
-                "gathered from the ranks that hold them); use projector='svd' or 'rsvd' under FSDP2")
-
     def _refresh_sharded(self, grad: Tensor, side: str) -> None:
-        raise TypeError(self.shard_error(side, {}))
+        """On FSDP2 row shards: the chosen head's block from this rank's rows of it (q/k/v: the rows of that
+        head it holds, perhaps none; o_proj: its rows of the head's columns), then the block's exact top-r
+        singular vectors from its all-reduced Gram matrix (``svd``'s sharded refresh; as ``rsvd`` on shards,
+        not randomized). ``head="largest"`` all-reduces the h squared block norms first."""
+        m, n = self.comm.shape
+        heads = self._heads(m if self.head_axis == "rows" else n, m, n)
+        head = self._sharded_head(grad, heads)
+        lo, hi = head * self.head_dim, (head + 1) * self.head_dim
+        if self.head_axis == "rows":
+            first, last = max(lo, self.comm.start), min(hi, self.comm.stop)
+            piece = grad[first - self.comm.start: max(first, last) - self.comm.start]
+            v, _ = top_right_singular(piece, self.comm, self.rank)
+            start, stop = self.comm.cols(n)
+            basis = v.t()[:, start:stop]  # Q kept sharded by columns, as svd's
+        else:
+            piece = grad[:, lo:hi]
+            v, sigma = top_right_singular(piece, self.comm, self.rank)
+            basis = (piece.double() @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)  # this rank's rows of P
+        self._store_basis(basis.to(self.basis_dtype(grad.dtype)).contiguous())
+        self._state["refreshes"] = int(self._state.get("refreshes", 0)) + 1
+
+    def _sharded_head(self, grad: Tensor, heads: int) -> int:
+        if self.head != "largest":
+            return self._checked_head(heads)
+        sq = grad.double().pow(2)
+        if self.head_axis == "cols":
+            norms = sq.sum(0).view(heads, self.head_dim).sum(1)
+        else:
+            rows = torch.arange(self.comm.start, self.comm.stop, device=grad.device) // self.head_dim
+            norms = torch.zeros(heads, dtype=torch.float64, device=grad.device).index_add_(0, rows, sq.sum(1))
+        return int(self.comm.all_reduce_(norms, "refresh").argmax())
+
+    def _heads(self, length: int, m: int, n: int) -> int:
+        """The number of heads along the head axis (of ``length``); refuses one that does not split, or a rank
+        above the block's short side."""
+        if length % self.head_dim:
+            raise ValueError(f"shared_head: the head axis ({self.head_axis}) of a {m}x{n} gradient has length "
+                             f"{length}, not a multiple of head_dim {self.head_dim}; pass the model's head_dim, "
+                             "or this projector only for attention weights")
+        other = n if self.head_axis == "rows" else m
+        if self.rank > other:
+            raise ValueError(f"shared_head of rank {self.rank} cannot refresh from a {m}x{n} gradient: its head "
+                             f"blocks are {self.head_dim}x{other} or {other}x{self.head_dim}")
+        return length // self.head_dim
+
+    def _checked_head(self, heads: int) -> int:
+        if self.head >= heads:
+            raise ValueError(f"head={self.head} but this weight has {heads} heads of width {self.head_dim}")
+        return int(self.head)
 
     def head_blocks(self, grad: Tensor) -> list[Tensor]:
         """The h gradient blocks, one per head, as views of ``grad`` (refuses a head axis that does not split)."""
         axis = 0 if self.head_axis == "rows" else 1
-        length = grad.shape[axis]
-        if length % self.head_dim:
-            raise ValueError(f"shared_head: the head axis ({self.head_axis}) of a {grad.shape[0]}x{grad.shape[1]} "
-                             f"gradient has length {length}, not a multiple of head_dim {self.head_dim}; pass the "
-                             "model's head_dim, or this projector only for attention weights")
+        self._heads(grad.shape[axis], *grad.shape)
         return list(grad.split(self.head_dim, dim=axis))
 
     def chosen_head(self, blocks: list[Tensor]) -> int:
         """The index of the head the basis comes from."""
         if self.head == "largest":
             return int(max(range(len(blocks)), key=lambda i: float(blocks[i].double().norm())))
-        if self.head >= len(blocks):
-            raise ValueError(f"head={self.head} but this weight has {len(blocks)} heads of width {self.head_dim}")
-        return self.head
+        return self._checked_head(len(blocks))
 
     def _refresh(self, grad: Tensor, side: str) -> None:
         blocks = self.head_blocks(grad)
