@@ -27,8 +27,8 @@ import time
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowrank_optim.allocations import Allocations
 from lowrank_optim.nn import SparseLowRankLinear
 
 SHAPES = {"attn 512x512 (x4)": (512, 512, 4), "gate/up 1376x512 (x2)": (512, 1376, 2), "down 512x1376 (x1)": (1376, 512, 1)}
@@ -49,21 +49,6 @@ class FormedW(nn.Module):
         return x @ w.reshape(lay.out_features, lay.in_features).T
 
 
-class WeightSized(TorchDispatchMode):
-    """The largest tensor of a weight's shape (out x in, in x out, or flat out*in) any op creates."""
-
-    def __init__(self, out: int, inp: int) -> None:
-        super().__init__()
-        self.shapes, self.bytes = {(out, inp), (inp, out), (out * inp,)}, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for t in result if isinstance(result, (tuple, list)) else [result]:
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided and tuple(t.shape) in self.shapes:
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
-        return result
-
-
 def make_layer(kind: str, inp: int, out: int, rank: int, density: float, device: str) -> nn.Module:
     if kind == "dense":
         return nn.Linear(inp, out, bias=False, device=device)
@@ -82,13 +67,14 @@ def memory(layer: nn.Module, x: torch.Tensor, out: int) -> dict[str, int]:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with WeightSized(out, x.shape[-1]) as seen:
+    inp = x.shape[-1]
+    with Allocations() as seen:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = layer(x)
         y.backward(torch.ones_like(y))
     grads = sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters() if p.grad is not None)
     layer.zero_grad(set_to_none=True)
-    return {"saved": sum(saved.values()), "grads": grads, "largest_temp": seen.bytes}
+    return {"saved": sum(saved.values()), "grads": grads, "largest_temp": seen.largest_bytes({(out, inp), (inp, out), (out * inp,)})}
 
 
 def timed(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:

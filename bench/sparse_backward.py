@@ -29,43 +29,17 @@ import statistics
 import sys
 import time
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lowrank_optim as lro  # noqa: E402
+from lowrank_optim.allocations import Allocations  # noqa: E402
 from lowrank_optim.models import load_config  # noqa: E402
 from lowrank_optim.train.loop import build_model  # noqa: E402
-
-
-class Allocations(TorchDispatchMode):
-    """Shapes of the tensors ops allocate (views and in-place results excluded) and the peak of live bytes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-        self.live: dict[int, int] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key not in self.live and key not in inputs:
-                self.shapes.append(tuple(t.shape))
-                self.live[key] = t.untyped_storage().nbytes()
-                weakref.finalize(t.untyped_storage(), self.live.pop, key, None)
-                self.peak = max(self.peak, sum(self.live.values()))
-        return out
 
 
 def grad_bytes(model, opt, projected: set) -> tuple[int, int]:

@@ -21,9 +21,11 @@ from .optim import (
     GaLoreAdamW8bit,
     Grass,
     LowRankAdamW,
+    OnlineSubspaceDescent,
     QGaLoreAdamW,
     RankFallbackWarning,
     SUMO,
+    DCTAdamW,
 )
 from .optim import GoLore  # needs projector_options={"switch_step": ...}, so not in PRESETS
 from .projectors import NonFiniteGradientError
@@ -57,6 +59,10 @@ PRESETS = {
 PRESETS.update({"coap": COAP, "gwt": GWT})
 # Grass (sampled sparse rows, unbiased by ρ; its sparse backward is lro.sparse_grad)
 PRESETS.update({"grass": Grass})
+# Online Subspace Descent (online PCA of the gradient, its own optimizer for P)
+PRESETS["osd"] = OnlineSubspaceDescent
+# DCT-AdamW (DCT column selection with error feedback)
+PRESETS["dct_adamw"] = DCTAdamW
 
 __all__ = [
     "LayerSampler",
@@ -64,6 +70,7 @@ __all__ = [
     "owl_ratios",
     "APOLLO",
     "COAP",
+    "DCTAdamW",
     "GWT",
     "FRUGAL",
     "GoLore",
@@ -77,6 +84,7 @@ __all__ = [
     "QGaLoreAdamW",
     "LowRankAdamW",
     "NonFiniteGradientError",
+    "OnlineSubspaceDescent",
     "RankFallbackWarning",
     "SUMO",
     "SparseGrad",

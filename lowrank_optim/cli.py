@@ -34,11 +34,13 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a baseline (adamw, adafactor, muon) or a preset: galore, apollo, apollo_mini, frugal, fira, lowrank, ...")
     mem.add_argument("--rank", type=int, default=None,
                      help="rank of the projected weights (default: the preset's, hidden size / 4; apollo_mini 1)")
-    mem.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
+    mem.add_argument("--projector", default=None, help="override the preset's projector (any name of `lowrank-optim list`: svd, rsvd, dct, random, sparse, ...)")
     mem.add_argument("--weights", choices=["bf16", "fp32", "int8"], default="bf16",
                      help="weight dtype (gradients bf16 for int8: the projected linear weights stored as INT8, Q-GaLore)")
     mem.add_argument("--state-bits", type=int, choices=[32, 8], default=None,
                      help="8: INT8 optimizer moments, ours and the baseline's (8-bit AdamW); default: the preset's own")
+    mem.add_argument("--ef-bits", type=int, choices=[32, 8, 4], default=None,
+                     help="residual='error_feedback' (dct_adamw): its buffer in 32, 8 or 4 bits (default: the preset's, 32)")
     mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
     mem.add_argument("--sample-layers", type=int, default=None,
                      help="layer sampling (LISA/OwLore): only this many decoder layers hold gradients and optimizer state")
@@ -98,7 +100,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0)")
     pre.add_argument("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes (default 200)")
     pre.add_argument("--scale", type=float, default=None, help="the low-rank update's scale (default: the preset's)")
-    pre.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
+    pre.add_argument("--projector", default=None, help="override the preset's projector (any name of `lowrank-optim list`: svd, rsvd, dct, random, sparse, ...)")
     _add_training_flags(pre)
     pre.add_argument("--layer-sampling", choices=["lisa", "owl"], default=None,
                      help="train a few sampled decoder layers at a time (lro.LayerSampler): lisa uniformly, owl (OwLore) "
@@ -213,6 +215,8 @@ def _memory(args: argparse.Namespace) -> int:
     from . import memory
 
     keys = {"projector": args.projector} if args.projector else {}
+    if args.ef_bits is not None:
+        keys["ef_bits"] = args.ef_bits
     if args.cap_gib is not None and not args.measure:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     if args.sltrain is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -110,6 +111,17 @@ def train_and_resume(build, data: list[torch.Tensor], split: int, make=None):
     return model, opt, twin, twin_opt
 
 
+def same(a, b) -> bool:
+    """Bit-for-bit equality of nested state (tensors by dtype, shape and value; NaN floats equal)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=torch.float64) -> torch.Tensor:
     """A random m×n matrix whose singular values fall geometrically (distinct, well separated)."""
     g = torch.Generator().manual_seed(seed)
@@ -154,6 +166,13 @@ PRESET_CASES = [
     ("gwt", lro.GWT, {}),
     # Grass: rows drawn ∝ norm² with replacement (repeated indices, ρ), moments reset at each draw
     ("grass", lro.Grass, {}),
+    # Online Subspace Descent: AdamW on P (its default), and the 8-bit recipe (INT8 moments for the weights)
+    ("osd", lro.OnlineSubspaceDescent, {}),
+    ("osd-8bit-lion", lro.OnlineSubspaceDescent, {"state_bits": 8, "min_8bit_size": 0,
+                                                  "projector_options": {"pca_optimizer": "lion"}}),
+    # DCT-AdamW: the official basis, a refresh every step, error feedback (float32, and an 8-bit buffer)
+    ("dct_adamw", lro.DCTAdamW, {}),
+    ("dct_adamw-ef8-rotate", lro.DCTAdamW, {"ef_bits": 8, "on_refresh": "rotate", "min_8bit_size": 0}),
 ]
 
 

@@ -282,11 +282,9 @@ def test_method_keys_are_validated(kw, match):
 
 def test_unknown_projector_option_is_a_clear_error():
     W = torch.nn.Parameter(torch.zeros(8, 6))
-    W.grad = torch.ones(8, 6)
-    opt = lro.LowRankAdamW([{"params": [("w", W)], "rank": 2, "projector_options": {"power": 3}}])
-    with pytest.raises(ValueError, match="projector 'svd' does not take these options"):
-        opt.step()
-    assert len(opt.state) == 0
+    # refused when the optimizer is built (the group's projector is built once to check its options)
+    with pytest.raises(ValueError, match="projector_options=.*projector 'svd' does not take these options"):
+        lro.LowRankAdamW([{"params": [("w", W)], "rank": 2, "projector_options": {"power": 3}}])
 
 
 @pytest.mark.parametrize("cls", [lro.APOLLO, lro.APOLLOMini, lro.FRUGAL, lro.Fira, lro.GaLoreAdamW])

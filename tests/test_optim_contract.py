@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import lowrank_optim as lro
-from conftest import batches, lm_loss, make_model, roundtrip, train
+from conftest import batches, lm_loss, make_model, roundtrip, same, train
 
 NAMES = list(lro.PRESETS)
 
@@ -88,16 +88,6 @@ def snapshot(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(snapshot(v) for v in x)
     return copy.deepcopy(x)
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 parametrize_names = pytest.mark.parametrize("name", NAMES)

@@ -353,7 +353,7 @@ def test_online_pca_starts_from_the_svd_then_descends_without_one(monkeypatch, p
             return _real(*args, **kw)
 
         monkeypatch.setattr(torch.linalg, name, counting)
-    proj = lro.projectors.make("online_pca", 4, proj_type=proj_type, lr=0.3)
+    proj = lro.projectors.make("online_pca", 4, proj_type=proj_type, lr=0.3, pca_optimizer="sgd")
     proj.update(G0)
     assert calls["svd"] == 1
     assert torch.equal(proj.basis(), ref.basis())
@@ -378,7 +378,7 @@ def test_online_pca_step_is_the_gradient_of_the_pca_loss(proj_type):
     """The closed form equals autograd's gradient of ‖Ĝ − PPᵀĜ‖² (left) / ‖Ĝ − ĜQᵀQ‖² (right) at a
     non-orthonormal P (after some steps P drifts off PᵀP = I)."""
     G = decaying_matrix(25, 18, seed=3, decay=0.9)
-    proj = lro.projectors.make("online_pca", 3, proj_type=proj_type, lr=0.05)
+    proj = lro.projectors.make("online_pca", 3, proj_type=proj_type, lr=0.05, pca_optimizer="sgd")
     proj.update(decaying_matrix(25, 18, seed=4))
     start = proj.basis() * 1.3  # off the orthonormal manifold
     proj.load_state_dict({**proj.state_dict(), "P": start.clone()})
@@ -391,7 +391,10 @@ def test_online_pca_step_is_the_gradient_of_the_pca_loss(proj_type):
 
 
 def test_online_pca_options():
-    assert lro.projectors.OnlinePCAProjector.refresh_every_step
+    # built once by the SVD, then moved after each step has used it (tests/test_osd.py)
+    assert lro.projectors.OnlinePCAProjector.learns_after_use
+    assert not lro.projectors.OnlinePCAProjector.refresh_every_step
+    assert lro.projectors.make("online_pca", 2).pca_optimizer == "adamw"  # the official default
     assert lro.projectors.OnlinePCAProjector.options_from_group({"update_proj_gap": 200}) == {"lr": 0.005}
     assert lro.projectors.SVDProjector.options_from_group({"update_proj_gap": 200}) == {}
     assert Projector.options_from_group({}) == {}
@@ -510,14 +513,14 @@ def test_loaded_state_is_checked(name):
 @pytest.mark.parametrize("name", FAMILY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nbytes_is_what_is_kept(name, dtype):
-    """rsvd: r·d·itemsize + 8 (the refresh counter); online_pca: r·d·4 (P kept in float32 for half
-    precision gradients); dct, sparse: 8·r (int64 indices); random: 8 (the seed). d is the
+    """rsvd: r·d·itemsize + 8 (the refresh counter); online_pca: 3·r·d·4 + 8 (P and its AdamW's two moments,
+    kept in float32 for half precision gradients, and its step count); dct, sparse: 8·r (int64 indices); random: 8 (the seed). d is the
     projected dimension (n on the std side here)."""
     proj = lro.projectors.make(name, 6)
     assert proj.nbytes() == 0
     proj.update(decaying_matrix(40, 24, seed=1, dtype=dtype))
     item = torch.finfo(dtype).bits // 8
-    want = {"rsvd": 6 * 24 * item + 8, "online_pca": 6 * 24 * 4, "dct": 6 * 8, "sparse": 6 * 8, "random": 8}
+    want = {"rsvd": 6 * 24 * item + 8, "online_pca": 3 * 6 * 24 * 4 + 8, "dct": 6 * 8, "sparse": 6 * 8, "random": 8}
     assert proj.nbytes() == want[name]
 
 

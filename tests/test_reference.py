@@ -55,6 +55,9 @@ METHODS = {
     "APOLLOMini": (lro.APOLLOMini, {}, dict(scaling="tensor", limiter=1.01, scale=128.0 * 8 / 512), 1),
     "FRUGAL": (lro.FRUGAL, {}, dict(residual="sign", residual_lr_scale=1.0, scale=1.0), RANK),
     "Fira": (lro.Fira, {}, dict(residual="fira", limiter=1.01, scale=1.0), RANK),
+    # error feedback: A = G + E refreshes and is projected, E = A − Π(A) (any projector)
+    "LowRankAdamW-ef": (lro.LowRankAdamW, dict(residual="error_feedback", scale=0.5),
+                        dict(residual="error_feedback", scale=0.5), RANK),
 }
 
 def shapes(rank: int) -> list[tuple[int, ...]]:
@@ -137,7 +140,7 @@ def disagreements(a, b, tol):
 def test_fast_path_matches_the_reference(method, projector, on_refresh, dtype):
     keys = dict(update_proj_gap=GAP, projector=projector, on_refresh=on_refresh)
     residual = METHODS[method][2].get("residual", "drop")
-    if residual != "drop" and not lro.projectors.REGISTRY[projector].orthonormal:
+    if lro.updates.REGISTRY[residual].uses_residual and not lro.projectors.REGISTRY[projector].orthonormal:
         with pytest.raises(ValueError, match="orthonormal"):
             fast(method, dtype, keys)
         with pytest.raises(ValueError, match="orthonormal"):

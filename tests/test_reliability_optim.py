@@ -5,14 +5,13 @@ changes, or (``skip``) leaves the run as if the step had not been taken."""
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import PRESET_CASES, batches, lm_loss, make_model, roundtrip, train
+from conftest import PRESET_CASES, batches, lm_loss, make_model, roundtrip, same, train
 
 NAN = float("nan")
 
@@ -29,16 +28,6 @@ def build(cls, kw, **extra):
 def frozen(model, opt):
     """Everything a step could change: the weights, the optimizer's whole state dict, bit for bit."""
     return copy.deepcopy((model.state_dict(), opt.state_dict()))
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def backward(model, tokens, poison=None):

@@ -219,3 +219,11 @@ def test_param_groups_refuses_a_model_without_heads():
     lin = torch.nn.Sequential(torch.nn.Linear(16, 16))
     with pytest.raises(ValueError, match="found no attention projection"):
         lro.param_groups(lin, rank=4, projector="shared_head", head_dim=8)
+
+
+def test_the_optimizer_refuses_a_group_without_heads_when_built():
+    W = torch.nn.Parameter(torch.zeros(HEADS * HEAD_DIM, WIDTH))
+    with pytest.raises(ValueError, match="shared_head needs head_dim"):
+        lro.GaLoreAdamW([{"params": [W], "rank": 4, "projector": "shared_head"}])
+    with pytest.raises(ValueError, match="invalid head_dim=8: .*rank 12 exceeds head_dim 8"):
+        lro.GaLoreAdamW([{"params": [W], "rank": 12, "projector": "shared_head", "head_dim": 8}])

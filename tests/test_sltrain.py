@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import batches, lm_loss, make_model, train, train_and_resume
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_optim as lro
+from lowrank_optim.allocations import Allocations
 from lowrank_optim.models import llama_skeleton, load_config
 from lowrank_optim.nn import SparseLowRankLinear, parse_sltrain, to_sltrain
 
@@ -66,36 +66,20 @@ def test_float32_layer_matches_the_float64_reference():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
 
 
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor any aten op returns (sparse tensors by their stored values)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                n = t.numel() if t.layout == torch.strided else t.values().numel()
-                self.largest = max(self.largest, n)
-        return out
-
-
 def test_backward_forms_no_out_by_in_tensor():
     layer, x = layer_and_input(dtype=torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         y = layer(x)
     grad_y = torch.randn_like(y)
-    with LargestTensor() as seen:
+    with Allocations() as seen:
         y.backward(grad_y)
     full = layer.out_features * layer.in_features
     assert max(saved) < full and seen.largest < full, (max(saved), seen.largest, full)
     # the tracker does see a formed W: a dense linear's backward returns an out×in weight gradient
     dense = nn.Linear(layer.in_features, layer.out_features)
     yd = dense(x)
-    with LargestTensor() as seen_dense:
+    with Allocations() as seen_dense:
         yd.backward(grad_y)
     assert seen_dense.largest == full
 

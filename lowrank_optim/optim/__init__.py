@@ -7,16 +7,18 @@ from .presets import (
     FRUGAL,
     GWT,
     SUMO,
+    DCTAdamW,
     Grass,
     APOLLOMini,
     Fira,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    OnlineSubspaceDescent,
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "COAP", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "OnlineSubspaceDescent", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
 
 # GoLore (projector="golore": the switch to random Stiefel projections); not in lro.PRESETS, it needs switch_step
 from .presets import GoLore  # noqa: E402

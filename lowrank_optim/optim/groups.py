@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import distributed
 from .. import projectors as _projectors
 from .. import rules as _rules
+from .. import updates as _updates
 from ..projectors.base import choose_side
 from . import options
 from .nonfinite import SKIPPED
@@ -173,6 +174,9 @@ def shard_error(group: dict[str, Any], p: Tensor, name: str) -> str | None:
         why = _projectors.REGISTRY[group["projector"]].shard_error(side, group["projector_options"])
         if why:
             parts.append(why)
+        why = _updates.for_group(group).shard_error(group)
+        if why:
+            parts.append(why)
     if not parts:
         return None
     return (f"parameter {name} is an FSDP2 shard, and {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} "
@@ -196,6 +200,8 @@ def warn_fallbacks(opt: "LowRankAdamW", group: dict[str, Any]) -> None:
 
 
 def is_low_rank(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether ``p`` is stepped in a subspace under ``group``'s options."""
-    rank = group["rank"]
-    return rank is not None and p.dim() == 2 and min(p.shape) > rank
+    """Whether ``p`` is stepped in a subspace under ``group``'s options: 2-D, its short side above ``rank``
+    and, with ``max_dim`` (DCTAdamW's 32000: embeddings and heads), its long side below ``max_dim``."""
+    rank, max_dim = group["rank"], group.get("max_dim")
+    return (rank is not None and p.dim() == 2 and min(p.shape) > rank
+            and (max_dim is None or max(p.shape) < max_dim))

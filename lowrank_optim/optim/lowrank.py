@@ -3,7 +3,7 @@
 For a parameter W (m×n) in a group with ``rank`` r < min(m, n), step t does::
 
     if (t − 1) % update_proj_gap == 0:  P ← projector.refreshed(G)       # before the increment
-                                        state ← on_refresh(state)        # keep | reset | rotate
+                                        state ← on_refresh(state)        # keep | reset | rotate | transfer
     R = project(G)                                                       # r×n or m×r
     N = rule(R, state)                  Adam: M̂ / (√V̂ + ε)              # state of R's shape, fp32
     W ← update(W, G, R, N)              drop: (1 − lr·wd)·W − lr·scale·project_back(N)
@@ -94,7 +94,8 @@ class LowRankAdamW(Optimizer):
             scaled by ‖N‖/‖R‖ per channel or per tensor, times √scale, instead of project_back(N).
         limiter: None, or γ ≥ 1: the full-rank term (APOLLO's scaled gradient, a residual) may not
             grow faster than γ per step.
-        on_refresh: what the rule's state does when the subspace changes: ``keep``, ``reset``, ``rotate``.
+        on_refresh: what the rule's state does when the subspace changes: ``keep``, ``reset``, ``rotate``,
+            ``transfer`` (LDAdam, Adam only).
         refresh: ``fixed`` (every update_proj_gap steps) or ``lazy`` (Q-GaLore's per-layer schedule);
             ``stagger`` (True): each weight on its own phase of the gap (False: all together, galore-torch).
         state_bits: 32, or 8 for the rule's state stored as blockwise INT8 (a dynamic code book per

@@ -49,6 +49,7 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     momentum=None,
     nonfinite="raise",
     match_adamw_rms=False,
+    max_dim=None,
 )
 #: What a step does with a gradient that holds inf or NaN (see :mod:`.nonfinite`).
 NONFINITE = ("raise", "skip", "ignore")
@@ -85,6 +86,7 @@ def check_group(group: dict[str, Any], where: str) -> None:
     _check_storage(group, fail)
     for part in (*_rules.REGISTRY.values(), *_updates.REGISTRY.values()):
         part.check(group, fail)
+    _check_projector_options(group, fail)  # last: the group keys it derives options from are checked by now
 
 
 def _check_adam(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
@@ -118,6 +120,10 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
     if group.get("match_adamw_rms", False) not in (True, False):
         fail("match_adamw_rms", "pass True (the low-rank update scaled to AdamW's update RMS, so AdamW's lr "
              "carries over) or False (the preset's scale)")
+    max_dim = group.get("max_dim")
+    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 2):
+        fail("max_dim", "pass None (project every 2-D weight) or an integer >= 2: weights with a dimension of at "
+             "least max_dim are stepped as plain AdamW (DCTAdamW: 32000, the embeddings and output heads)")
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
         fail("update_proj_gap", "the refresh interval must be an integer >= 1 (steps between refreshes)")
@@ -138,6 +144,24 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
     if group["stagger"] not in (True, False):
         fail("stagger", "choose True (each weight renews its subspace on its own phase of the gap) or False "
              "(all together at multiples of the gap, as galore-torch)")
+
+
+def _check_projector_options(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    """Build the group's projector once (no tensors) so that a bad ``projector_options`` entry is refused now, not
+    at the first step."""
+    rank, cls = group.get("rank"), _projectors.REGISTRY[group["projector"]]
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return
+    derived = cls.options_from_group(group)
+    # group keys the projector reads (Grass's selection, the gap as online PCA's lr) are blamed by their names
+    for key, options in ((next(iter(derived), "projector_options"), derived),
+                         ("projector_options", {**derived, **group["projector_options"]})):
+        try:
+            cls(rank, proj_type=group["proj_type"], **options)
+        except TypeError as err:
+            fail(key, f"projector {group['projector']!r} does not take these options: {err}")
+        except ValueError as err:
+            fail(key, f"projector {group['projector']!r} refuses it: {err}")
 
 
 def _check_method(group: dict[str, Any], fail: Callable[[str, str], None]) -> None:
@@ -163,6 +187,10 @@ def _check_method(group: dict[str, Any], fail: Callable[[str, str], None]) -> No
         fail("limiter", "the norm-growth limit must be None (off) or a number >= 1 (APOLLO and Fira use 1.01)")
     if group["rule"] not in _rules.REGISTRY:
         fail("rule", f"choose one of {', '.join(_rules.available())}")
+    if group["on_refresh"] == "transfer" and not type(_rules.get(group["rule"])).transfers():
+        able = [n for n in _rules.available() if type(_rules.get(n)).transfers()]
+        fail("on_refresh", f"rule={group['rule']!r} has no projection-aware transfer (LDAdam's is Adam's); use "
+             f"on_refresh='rotate', or rule= one of {', '.join(able)}")
     momentum = group["momentum"]
     if momentum is not None and (not is_number(momentum) or not 0.0 <= float(momentum) < 1.0):
         fail("momentum", "the momentum (first-moment) coefficient must be in [0, 1), or None for the rule's "

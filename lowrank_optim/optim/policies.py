@@ -2,7 +2,8 @@
 
 * ``on_refresh``: the rule's state when the subspace changes: ``keep`` (GaLore, APOLLO), ``reset``
   (FRUGAL, Grass: ``rule.reset``), ``rotate`` (DCTAdamW, SUMO: ``rule.rotate`` with the change of
-  basis between the old and new subspace; Adam: M ← map(M), V ← |map(V)|);
+  basis between the old and new subspace; Adam: M ← map(M), V ← |map(V)|), ``transfer`` (LDAdam:
+  ``rule.transfer``, Adam's variance carried by the squared change of basis);
 * ``refresh``: ``fixed`` every ``update_proj_gap`` steps, or ``lazy`` (Q-GaLore): a layer whose
   subspace stops moving refreshes less and less often;
 * a ``fixed`` projector (haar) is built at the first step and never refreshed;
@@ -29,7 +30,7 @@ from .. import rules as _rules
 from ..distributed import LOCAL, Split
 from ..projectors import Projector
 
-ON_REFRESH = ("keep", "reset", "rotate")
+ON_REFRESH = ("keep", "reset", "rotate", "transfer")
 REFRESH = ("fixed", "lazy")
 
 # Q-GaLore's lazy refresh: a queue of 5 similarities, doubling the gap when their mean reaches 0.4.
@@ -54,12 +55,23 @@ def change_of_basis(old: Projector, new: Projector, device: torch.device, dtype:
     return a @ b.T
 
 
-def mapping(old: Projector, new: Projector, device: torch.device, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    """The change of basis as a function on tensors shaped like R (see :func:`change_of_basis`)."""
+def mapping(old: Projector, new: Projector, device: torch.device, dtype: torch.dtype,
+            squared: bool = False) -> Callable[[Tensor], Tensor]:
+    """The change of basis as a function on tensors shaped like R (see :func:`change_of_basis`); ``squared``:
+    with the matrix squared element-wise (how LDAdam's ``transfer`` carries a variance)."""
     t = change_of_basis(old, new, device, dtype)
+    t = t * t if squared else t
     if new.side == "left":
         return lambda x: t @ x.to(t.dtype)
     return lambda x: x.to(t.dtype) @ t
+
+
+def lr_ratio(group: dict[str, Any]) -> float:
+    """The weight lr's schedule, lr_t / lr_0 (``initial_lr`` is what torch's schedulers set; 1 without one),
+    which a ``learns_after_use`` projector's own lr follows (Online Subspace Descent's official code)."""
+    start = group.get("initial_lr")
+    start = float(start) if start is not None else float(group["lr"])
+    return float(group["lr"]) / start if start > 0 else 1.0
 
 
 def init(group: dict[str, Any]) -> dict[str, Tensor]:
@@ -75,7 +87,7 @@ def due(state: dict[str, Any], group: dict[str, Any], step: int, proj: Projector
     """Whether ``proj``'s subspace renews at ``step`` (counted before this step's increment)."""
     if proj.refresh_every_step or not proj.initialized:
         return True
-    if proj.fixed:
+    if proj.fixed or proj.learns_after_use:
         return False
     upcoming = state.get("next_refresh")
     if upcoming is None:  # a checkpoint from before the schedule was kept: galore-torch's
@@ -114,13 +126,18 @@ def phases(costs: list[float], gap: int) -> list[int]:
 
 
 def carry(policy: str, rule: _rules.Rule, view: dict[str, Any], old: Projector, new: Projector,
-          split: Split, group: dict[str, Any]) -> None:
-    """Apply ``on_refresh=policy`` to a rule's state view (float tensors) for a change from ``old`` to ``new``."""
+          split: Split, group: dict[str, Any], steps: int = 0) -> None:
+    """Apply ``on_refresh=policy`` to a rule's state view (float tensors) for a change from ``old`` to ``new``
+    (``steps``: the updates the state has seen, which ``transfer``'s bias correction reads)."""
     if policy == "reset":
         rule.reset(view)
-    elif policy == "rotate":
+    elif policy in ("rotate", "transfer"):
         like = next(v for k, v in view.items() if k in rule.keys and isinstance(v, Tensor))
-        rule.rotate(view, mapping(old, new, like.device, like.dtype), split, group)
+        if policy == "rotate":
+            rule.rotate(view, mapping(old, new, like.device, like.dtype), split, group)
+        else:
+            rule.transfer(view, mapping(old, new, like.device, like.dtype),
+                          mapping(old, new, like.device, like.dtype, squared=True), steps, split, group)
 
 
 def after_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, Any], view: dict[str, Any],
@@ -129,7 +146,7 @@ def after_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, Any
     (``view``: this rank's pieces of ``state``, as stored) by ``on_refresh``, and record the lazy schedule."""
     if group["on_refresh"] != "keep":
         floats = _rules.base.load(rule, view)
-        carry(group["on_refresh"], rule, floats, old, new, split, group)
+        carry(group["on_refresh"], rule, floats, old, new, split, group, _rules.base.steps(state))
         _rules.base.store(rule, view, floats)
         if group["on_refresh"] == "reset":
             state["reset_step"] = state["step"].clone()  # the rule's state starts again: steps() restarts

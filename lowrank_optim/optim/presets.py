@@ -282,3 +282,57 @@ class GoLore(GaLoreAdamW):
             if group.get("rank") is not None and group.get("projector") == "golore" and "switch_step" not in opts:
                 raise ValueError("GoLore needs projector_options={'switch_step': int(rand_ratio * total_steps)} "
                                  "(rand_ratio 0.8 in the paper): the step from which it projects at random")
+
+
+class OnlineSubspaceDescent(LowRankAdamW):
+    """Online Subspace Descent: Adam in a subspace that an optimizer of its own moves every step, no SVD
+    after the first (Liang et al. 2024, "Memory-Efficient LLM Training with Online Subspace Descent",
+    arXiv:2408.12857; official code kyleliang919/Online-Subspace-Descent, ``--proj_type continuous``).
+
+    GaLore's step (Adam on R = project(G), the update scale · project_back(N), the residual dropped, moments
+    kept) with ``projector="online_pca"``: P starts from the first gradient's SVD, and once each step has
+    used it, takes one step of ``pca_optimizer`` (AdamW, lr 1/``update_proj_gap`` following the weight lr's
+    schedule, weight decay 0.01: the official default) on the PCA loss ‖Ĝ PᵀP − Ĝ‖², Ĝ = G/‖G‖
+    (``lro.projectors.online_pca``). ``projector_options={"pca_optimizer": "adam8bit"}`` is the official
+    7B recipe's P optimizer (also ``lion``, ``adafactor``, ``sgd``).
+
+    Settings of the official LLaMA scripts (GaLore's): lr 0.01, scale 0.25, gap 200 (so P's lr is 0.005),
+    rank 128 for 60M; 7B: rank 1024, gap 500, lr 0.005, 8-bit Adam for the weights and ``adam8bit`` for P.
+    Departures from the official code (P and its optimizer state in float32, canonical singular-vector
+    signs) are listed in ``lro.projectors.online_pca``; as for every preset, ε sits on √V̂ and weight decay
+    is taken from the weights before the update (the official GaLore AdamW: ε on √V, decay after it).
+    """
+
+    preset = {"projector": "online_pca", "scale": 0.25, "update_proj_gap": 200}
+
+
+class DCTAdamW(LowRankAdamW):
+    """DCT-AdamW: Adam on r columns of a fixed DCT basis chosen by the gradient, with error feedback
+    (Modoranu et al. 2025, "SVD-free low-rank adaptive gradient optimization for large language models",
+    arXiv:2505.17967; official code: ``ista_daslab_optimizers.DCTAdamW``, IST-DASLab/ISTA-DASLab-Optimizers).
+
+    Each step (``update_proj_gap=1``, the official default) the r basis vectors most aligned with
+    A = G + E are chosen from the official default basis (``dct_variant="matmul"``, a group key here, which
+    ``projector_options={"dct_variant": ...}`` overrides: the DCT-III vectors, scored by the ℓ1 norms of the
+    columns of A·Dᵀ; ``"makhoul"``: the DCT-II vectors by FFT, ``lro.projectors.dct``); Adam runs on R = project(A),
+    the update is lr·project_back(N) (scale 1: the official code has none), and what the subspace drops,
+    E ← A − project_back(R), is fed back into the next gradient (``residual="error_feedback"``,
+    ``ef_bits`` 32, 8 or 4: ``lro.updates.error_feedback``). The moments are kept in their slots across
+    refreshes (the official ``rotate_subspace=False``); ``on_refresh="rotate"`` maps them into the new
+    basis (its ``rotate_subspace=True``: M ← M·Rot, V ← |V·Rot|). Weights with a dimension of 32000 or
+    more (embeddings, output heads) are stepped by AdamW (``max_dim``, its ``max_shape``). The state per
+    m×n weight is Adam's two moments of R, r int64 indices and E (m·n floats, or 1 or 0.5 bytes each).
+
+    Departures from the official code: error feedback is on by default (the method of the paper; the
+    official constructor's ``use_ef`` defaults to False); the refresh schedule is the package's (at the
+    first step, then every ``update_proj_gap`` steps; the official one refreshes at steps 1 and the
+    multiples of the gap, the same at its default gap of 1); the indices are sorted ascending and each
+    layer size has its own basis (``lro.projectors.dct``); the moments and an unquantized E are float32
+    (the official ones take the weight's dtype); its ``q_ef=8`` quantizer has 15 levels, ours 256
+    (``lro.updates.error_feedback``); its ``ell_norm`` other than 1 and its Hadamard and random-QR bases
+    are not offered. As for every preset, weight decay is taken from the weights before the update,
+    which is also what the official code does.
+    """
+
+    preset = {"projector": "dct", "dct_variant": "matmul", "residual": "error_feedback", "scale": 1.0,
+              "update_proj_gap": 1, "max_dim": 32000}

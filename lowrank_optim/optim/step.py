@@ -7,10 +7,12 @@
   own AdamW for Adam), then the projected ones in chunks (:func:`step_low_rank`)::
 
       carry     the rule's state into a new subspace        keep | reset | rotate  (policies.carry)
+      G         = update.prepare(G)                         G itself; error feedback: G + E (the refresh sees it too)
       R         = projector.project(G)                      summed over the ranks where P is split
       N         = rule.directions([R], [state], splits)     fused kernels for INT8 storage where the rule has one
       update    .apply(W, G, R, N, state)                   drop | sign | sgd | fira | channel | tensor
       write     back: the weight, its FSDP2 piece, an INT8 weight, stochastic rounding into bf16
+      learn     a projector that learns after use (online_pca) moves its basis from G (``learned``)
 
 The seam is ``comm`` (:mod:`lowrank_optim.distributed`), chosen once per parameter: on one process every
 sum and gather is the identity.
@@ -116,16 +118,20 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
     step = int(state["step"]) if "step" in state else 0
     # The first step starts from a fresh projector, whatever init_state() put there.
     proj = opt._projector(p, group) if step else opt._new_projector(group, p)
-    if policies.due(state, group, step, proj):
-        moment = _state.first_moment(_rules.get(group["rule"]), state) if proj.reads_moment else None
-        try:
-            item.previous, proj = proj, proj.refreshed(item.grad, moment)
-        except NonFiniteGradientError as err:
-            raise NonFiniteGradientError(
-                f"{type(opt).__name__}: parameter {opt._label(group, i)} has a non-finite gradient at a subspace "
-                f"refresh (step {step}): {err}. Weights and optimizer state are unchanged; skip this step "
-                "(torch.amp.GradScaler does) or lower the learning rate."
-            ) from None
+    try:
+        if policies.due(state, group, step, proj):
+            moment = _state.first_moment(_rules.get(group["rule"]), state) if proj.reads_moment else None
+            # the gradient the update feeds the projector (error feedback: G + E), built again in _begin
+            grad = _updates.for_group(group).prepare(item.grad, state, group)
+            item.previous, proj = proj, proj.refreshed(grad, moment)
+        elif proj.learns_after_use and not item.comm.all_finite(item.grad):  # it learns from G after the step
+            raise NonFiniteGradientError("non-finite values (inf or NaN) in the gradient the subspace learns from")
+    except NonFiniteGradientError as err:
+        raise NonFiniteGradientError(
+            f"{type(opt).__name__}: parameter {opt._label(group, i)} has a non-finite gradient at a subspace "
+            f"refresh (step {step}): {err}. Weights and optimizer state are unchanged; skip this step "
+            "(torch.amp.GradScaler does) or lower the learning rate."
+        ) from None
     item.projector = proj
 
 
@@ -230,6 +236,8 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
     if it.previous is not None:
         _commit_refresh(group, rule, state, it, shape)
         opt._set_projector(p, proj)
+    if not it.projected:  # a sparse backward's R: its updates read no full gradient (lro.sparse_grad refuses them)
+        it.grad = update.prepare(it.grad, state, group)  # from here on the update's gradient (G + E for error feedback)
     low = (it.grad if it.projected else proj.project(it.grad)).to(_state.state_dtype(p.dtype))
     split = it.comm.split(proj.side, shape)
     if split.axis is not None and proj.side == "left":
@@ -237,6 +245,7 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
     piece = split.take(low) if split.whole_value is not None else low  # the right side's R is this rank's rows
     if "step" not in state:
         state.update(_state.fresh(rule, update, group, piece, split, shape))
+        state.update(update.init_rows(it.grad, it.comm, group))
         state.update(policies.init(group))
     if it.previous is not None:
         policies.schedule(state, group, int(state["step"]), _refresh_phase(opt, p, group))
@@ -277,6 +286,8 @@ def _finish(opt: "LowRankAdamW", group: dict[str, Any], update: _updates.Update,
     update.apply(ctx)
     if write is not None:
         write()
+    if it.projector.learns_after_use and it.previous is None:  # not the step that built it
+        opt._set_projector(it.param, it.projector.learned(it.grad, policies.lr_ratio(group)))
 
 
 def placeholder(opt: "LowRankAdamW", group: dict[str, Any], p: Tensor) -> dict[str, Any]:
@@ -294,7 +305,9 @@ def placeholder(opt: "LowRankAdamW", group: dict[str, Any], p: Tensor) -> dict[s
     like = split.take(torch.empty(low_shape, device="meta"))
     like = torch.empty(like.shape, dtype=_state.state_dtype(p.dtype), device=piece.device)
     out = {"projector": proj.export_state()}
-    out.update(_state.fresh(_rules.get(group["rule"]), _updates.for_group(group), group, like, split, low_shape))
+    update = _updates.for_group(group)
+    out.update(_state.fresh(_rules.get(group["rule"]), update, group, like, split, low_shape))
+    out.update(update.init_rows(torch.empty(piece.shape, dtype=p.dtype, device=piece.device), comm, group))
     out.update(policies.init(group))
     opt._cache().setdefault("projectors", {})[id(p)] = (proj, out["projector"])
     return out

@@ -114,6 +114,10 @@ class Projector(abc.ABC):
     #: shaped like R in the old subspace's coordinates; None at the first refresh or for a rule without one).
     #: It is read only: under float storage it is the rule's own tensor.
     reads_moment: ClassVar[bool] = False
+    #: True for projectors that learn their basis *after* a step has used it (Online Subspace Descent): the
+    #: optimizer builds the subspace with :meth:`refreshed` at the first step only, and after every later
+    #: step has applied its update it replaces the projector by :meth:`learned` from that step's gradient.
+    learns_after_use: ClassVar[bool] = False
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
         """``seed`` is where projectors that draw random matrices start (``random``, ``rsvd``): the
@@ -259,6 +263,11 @@ class Projector(abc.ABC):
         new._state = dict(self._state)
         new.update(grad, moment)
         return new
+
+    def learned(self, grad: Tensor, lr_ratio: float = 1.0) -> "Projector":
+        """For ``learns_after_use`` projectors: a new one moved by ``grad``, the gradient this one was just
+        used on (``lr_ratio``: the weight lr's schedule, lr_t / lr_0); ``self`` is left untouched."""
+        raise TypeError(f"projector {self.name!r} does not learn after use (learns_after_use is False)")
 
     @classmethod
     def options_from_group(cls, group: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ one optimizer follow one Adam.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from .. import kernels
+from ..distributed import Split
 from ..quant.storage import Int8Storage
 from .base import Rule, register, steps
 
@@ -135,6 +136,24 @@ class Adam(Rule):
         beta1, beta2 = group["betas"]
         return adam_direction(list(lows), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                               [steps(s) for s in states], beta1, beta2, group["eps"])
+
+    def transfer(self, state: dict[str, Any], mapping: Callable[[Tensor], Tensor], squared: Callable[[Tensor], Tensor],
+                 steps: int, split: Split, group: dict[str, Any]) -> None:
+        """LDAdam's projection-aware transfer (Robert et al. 2025, arXiv:2410.16103; IST-DASLab/LDAdam ``ldadamw.py``):
+        with T the change of basis, k = ``steps``, c₁ = 1 − β₁ᵏ, c₂ = 1 − β₂ᵏ,
+
+            M ← T(M),   V ← c₂ · | T∘T (V/c₂ − M_old²/c₁²) + M²/c₁² |,
+
+        i.e. the bias-corrected variance V̂ − M̂² is carried by the element-wise squared change of basis (as the
+        variance of independent coordinates is), and the new mean's square added back. Element-wise along the
+        unsplit rank axis, so it runs on FSDP2 pieces as it is."""
+        beta1, beta2 = group["betas"]
+        c1, c2 = 1 - beta1**steps, 1 - beta2**steps
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        new_m = mapping(m)
+        variance = squared(v / c2 - m * m / c1**2)
+        state["exp_avg_sq"] = (c2 * (variance + new_m * new_m / c1**2)).abs_().to(v.dtype)
+        state["exp_avg"] = new_m.to(m.dtype)
 
     def step_whole(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
                    group: dict[str, Any]) -> None:

@@ -118,6 +118,18 @@ class Rule:
                 y = mapping(x)
                 state[key] = (y.abs_() if key in self.nonnegative else y).to(x.dtype)
 
+    def transfer(self, state: dict[str, Any], mapping: Callable[[Tensor], Tensor], squared: Callable[[Tensor], Tensor],
+                 steps: int, split: Split, group: dict[str, Any]) -> None:
+        """``on_refresh="transfer"`` (LDAdam): carry the state into a new basis accounting for what the change of
+        basis does to its statistics; ``squared`` is the map with the change of basis squared element-wise,
+        ``steps`` the updates the state has seen. Rules that define it override it (:meth:`transfers`)."""
+        raise TypeError(f"rule {self.name!r} has no projection-aware transfer (on_refresh='transfer')")
+
+    @classmethod
+    def transfers(cls) -> bool:
+        """Whether this rule defines :meth:`transfer`."""
+        return cls.transfer is not Rule.transfer
+
     def step_whole(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
                    group: dict[str, Any]) -> None:
         """Step whole parameters in place (for rules with ``steps_whole``)."""

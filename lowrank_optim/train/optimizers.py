@@ -109,6 +109,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gwt": {**_LOW_RANK, "lr": 1e-2, "scale": 0.25},
     # Grass: GaLore's settings, which its pretraining runs share (lr 0.01, scale 0.25, gap 200)
     "grass": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
+    # Online Subspace Descent: GaLore's settings, as its official scripts (gap 200: P's lr is 1/200)
+    "osd": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
+    # DCT-AdamW: the official default refresh (every step) and scale 1, with GaLore's lr
+    "dct_adamw": {**_LOW_RANK, "lr": 1e-2, "update_proj_gap": 1},
     # any preset without an entry of its own
     "*": {**_LOW_RANK, "lr": 1e-2},
 }

@@ -141,6 +141,20 @@ class Update:
     def check(self, group: dict[str, Any], fail: Any) -> None:
         """Validate its own group keys; ``fail(key, why)`` raises."""
 
+    # Updates that keep a buffer shaped like the weight (error feedback) override the three below.
+    def prepare(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """The gradient the projector refreshes from and projects, and that ``apply`` sees as ``ctx.grad``:
+        G itself by default (error feedback: G + E). Reads the state, writes nothing (the plan may still fail)."""
+        return grad
+
+    def init_rows(self, rows: Tensor, comm: Local | RowShard, group: dict[str, Any]) -> dict[str, Any]:
+        """Its state shaped like this rank's rows of G (``rows`` is like them), wrapped for shards; none by default."""
+        return {}
+
+    def shard_error(self, group: dict[str, Any]) -> str | None:
+        """Why these options cannot serve an FSDP2 row shard (None: they can)."""
+        return None
+
     def apply(self, ctx: Context) -> None:
         """Write the step into ``ctx.weight``."""
         raise TypeError(f"update {self.name!r} defines no apply(ctx)")

@@ -1,0 +1,151 @@
+"""Error feedback: what the subspace drops this step is added to the next step's gradient.
+
+DCT-AdamW (Modoranu et al. 2025, arXiv:2505.17967, ``ista_daslab_optimizers.DCTAdamW(use_ef=True)``)
+and LDAdam (Robert et al., ICLR 2025) keep a buffer E shaped like the weight, zero at the start::
+
+    A = G + E                          prepare(): the projector refreshes from A and projects A
+    R = project(A);  N = rule(R)
+    E ← A − Π(A)                       what the step cannot apply, carried to the next step
+    W ← (1 − lr·wd)·W − lr·scale·project_back(N)              as ``residual="drop"``
+
+Π is the orthogonal projection onto the subspace. For a projector with an orthonormal basis
+(``orthonormal_with`` its options: svd, rsvd, dct, sparse top-r, haar, online_pca) Π(A) = project_back(R):
+the paper's E ← A − QQᵀA, the official code's ``E = A − from_lower_to_higher(a)``. For one without
+(``random``'s Gaussian, ``coap`` between re-SVDs, Grass's sampled rows) project_back(R) is no projection:
+with a Gaussian r×n Q, QᵀQ has eigenvalues near n/r on its range, so A − QᵀQA would grow E by about n/r per
+step. There Π(A) = project_back(Γ⁺R) (left, Γ = PᵀP) or project_back(RΓ⁺) (right, Γ = QQᵀ): one r×r Gram
+matrix and pseudo-inverse (r²·d + O(r³) beside the step's m·n·r), and ‖E‖ ≤ ‖A‖. (A basis that is nearly
+orthonormal, online_pca's between SVDs or an INT4-stored one, keeps the direct form: its QᵀQ has eigenvalues
+near 1, so E stays bounded.) lr, scale and weight decay never touch E: it is in gradient
+units, as in the official code.
+
+The buffer is kept, per ``ef_bits``, in float32 (float64 for float64 weights), or through the package's
+storages (:mod:`lowrank_optim.quant.storage`): 8, blockwise INT8 (uint8 codes and a float32 absmax per
+block of 256, the signed dynamic code book of the 8-bit moments); 4, INT4 (min–max codes packed two per
+byte, float32 scale and zero point per group of 256, rounded to nearest). It is dequantized when added
+(A = G + deq(E)) and requantized after the update, as MicroAdam's Algorithm 1 (steps 4 and 8) and the
+official ``q_ef`` do.
+
+Departures from the official code: its ``q_ef=8`` quantizer spends 15 levels (it divides the range by 15,
+as its 4-bit one), so it is 4-bit precision in 8-bit storage; we spend all 256 codes. Its buckets are one
+row of W, ours 256 elements (both min–max and round-to-nearest for 4 bits), which keeps the error bounded
+on rows of any width. Its unquantized E is in the weight's dtype (bf16 for a bf16 model), ours float32.
+
+Under ``nonfinite="ignore"`` a non-finite entry of A reaches the moments and the weight, as ``ignore`` says, but
+is stored in E as 0 (otherwise every later refresh would see a non-finite gradient). On FSDP2 row shards E is
+this rank's rows of G (a DTensor ``Shard(0)`` in the state, its INT8 absmax
+padded to the largest piece); nothing is gathered. INT4 buffers are not built for shards (their packed
+layout does not follow rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import Local, RowShard, local
+from ..quant.storage import FLOAT, INT4, INT8, Storage, largest_piece_blocks, storage_of
+from .base import Context, Update, register
+
+#: ``ef_bits`` values and the storage each keeps E in.
+EF_STORAGES: dict[int, Storage] = {32: FLOAT, 8: INT8, 4: INT4}
+
+
+@register
+class ErrorFeedback(Update):
+    """E ← A − Π(A) with A = G + E (module docstring); the weight's step is ``drop``'s."""
+
+    name = "error_feedback"
+    #: The buffer's state key (INT8 adds ``ef_absmax``; INT4 keeps ``ef_packed``, ``ef_scale``, ...).
+    key = "ef"
+    defaults = {"ef_bits": 32}
+
+    def check(self, group: dict[str, Any], fail: Any) -> None:
+        bits = group.get("ef_bits", 32)
+        if isinstance(bits, bool) or bits not in EF_STORAGES:
+            fail("ef_bits", "the error-feedback buffer is kept in 32 (float32), 8 (blockwise INT8) or 4 (INT4) bits")
+        if group.get("residual") == self.name and group.get("scaling") is not None:
+            fail("scaling", "scaling replaces project_back(N) by the scaled raw gradient, which error feedback "
+                 "would not see; use scaling=None with residual='error_feedback'")
+
+    def shard_error(self, group: dict[str, Any]) -> str | None:
+        if group.get("ef_bits") == 4:
+            return "ef_bits=4 (the INT4 buffer's packed layout does not follow the rows; use ef_bits=8 or 32)"
+        return None
+
+    def init_rows(self, rows: Tensor, comm: Local | RowShard, group: dict[str, Any]) -> dict[str, Any]:
+        """A zero E like ``rows`` (this rank's rows of G; float32, float64 for float64) in ``ef_bits``'s storage."""
+        bits = group["ef_bits"]
+        storage = EF_STORAGES[bits]
+        dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        zero = torch.zeros(rows.shape, dtype=dtype, device=rows.device)
+        blocks = largest_piece_blocks(comm.shape, 0, comm.world) if bits == 8 and not comm.whole else None
+        entries = storage.zeros(self.key, zero, signed=True, blocks=blocks)
+        if comm.whole:
+            return entries
+        out = {self.key: comm.wrap(entries[self.key], 0, comm.shape[0])}
+        if storage is INT8:
+            out[f"{self.key}_absmax"] = comm.wrap(entries[f"{self.key}_absmax"], 0, comm.world * blocks)
+        return out
+
+    def buffer(self, state: dict[str, Any]) -> Tensor | None:
+        """E as a float tensor (this rank's rows), or None where the state keeps none yet."""
+        view = {k: local(v) for k, v in state.items() if k != "projector"}
+        try:
+            storage = storage_of(view, self.key)
+        except KeyError:
+            return None
+        return storage.load(view, self.key, signed=True)
+
+    def prepare(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """A = G + E, a new tensor (E's dtype at least); G itself before the first step."""
+        e = self.buffer(state)
+        if e is None:
+            return grad
+        if e.shape != grad.shape:
+            raise ValueError(f"error-feedback buffer 'ef' has shape {tuple(e.shape)} but the gradient is "
+                             f"{tuple(grad.shape)}; the state was saved for another parameter or layout")
+        return torch.add(e, grad.to(e.dtype)) if grad.dtype != e.dtype else grad + e
+
+    def apply(self, ctx: Context) -> None:
+        coords = ctx.low if self.orthonormal(ctx) else self.coordinates(ctx)
+        rest = ctx.projector.residual(ctx.grad, coords)  # A − Π(A): ctx.grad is A (prepare)
+        ctx.apply_back(ctx.direction, -ctx.lr * ctx.scale, ctx.decay)
+        # only under nonfinite="ignore" can A hold inf or NaN: it reaches N and W as ignore says, but E keeps 0
+        # there, or every later refresh would see a non-finite gradient (and INT8/INT4 could not store it)
+        self.store(ctx.state, torch.nan_to_num_(rest, nan=0.0, posinf=0.0, neginf=0.0))
+
+    @staticmethod
+    def orthonormal(ctx: Context) -> bool:
+        """Whether the projector, built with this group's options, has an orthonormal basis (Γ = I)."""
+        cls = type(ctx.projector)
+        return cls.orthonormal_with({**cls.options_from_group(ctx.group), **ctx.group["projector_options"]})
+
+    @staticmethod
+    def coordinates(ctx: Context) -> Tensor:
+        """Γ⁺R (left) or RΓ⁺ (right), Γ the basis' Gram matrix: project_back of it is Π(A) for any basis, in
+        float32 at least. The pseudo-inverse (eigh of the r×r Γ): a basis of repeated rows (Grass's sampling with
+        replacement draws an index twice) has a singular Γ, and Bᵀ Γ⁺ B is still the projection onto its span."""
+        low = ctx.low
+        b = ctx.projector.local_basis(low.device, torch.float64 if low.dtype == torch.float64 else torch.float32)
+        if ctx.side == "left":
+            gram = b.t() @ b
+            gram = gram if ctx.comm.whole else ctx.comm.all_reduce_(gram, "norms")
+            return (torch.linalg.pinv(gram, hermitian=True) @ low.to(gram.dtype)).to(low.dtype)
+        gram = b @ b.t()
+        return (low.to(gram.dtype) @ torch.linalg.pinv(gram, hermitian=True)).to(low.dtype)
+
+    def store(self, state: dict[str, Any], value: Tensor) -> None:
+        """Write E into its entries in place (on shards they are views of DTensors)."""
+        view = {k: local(v) for k, v in state.items() if k != "projector"}
+        storage = storage_of(view, self.key)
+        if storage is FLOAT:
+            view[self.key].copy_(value)
+            return
+        fresh = dict(view)
+        storage.store(fresh, self.key, value.contiguous(), signed=True)
+        for k in storage.keys(self.key):
+            if isinstance(view.get(k), Tensor) and fresh[k] is not view[k]:
+                view[k].copy_(fresh[k])
