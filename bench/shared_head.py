@@ -40,7 +40,9 @@ def cases(ranks: list[int], head_dim: int) -> list[tuple[str, int, dict]]:
 def attention_gradients(config: str, checkpoint: str | None, batch: int) -> tuple[dict[str, torch.Tensor], int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowrank_optim.train.data import stdlib_corpus  # the byte-level standard-library corpus
+    from lowrank_optim.train.data import (
+        stdlib_corpus,  # the byte-level standard-library corpus
+    )
 
     cfg = LlamaConfig(**json.loads(Path(config).read_text()))
     torch.manual_seed(0)

@@ -82,7 +82,8 @@ def param_groups(
         groups.append({"params": plain, "rank": None})
     if free:
         groups.append({"params": free, "rank": None, "weight_decay": 0.0})
-    from .projectors import split_head_groups  # projector="shared_head": attention by head axis, the rest svd
+    # projector="shared_head" (GaLore+): attention weights by head axis, the rest svd
+    from .projectors import split_head_groups
 
     return split_head_groups(model, groups)
 

@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
+from conftest import batches, decaying_matrix, make_model, train_and_resume
 
 import lowrank_optim as lro
-from conftest import batches, decaying_matrix, make_model, train_and_resume
 from lowrank_optim.projectors import SharedHeadProjector
 
 HEAD_DIM, HEADS, WIDTH = 8, 4, 24
@@ -24,7 +24,7 @@ def canonical(v: torch.Tensor) -> torch.Tensor:
 def reference_basis(block: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """The top-r singular vectors of one head's block by LAPACK's SVD, on the side the heads share:
     Q = Vᵀ[:r] (r×n) for row heads, P = U[:, :r] (m×r) for column heads, signs fixed by the right vectors."""
-    u, s, vh = torch.linalg.svd(block, full_matrices=False)
+    _, s, vh = torch.linalg.svd(block, full_matrices=False)
     v = canonical(vh[:rank].T)
     if side == "right":
         return v.T
