@@ -30,7 +30,9 @@ subspace argument above does not prefer a head, and a fixed one costs nothing.
 Departures from the paper, stated: (1) the *sparsely coded residual* (a sparse correction of the low-rank
 error on the moments and updates, with a warm-up that builds its index) is left out: it is not a projector
 (it keeps extra optimizer state beside the moments) and its exact formulation was not available to
-restate; (2) which head the paper takes is not known to us (see above). On FSDP2 row shards the refresh
+restate; (2) which head the paper takes is not known to us (see above); (3) the weights outside attention
+keep GaLore's ``svd`` by default, while the abstract says randomized subspace iteration serves for fast SVD
+in general: ``other_projector="rsvd"`` is that reading. On FSDP2 row shards the refresh
 is exact (the chosen block's Gram matrix, all-reduced, and ``eigh``), not randomized, as ``rsvd``'s on
 shards. The number of heads reaches the projector as ``head_dim`` (the same for
 q/k/v/o, also under grouped-query attention) and ``head_axis``, group keys that :func:`lro.param_groups`
