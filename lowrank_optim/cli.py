@@ -276,7 +276,7 @@ def _list() -> int:
     import shutil
     import textwrap
 
-    from . import PRESETS, projectors
+    from . import PRESETS, GoLore, projectors
 
     width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
     rows: list[tuple[str, list[tuple[str, str]]]] = [("baselines (pretrain, compare and memory --optimizer):", [
@@ -285,12 +285,14 @@ def _list() -> int:
         ("muon", "torch.optim.Muon on the hidden 2-D weights, torch.optim.AdamW on the rest"),
     ])]
     presets = []
-    for key, cls in PRESETS.items():
+    # golore is not in PRESETS (it needs the run's length for its switch), but pretrain and compare take it
+    for key, cls in [*PRESETS.items(), ("golore", GoLore)]:
         own = cls.preset or cls.base_defaults
         sets = ", ".join(f"{k}={v!r}" for k, v in own.items())
         rank = getattr(cls, "default_rank", None)
-        presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}"
-                        + (f"; rank {rank} when a group asks for one without a number." if rank else ".")))
+        tail = (f"; rank {rank} when a group asks for one without a number." if rank else
+                "; switch_step at rand_ratio (0.8) of --max-steps." if cls is GoLore else ".")
+        presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}{tail}"))
     rows.append(("optimizers (lowrank_optim.<Class>; lowrank-optim pretrain/compare --optimizer <name>):", presets))
     rows.append(("model reparameterizations (lowrank_optim.nn; pretrain and memory --sltrain RANK:DENSITY[:ALPHA]):", [
         ("sltrain", "SLTrain (Han et al. 2024): attention and MLP weights as (alpha/r) B A + S, S a fixed random sparse "
