@@ -34,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a baseline (adamw, adafactor, muon) or a preset: galore, apollo, apollo_mini, frugal, fira, lowrank, ...")
     mem.add_argument("--rank", type=int, default=None,
                      help="rank of the projected weights (default: the preset's, hidden size / 4; apollo_mini 1)")
-    mem.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
+    mem.add_argument("--projector", default=None, help="override the preset's projector (any name of `lowrank-optim list`: svd, rsvd, dct, random, sparse, ...)")
     mem.add_argument("--weights", choices=["bf16", "fp32", "int8"], default="bf16",
                      help="weight dtype (gradients bf16 for int8: the projected linear weights stored as INT8, Q-GaLore)")
     mem.add_argument("--state-bits", type=int, choices=[32, 8], default=None,
@@ -100,7 +100,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay (default 0)")
     pre.add_argument("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes (default 200)")
     pre.add_argument("--scale", type=float, default=None, help="the low-rank update's scale (default: the preset's)")
-    pre.add_argument("--projector", default=None, help="override the preset's projector (svd, rsvd, dct, random, sparse, online_pca)")
+    pre.add_argument("--projector", default=None, help="override the preset's projector (any name of `lowrank-optim list`: svd, rsvd, dct, random, sparse, ...)")
     _add_training_flags(pre)
     pre.add_argument("--layer-sampling", choices=["lisa", "owl"], default=None,
                      help="train a few sampled decoder layers at a time (lro.LayerSampler): lisa uniformly, owl (OwLore) "
@@ -276,7 +276,7 @@ def _list() -> int:
     import shutil
     import textwrap
 
-    from . import PRESETS, projectors
+    from . import PRESETS, GoLore, projectors
 
     width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
     rows: list[tuple[str, list[tuple[str, str]]]] = [("baselines (pretrain, compare and memory --optimizer):", [
@@ -285,12 +285,14 @@ def _list() -> int:
         ("muon", "torch.optim.Muon on the hidden 2-D weights, torch.optim.AdamW on the rest"),
     ])]
     presets = []
-    for key, cls in PRESETS.items():
+    # golore is not in PRESETS (it needs the run's length for its switch), but pretrain and compare take it
+    for key, cls in [*PRESETS.items(), ("golore", GoLore)]:
         own = cls.preset or cls.base_defaults
         sets = ", ".join(f"{k}={v!r}" for k, v in own.items())
         rank = getattr(cls, "default_rank", None)
-        presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}"
-                        + (f"; rank {rank} when a group asks for one without a number." if rank else ".")))
+        tail = (f"; rank {rank} when a group asks for one without a number." if rank else
+                "; switch_step at rand_ratio (0.8) of --max-steps." if cls is GoLore else ".")
+        presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}{tail}"))
     rows.append(("optimizers (lowrank_optim.<Class>; lowrank-optim pretrain/compare --optimizer <name>):", presets))
     rows.append(("model reparameterizations (lowrank_optim.nn; pretrain and memory --sltrain RANK:DENSITY[:ALPHA]):", [
         ("sltrain", "SLTrain (Han et al. 2024): attention and MLP weights as (alpha/r) B A + S, S a fixed random sparse "

@@ -60,6 +60,10 @@ def param_groups(
     Trainer's own names). Neither plain group projects anything, whatever ``rank`` the optimizer's
     constructor is given (they carry ``rank=None``). Parameters are given as ``(name, tensor)``
     pairs so that the optimizer's warnings and errors name them. Empty groups are left out.
+
+    With ``projector="shared_head"`` (GaLore+) the low-rank group is cut in three: q/k/v_proj and o_proj
+    with ``head_dim`` (from the config, or given) and their ``head_axis``, the other weights with
+    ``other_projector`` (default ``svd``); see :func:`lowrank_optim.projectors.split_head_groups`.
     """
     chosen = _low_rank_weights(model, target_modules)
     exempt = _no_decay_rule(no_decay)
@@ -78,7 +82,10 @@ def param_groups(
         groups.append({"params": plain, "rank": None})
     if free:
         groups.append({"params": free, "rank": None, "weight_decay": 0.0})
-    return groups
+    # projector="shared_head" (GaLore+): attention weights by head axis, the rest svd
+    from .projectors import split_head_groups
+
+    return split_head_groups(model, groups)
 
 
 def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> set[int]:

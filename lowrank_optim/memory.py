@@ -131,6 +131,21 @@ def _meta_groups(groups: list[dict[str, Any]], dtype: torch.dtype | None) -> lis
     return out
 
 
+def _golore_before_its_switch() -> type:
+    """GoLore with its switch beyond any run: the state it keeps until the switch is GaLore's, the larger (after
+    it, a seed replaces each basis)."""
+    from .optim import GoLore
+
+    class GoLoreBeforeItsSwitch(GoLore):
+        def __init__(self, params: Any, **kwargs: Any) -> None:
+            groups = [g if not isinstance(g, dict) else
+                      {**g, "projector_options": {"switch_step": 10**9, **(g.get("projector_options") or {})}}
+                      for g in params]
+            super().__init__(groups, **kwargs)
+
+    return GoLoreBeforeItsSwitch
+
+
 def _resolve_optimizer(optimizer: str | type) -> tuple[str, type | None]:
     from . import PRESETS
 
@@ -138,6 +153,8 @@ def _resolve_optimizer(optimizer: str | type) -> tuple[str, type | None]:
         return optimizer.__name__, optimizer
     if optimizer in BASELINES:
         return optimizer, None
+    if optimizer == "golore":
+        return optimizer, _golore_before_its_switch()
     if optimizer not in PRESETS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose {', '.join(BASELINES)} or one of {', '.join(PRESETS)}")
     return optimizer, PRESETS[optimizer]

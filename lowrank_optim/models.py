@@ -78,4 +78,5 @@ def llama_skeleton(config: str | Path | dict[str, Any], *, device: str | torch.d
             root.lm_head.weight = model.embed_tokens.weight
         else:
             root.lm_head = nn.Linear(h, vocab, bias=False, dtype=dtype)
+    root.config = cfg  # as a model's config: the head width (shared_head) and width-dependent defaults read it
     return root

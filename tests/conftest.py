@@ -133,6 +133,13 @@ def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=tor
 
 
 
+def projector_keys(name: str) -> dict:
+    """The group keys a registry-wide test gives projector ``name``: the name, and ``head_dim=8`` for one that
+    splits attention heads (``shared_head``: the test weights' head axes, 16, 24 and 32, split into 8-wide heads)."""
+    cls = lro.projectors.REGISTRY[name]
+    return {"projector": name, **({"head_dim": 8} if getattr(cls, "splits_heads", False) else {})}
+
+
 # Every preset with its defaults, and GaLore with every other projector: (id, class, group keys).
 PRESET_CASES = [
     ("galore", lro.GaLoreAdamW, {}),

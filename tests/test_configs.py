@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,10 +32,13 @@ def test_config_builds_a_llama_of_the_paper_size(name):
     lo, hi = EXPECTED[name]
     assert lo <= n <= hi, n
     if name == "llama_60m":  # the benchmark's shapes are the model's shapes
-        sys.path.insert(0, str(ROOT / "bench"))
-        from shapes import llama_shapes
+        # loaded from its file, not through sys.path: bench/ on the path would shadow tests/conftest.py for
+        # every process a later test spawns (they unpickle their workers' `from conftest import ...`)
+        spec = importlib.util.spec_from_file_location("bench_shapes", ROOT / "bench" / "shapes.py")
+        shapes = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shapes)
 
-        assert llama_shapes(name) == [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+        assert shapes.llama_shapes(name) == [(k, tuple(p.shape)) for k, p in model.named_parameters()]
 
 
 def test_tiny_config_is_byte_level():

@@ -58,6 +58,9 @@ CASES = {
     # pieces would not align); the embeddings' INT8 moments align as for galore8bit
     "qgalore": (lro.QGaLoreAdamW, {"rank": 16, "min_8bit_size": 2048, "proj_type": "left",
                                   "projector_options": {"canonical_signs": True}}),
+    # GaLore+: q/k/v's head 0 lies on rank 0 alone (rank 1 adds an empty piece to the Gram), o_proj's head 0
+    # columns on both; the MLP keeps svd
+    "galore-shared_head": (lro.GaLoreAdamW, {"projector": "shared_head"}),
 }
 #: (rtol, atol) where the default is too tight: a gradient that differs in its last bit (the sums run
 #: in another order) can land on the other side of a code boundary, and one step of the dynamic code

@@ -97,3 +97,24 @@ def test_golore_trains_resumes_bit_identically_and_refuses_a_missing_switch():
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
     with pytest.raises(ValueError, match="switch_step"):
         lro.GoLore(lro.param_groups(make_model(), rank=4), lr=0.01)
+
+
+def test_the_training_commands_place_the_switch_at_rand_ratio_of_the_run():
+    """``pretrain --optimizer golore`` (build_optimizer with the run's length): every projected group switches at
+    rand_ratio (0.8) of max_steps unless told; without a length (memory, compare's checks) never; a bad ratio is
+    refused naming it; ``memory`` counts GaLore's state, which GoLore keeps until the switch."""
+    from lowrank_optim.train.errors import TrainError
+    from lowrank_optim.train.optimizers import build_optimizer
+
+    def switches(opt):
+        return {g["projector_options"]["switch_step"] for g in opt.param_groups if g.get("rank")}
+
+    assert switches(build_optimizer("golore", make_model(), max_steps=600)) == {480}
+    assert switches(build_optimizer("golore", make_model(), max_steps=600, rand_ratio=0.5)) == {300}
+    assert switches(build_optimizer("golore", make_model())) == {10**9}
+    with pytest.raises(TrainError, match="rand_ratio must be a number in"):
+        build_optimizer("golore", make_model(), max_steps=600, rand_ratio=1.5)
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 64}
+    golore, galore = (lro.memory.estimate(config, optimizer=n, rank=8).ours for n in ("golore", "galore"))
+    assert golore == galore

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lowrank_optim as lro
-from conftest import decaying_matrix
+from conftest import decaying_matrix, projector_keys
 
 PROJECTORS = lro.projectors.available()
 RULES = lro.rules.available()
@@ -54,7 +54,7 @@ def gradients(t: int) -> dict[str, torch.Tensor]:
 
 
 def keys(projector: str, rule: str, policy: str, bits: int) -> dict:
-    out = dict(rank=RANK, update_proj_gap=GAP, projector=projector, rule=rule, on_refresh=policy,
+    out = dict(rank=RANK, update_proj_gap=GAP, **projector_keys(projector), rule=rule, on_refresh=policy,
                state_bits=bits, min_8bit_size=0)
     cls = lro.projectors.REGISTRY[projector]
     if cls.shard_error("left", {}) and not cls.shard_error("right", {}):  # dct, haar: their right side shards

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import decaying_matrix
+from conftest import decaying_matrix, projector_keys
 
 RANK, GAP, STEPS, LR = 4, 3, 8, 0.01
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -294,9 +294,9 @@ def test_every_preset_takes_any_projector(cls):
     for name in names:
         if cls in (lro.FRUGAL, lro.Fira) and not lro.projectors.REGISTRY[name].orthonormal:
             with pytest.raises(ValueError, match=f"needs an orthonormal basis, and projector='{name}' has none"):
-                cls([{"params": [W], "rank": 4, "projector": name}])
+                cls([{"params": [W], "rank": 4, **projector_keys(name)}])
             continue
-        opt = cls([{"params": [W], "rank": 1 if cls is lro.APOLLOMini else 4, "projector": name}], lr=1e-3)
+        opt = cls([{"params": [W], "rank": 1 if cls is lro.APOLLOMini else 4, **projector_keys(name)}], lr=1e-3)
         W.grad = decaying_matrix(24, 16, seed=2, dtype=torch.float32)
         opt.step()
         opt.step()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import batches, decaying_matrix, make_model, roundtrip, train, train_and_resume
+from conftest import batches, decaying_matrix, make_model, projector_keys, roundtrip, train, train_and_resume
 
 
 class SignMomentum(lro.rules.Rule):
@@ -58,7 +58,7 @@ def quiet(fn, *a, **kw):
 @pytest.mark.parametrize("projector", lro.projectors.available())
 @pytest.mark.parametrize("bits", [32, 8])
 def test_a_rule_defined_outside_runs_with_every_projector_and_resumes(outside_parts, projector, bits):
-    keys = dict(rank=4, update_proj_gap=2, projector=projector, rule=SignMomentum.name, on_refresh="rotate",
+    keys = dict(rank=4, update_proj_gap=2, **projector_keys(projector), rule=SignMomentum.name, on_refresh="rotate",
                 state_bits=bits, min_8bit_size=0)
     model, opt, resumed, _ = train_and_resume(lambda m: lro.LowRankAdamW(lro.param_groups(m, **keys), lr=1e-3),
                                               batches(6), 3)

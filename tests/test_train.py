@@ -63,11 +63,11 @@ def test_build_optimizer_knows_every_preset_and_the_baselines():
     from lowrank_optim.train.optimizers import MuonWithAdamW
 
     model = tiny_model()
-    assert available() == ["adamw", "adafactor", "muon", *lro.PRESETS]
+    assert available() == ["adamw", "adafactor", "muon", *lro.PRESETS, "golore"]
     baselines = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor, "muon": MuonWithAdamW}
     for name in available():
-        opt = build_optimizer(name, model)
-        expected = baselines.get(name) or lro.PRESETS[name]
+        opt = build_optimizer(name, model, max_steps=100)
+        expected = baselines.get(name) or lro.PRESETS.get(name) or lro.GoLore
         assert type(opt) is expected, name
         settings = optimizer_settings(name, model)
         assert opt.param_groups[0]["lr"] == settings["lr"]

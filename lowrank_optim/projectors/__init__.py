@@ -63,6 +63,11 @@ from .golore import GoLoreProjector, StiefelProjector
 register(StiefelProjector)
 register(GoLoreProjector)
 
+# GaLore+: one head's randomized-SVD basis shared by every head of an attention weight
+from .heads import SharedHeadProjector, split_head_groups
+
+register(SharedHeadProjector)
+
 __all__ = [
     "PROJ_TYPES",
     "REGISTRY",
@@ -76,10 +81,12 @@ __all__ = [
     "RSVDProjector",
     "RandomProjector",
     "SVDProjector",
+    "SharedHeadProjector",
     "SparseProjector",
     "StiefelProjector",
     "available",
     "choose_side",
     "make",
     "register",
+    "split_head_groups",
 ]

@@ -567,7 +567,7 @@ def _build_training(a: TrainArgs, config: dict[str, Any], dtype: torch.dtype,
     model.train()
     if a.fsdp:
         shard_model(model, device)
-    opt = build_optimizer(a.optimizer, model, **a.options)
+    opt = build_optimizer(a.optimizer, model, max_steps=a.max_steps, **a.options)
     settings = _jsonable(optimizer_settings(a.optimizer, model, **a.options))
     warmup = a.warmup if a.warmup is not None else a.max_steps // 10
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(warmup, a.max_steps, a.min_lr_ratio))

@@ -113,6 +113,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "osd": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25},
     # DCT-AdamW: the official default refresh (every step) and scale 1, with GaLore's lr
     "dct_adamw": {**_LOW_RANK, "lr": 1e-2, "update_proj_gap": 1},
+    # GoLore: GaLore's settings, then random Stiefel projections for the last 1 − rand_ratio of the run (0.8:
+    # the official rand_ratio), the switch at the first refresh at or after rand_ratio · max_steps
+    "golore": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25, "rand_ratio": 0.8},
     # Trion: its update is the orthogonal rule's RMS-matched one (as SUMO), so SUMO's lr and scale; refresh every step
     "trion": {**_LOW_RANK, "lr": by_width(3e-2, 1e-2), "scale": 0.25, "update_proj_gap": 1},
     # any preset without an entry of its own
@@ -120,12 +123,29 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _run_length_presets() -> dict[str, type]:
+    """Presets that need the run's length, so not in ``lro.PRESETS`` (whose classes build from groups
+    alone): ``golore`` places its switch at ``rand_ratio`` of the steps."""
+    from ..optim import GoLore
+
+    return {"golore": GoLore}
+
+
+def _switch_step(rand_ratio: Any, max_steps: int | None) -> int:
+    """GoLore's switch step: ``rand_ratio`` of the run; without a run length (``memory``, ``compare``'s
+    checks), never: those count GaLore's state, which GoLore keeps until the switch."""
+    if isinstance(rand_ratio, bool) or not isinstance(rand_ratio, (int, float)) or not 0.0 <= rand_ratio <= 1.0:
+        raise TrainError(f"golore: rand_ratio must be a number in [0, 1] (the official 0.8: random projections "
+                         f"for the last 20% of the steps), got {rand_ratio!r}")
+    return 10**9 if max_steps is None else int(rand_ratio * max_steps)
+
+
 def available() -> list[str]:
     """Every name :func:`build_optimizer` accepts: the baselines ``adamw``, ``adafactor`` and ``muon``,
-    then the keys of ``lro.PRESETS``."""
+    the keys of ``lro.PRESETS``, then the presets that need the run's length (``golore``)."""
     from .. import PRESETS
 
-    return [*BASELINES, *(k for k in PRESETS if k not in BASELINES)]
+    return [*BASELINES, *(k for k in PRESETS if k not in BASELINES), *_run_length_presets()]
 
 
 def _hidden_size(model: nn.Module | None) -> int | None:
@@ -142,7 +162,7 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
     from ``model.config.hidden_size``."""
     from .. import PRESETS
 
-    if name not in BASELINES and name not in PRESETS:
+    if name not in BASELINES and name not in PRESETS and name not in _run_length_presets():
         raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}")
     settings = dict(DEFAULTS.get(name, DEFAULTS["*"]))
     if options.get("match_adamw_rms") is True and options.get("scale") is None:
@@ -157,7 +177,7 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
     return {k: (v(hidden) if callable(v) else v) for k, v in settings.items()}
 
 
-def build_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None, **options: Any) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a baseline or a key of ``lro.PRESETS``) for ``model``'s parameters.
 
     Low-rank presets get ``lro.param_groups(model, rank=..., update_proj_gap=..., scale=..., <other
@@ -166,7 +186,8 @@ def build_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.
     and ``adafactor`` ``torch.optim.Adafactor`` over all parameters; ``muon`` is
     :class:`MuonWithAdamW` over :func:`muon_split`'s two sets. Options override :data:`DEFAULTS`
     (``lr``, ``weight_decay``, ``betas``, ``eps``, ``rank``, ``update_proj_gap``, ``scale``,
-    ``projector``, ``proj_type``, ...; :data:`BASELINES` lists what each baseline takes).
+    ``projector``, ``proj_type``, ...; :data:`BASELINES` lists what each baseline takes). ``max_steps``,
+    the run's length, places GoLore's switch (``rand_ratio`` of it).
     """
     from .. import PRESETS, param_groups
     from ..optim import RankFallbackWarning
@@ -189,12 +210,16 @@ def build_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.
         ctor["betas"] = tuple(ctor["betas"])
     keys = {k: v for k, v in settings.items() if k not in _CONSTRUCTOR}
     rank = keys.pop("rank")
+    cls = PRESETS.get(name) or _run_length_presets()[name]
+    if "rand_ratio" in keys:
+        switch = _switch_step(keys.pop("rand_ratio"), max_steps)
+        keys["projector_options"] = {"switch_step": switch, **(keys.get("projector_options") or {})}
     try:
         groups = param_groups(model, rank=rank, **keys)
         with warnings.catch_warnings():
             # a short side <= rank (llama_tiny's 128-wide layers at rank 128) is plain AdamW, by design
             warnings.simplefilter("ignore", RankFallbackWarning)
-            return PRESETS[name](groups, **ctor)
+            return cls(groups, **ctor)
     except (TypeError, ValueError) as err:
         raise TrainError(f"{name}: {err}") from None
 
