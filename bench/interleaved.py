@@ -10,7 +10,7 @@
   step, for GaLoreAdamW at its defaults (the short side's Gram matrix and eigh) and galore-torch (SVD);
 * **stall**: two gaps of steps at ``update_proj_gap`` (after the first step, which builds every subspace
   in both packages), slowest step / median step: GaLoreAdamW's staggered refresh against galore-torch's
-  all-at-once one.
+  all-at-once one; each implementation's steps in a row (not interleaved, see :func:`stall`).
 
 The pytest-benchmark suites time one implementation after another; on a shared or throttling machine
 that drift shows up as a ratio. Here each round steps every implementation once, in rotating order, so
@@ -109,20 +109,25 @@ def refresh(rounds: int) -> dict:
 def stall(gap: int) -> dict:
     opts = {"lowrank-optim": build_ours("galore", gap=gap), "galore-torch": reference_or_none("galore", gap=gap)}
     opts = {k: v for k, v in opts.items() if v is not None}
-    times = measure(opts, 2 * gap, warmup=1)  # the warm-up step builds every subspace in both
-    # the step numbers tell a refresh from the machine's noise: galore-torch refreshes at multiples of the gap,
-    # ours on each weight's phase; a slow step elsewhere (or a second one as slow) is another job's doing
+    # Not interleaved: a stall is one implementation's own slowest step over its median, and stepping the two
+    # in turn lets one's refresh (galore-torch frees and re-allocates SVD workspaces) slow the other's next
+    # steps (seen: steps 2-6 after galore-torch's refresh at 1 and 201 were 2x slower in both).
+    times = {name: measure({name: opt}, 2 * gap, warmup=1)[name] for name, opt in opts.items()}
+    # The schedule repeats every gap, so a step and the one a gap later do the same work: the slower of each
+    # such pair's faster one ("slowest phase") is a stall that recurs, where one slow step alone may be
+    # another job's noise. The step numbers say which: galore-torch refreshes at multiples of the gap.
     print(f"| two gaps of {gap} steps (GaLore) | median step (ms) | slowest step (ms) | slowest / median "
-          "| slowest steps (number: ms) |")
-    print("|---|---:|---:|---:|---|")
+          "| slowest phase / median | slowest steps (number: ms) |")
+    print("|---|---:|---:|---:|---:|---|")
     out = {}
     for name, t in times.items():
         med, worst = statistics.median(t) * 1e3, max(t) * 1e3
+        phase = max(min(t[i], t[i + gap]) for i in range(gap)) * 1e3
         top = sorted(range(len(t)), key=lambda i: -t[i])[:3]
         out[name] = {"median_ms": med, "slowest_ms": worst, "slowest_over_median": worst / med,
-                     "steps_ms": [x * 1e3 for x in t]}
+                     "slowest_phase_over_median": phase / med, "steps_ms": [x * 1e3 for x in t]}
         slow = ", ".join(f"{i + 2}: {t[i] * 1e3:.0f}" for i in top)  # step 1 was the warm-up
-        print(f"| {name} | {med:.1f} | {worst:.1f} | {worst / med:.2f} | {slow} |", flush=True)
+        print(f"| {name} | {med:.1f} | {worst:.1f} | {worst / med:.2f} | {phase / med:.2f} | {slow} |", flush=True)
     return out
 
 
