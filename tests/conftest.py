@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the kernels
@@ -120,6 +123,31 @@ def same(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def ista_module(name: str, **stand_ins: types.ModuleType) -> types.ModuleType:
+    """``ista_daslab_optimizers.<name>`` imported without the package's ``__init__`` (it imports wandb and
+    the package's CUDA-only optimizers; DCTAdamW and Trion themselves are torch only and run on CPU), with
+    ``stand_ins`` for modules the imported one names but the tests never use. Skips, with the reason, when
+    the package (installed by .ci/run with --no-deps) is missing or the module does not import."""
+    spec = importlib.util.find_spec("ista_daslab_optimizers")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("ista-daslab-optimizers is not installed (pip install --no-deps ista-daslab-optimizers)")
+    package = types.ModuleType("ista_daslab_optimizers")
+    package.__path__ = list(spec.submodule_search_locations)
+    stand_ins = {"ista_daslab_optimizers": package, **stand_ins}
+    saved = {k: sys.modules.get(k) for k in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        return importlib.import_module(f"ista_daslab_optimizers.{name}")
+    except ImportError as err:
+        pytest.skip(f"ista_daslab_optimizers.{name} does not import: {err}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
 
 
 def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=torch.float64) -> torch.Tensor:

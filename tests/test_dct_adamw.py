@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import io
 import json
 import math
 import os
 import sys
-import types
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import batches, make_model, train_and_resume
+from conftest import batches, ista_module, make_model, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.optim.reference import ReferenceLowRankAdamW
@@ -301,25 +299,8 @@ def test_dct_variant_is_a_group_key_that_projector_options_override():
 # ---------------------------------------------------------------------------- the official DCTAdamW
 @functools.cache
 def official_dct_adamw():
-    """``ista_daslab_optimizers.DCTAdamW`` imported without the package's ``__init__``, which imports wandb
-    and its CUDA-only optimizers; DCTAdamW itself is torch only and runs on CPU tensors."""
-    spec = importlib.util.find_spec("ista_daslab_optimizers")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("ista-daslab-optimizers is not installed (pip install --no-deps ista-daslab-optimizers)")
-    saved = sys.modules.get("ista_daslab_optimizers")
-    package = types.ModuleType("ista_daslab_optimizers")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["ista_daslab_optimizers"] = package
-    try:
-        from ista_daslab_optimizers.fft_low_rank.dct_adamw import DCTAdamW
-    except ImportError as err:
-        pytest.skip(f"ista_daslab_optimizers.fft_low_rank.dct_adamw does not import: {err}")
-    finally:
-        if saved is not None:
-            sys.modules["ista_daslab_optimizers"] = saved
-        else:
-            del sys.modules["ista_daslab_optimizers"]
-    return DCTAdamW
+    """``ista_daslab_optimizers.DCTAdamW`` (see ``conftest.ista_module``)."""
+    return ista_module("fft_low_rank.dct_adamw").DCTAdamW
 
 
 def held_sorted(official, monkeypatch) -> None:

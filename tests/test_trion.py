@@ -5,16 +5,14 @@ reference, against the official optimizer, resume, refusals and the CLI."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import batches, train_and_resume
+from conftest import batches, ista_module, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.projectors import dct as dct_module
@@ -170,28 +168,10 @@ def official_trion_module():
     """``ista_daslab_optimizers.fft_low_rank.trion`` imported without the package's ``__init__`` (wandb and its
     CUDA-only optimizers), with a stand-in ``wandb`` (imported, never used) and a stand-in for its Triton
     Newton–Schulz module (only ``ns_type="triton"`` uses it; the test uses ``"torch"``)."""
-    spec = importlib.util.find_spec("ista_daslab_optimizers")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("ista-daslab-optimizers is not installed (pip install --no-deps ista-daslab-optimizers)")
     triton_ns = types.ModuleType("ista_daslab_optimizers.utils.newton_schulz_triton")
     triton_ns.newton_schulz_triton = None
-    package = types.ModuleType("ista_daslab_optimizers")
-    package.__path__ = list(spec.submodule_search_locations)
-    stand_ins = {"ista_daslab_optimizers": package, "wandb": types.ModuleType("wandb"),
-                 "ista_daslab_optimizers.utils.newton_schulz_triton": triton_ns}
-    saved = {k: sys.modules.get(k) for k in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
-        from ista_daslab_optimizers.fft_low_rank import trion
-    except ImportError as err:
-        pytest.skip(f"ista_daslab_optimizers.fft_low_rank.trion does not import: {err}")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return trion
+    return ista_module("fft_low_rank.trion", wandb=types.ModuleType("wandb"),
+                       **{"ista_daslab_optimizers.utils.newton_schulz_triton": triton_ns})
 
 
 def patched_official(monkeypatch, rank: int, sizes, same_ns: bool):
