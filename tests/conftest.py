@@ -161,11 +161,12 @@ def decaying_matrix(m: int, n: int, seed: int = 0, decay: float = 0.7, dtype=tor
 
 
 
-def projector_keys(name: str) -> dict:
-    """The group keys a registry-wide test gives projector ``name``: the name, and ``head_dim=8`` for one that
-    splits attention heads (``shared_head``: the test weights' head axes, 16, 24 and 32, split into 8-wide heads)."""
+def projector_keys(name: str, head_dim: int = 8) -> dict:
+    """The group keys a registry-wide test gives projector ``name``: the name, and ``head_dim`` for one that
+    splits attention heads (``shared_head``: by default the test model's head axes, 16, 24 and 32, split into
+    8-wide heads)."""
     cls = lro.projectors.REGISTRY[name]
-    return {"projector": name, **({"head_dim": 8} if getattr(cls, "splits_heads", False) else {})}
+    return {"projector": name, **({"head_dim": head_dim} if getattr(cls, "splits_heads", False) else {})}
 
 
 # Every preset with its defaults, and GaLore with every other projector: (id, class, group keys).

@@ -280,7 +280,15 @@ def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     name = "fira"
-    mp.spawn(_dcp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path), name), nprocs=2, join=True)
+    try:
+        mp.spawn(_dcp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path), name), nprocs=2, join=True)
+    except mp.ProcessExitedException as err:
+        # Seen once in CI: a rank aborted ("terminate called without an active exception", SIGABRT) in gloo's
+        # teardown. dcp.pt is written by rank 0 after the last collective both ranks take part in (the
+        # gathered weights of both runs), so with it the work is complete and checked below in full; without
+        # it the failure is the test's.
+        if err.signal_name != "SIGABRT" or not (tmp_path / "dcp.pt").exists():
+            raise
     out = torch.load(tmp_path / "dcp.pt", weights_only=True)
     for k, want in out["straight"].items():
         assert torch.equal(out["resumed"][k], want), k

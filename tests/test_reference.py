@@ -22,10 +22,11 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from conftest import decaying_matrix
+from conftest import decaying_matrix, projector_keys
 from lowrank_optim.optim.reference import ReferenceLowRankAdamW
 
 RANK, GAP, STEPS = 3, 2, 7
+HEAD_DIM = 4  # shared_head's heads: the weights' head axes (8, 12) in 4-wide heads, each of rank >= RANK
 HYPER = dict(lr=0.02, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
 
 # Tolerances, relative and absolute alike (allclose's tol·(1 + |y|), on weights and losses of order 1).
@@ -138,7 +139,7 @@ def disagreements(a, b, tol):
 @pytest.mark.parametrize("projector", lro.projectors.available())
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fast_path_matches_the_reference(method, projector, on_refresh, dtype):
-    keys = dict(update_proj_gap=GAP, projector=projector, on_refresh=on_refresh)
+    keys = dict(update_proj_gap=GAP, **projector_keys(projector, HEAD_DIM), on_refresh=on_refresh)
     residual = METHODS[method][2].get("residual", "drop")
     if lro.updates.REGISTRY[residual].uses_residual and not lro.projectors.REGISTRY[projector].orthonormal:
         with pytest.raises(ValueError, match="orthonormal"):
@@ -183,7 +184,7 @@ def test_projector_options_reach_both_sides_unchanged(projector):
     SVD in this grid, and their steps after it are equivariant to its signs."""
     finals = []
     for canonical in (False, True):
-        keys = dict(update_proj_gap=GAP, projector=projector, on_refresh="keep",
+        keys = dict(update_proj_gap=GAP, **projector_keys(projector, HEAD_DIM), on_refresh="keep",
                     projector_options={"canonical_signs": canonical})
         opt, params, *ref = reference("GaLoreAdamW", torch.float64, keys)
         assert not disagreements(fast("GaLoreAdamW", torch.float64, keys), (opt, params, *ref), TOLERANCE[torch.float64])
