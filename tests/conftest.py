@@ -114,6 +114,12 @@ def train_and_resume(build, data: list[torch.Tensor], split: int, make=None):
     return model, opt, twin, twin_opt
 
 
+def assert_same_parameters(model: nn.Module, twin: nn.Module) -> None:
+    """Bit-for-bit equal parameters (a resumed run against the uninterrupted one), naming the first that differs."""
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def same(a, b) -> bool:
     """Bit-for-bit equality of nested state (tensors by dtype, shape and value; NaN floats equal)."""
     if isinstance(a, torch.Tensor):

@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batches, decaying_matrix, train_and_resume
+from conftest import assert_same_parameters, batches, decaying_matrix, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.projectors.coap import coap_loss_grad
@@ -232,8 +232,7 @@ def test_resume_is_bit_identical_across_sgd_steps_and_resvds():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lro.RankFallbackWarning)
         model, opt, twin, _ = train_and_resume(lambda m: lro.COAP(lro.param_groups(m, **keys), lr=1e-2), batches(12), 5)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    assert_same_parameters(model, twin)
     counts = {s["projector"]["refreshes"] for s in opt.state.values() if "projector" in s}
     assert max(counts) >= 5  # the staggered schedule: every weight past its second re-SVD
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batches, make_model, train, train_and_resume
+from conftest import assert_same_parameters, batches, make_model, train, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.projectors.random_proj import gaussian, mix_seed
@@ -90,8 +90,7 @@ def test_golore_trains_resumes_bit_identically_and_refuses_a_missing_switch():
                           lr=0.01)
 
     model, _, twin, _ = train_and_resume(build, batches(10), 5)  # the switch falls before the checkpoint
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    assert_same_parameters(model, twin)
     fresh = make_model()
     losses = train(fresh, build(fresh), batches(30))
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])

@@ -12,7 +12,7 @@ from torch import nn
 
 import lowrank_optim as lro
 from lowrank_optim.allocations import Allocations
-from conftest import batches, lm_loss, make_model, roundtrip, train_and_resume
+from conftest import assert_same_parameters, batches, lm_loss, make_model, roundtrip, train_and_resume
 
 SAMPLED = ("multinomial", "multinomial_norepl", "uniform")
 
@@ -203,8 +203,7 @@ def test_grass_takes_its_selection_as_a_key_and_any_other_projector():
 def test_grass_resumes_bit_identically():
     data = batches(7)
     model, _, twin, _ = train_and_resume(lambda m: grass(m), data, split=4)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    assert_same_parameters(model, twin)
 
 
 # ------------------------------------------------------------------------------------ the sparse backward

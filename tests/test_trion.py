@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batches, ista_module, train_and_resume
+from conftest import assert_same_parameters, batches, ista_module, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.projectors import dct as dct_module
@@ -272,8 +272,7 @@ def test_resume_is_bit_identical(bits):
         return lro.Trion(lro.param_groups(model, rank=8), lr=3e-3, ef_bits=bits, min_8bit_size=0)
 
     model, _, twin, twin_opt = train_and_resume(build, batches(8), 4)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    assert_same_parameters(model, twin)
     kept = [s["ef"] for s in twin_opt.state.values() if "ef" in s]
     assert kept and all(e.dtype == (torch.float32 if bits == 32 else torch.uint8) for e in kept)
 
