@@ -124,7 +124,8 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
             # the gradient the update feeds the projector (error feedback: G + E), built again in _begin
             grad = _updates.for_group(group).prepare(item.grad, state, group)
             item.previous, proj = proj, proj.refreshed(grad, moment)
-        elif proj.learns_after_use and not item.comm.all_finite(item.grad):  # it learns from G after the step
+        # it learns from G after the step; under nonfinite="raise" or "skip" the step has checked G already
+        elif proj.learns_after_use and group["nonfinite"] == "ignore" and not item.comm.all_finite(item.grad):
             raise NonFiniteGradientError("non-finite values (inf or NaN) in the gradient the subspace learns from")
     except NonFiniteGradientError as err:
         raise NonFiniteGradientError(
