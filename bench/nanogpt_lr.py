@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, ".")
 import lowrank_optim as lro  # noqa: E402
-from lowrank_optim.train.compare import _value  # noqa: E402
+from lowrank_optim.optim.options import option_value  # noqa: E402
 from lowrank_optim.train.data import stdlib_corpus  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def nanogpt_adamw(model: nn.Module, lr: float, betas: tuple[float, float], weigh
 
 def build(entry: str, model: nn.Module, lr: float, betas: tuple[float, float], wd: float) -> tuple[torch.optim.Optimizer, float]:
     name, *pairs = entry.split(":")
-    options = {k: _value(v) for k, _, v in (p.partition("=") for p in pairs)}
+    options = {k: option_value(v) for k, _, v in (p.partition("=") for p in pairs)}
     lr = float(options.pop("lr", lr))
     if name == "adamw":
         return nanogpt_adamw(model, lr, betas, wd), lr
