@@ -192,6 +192,50 @@ def test_plain_parameters_equal_torch_adamw_bitwise(foreach):
     assert torch.equal(vec, twins[0]) and torch.equal(scalar, twins[1])
 
 
+def _tiled_against_torch(shapes, dtype, weight_decay, threads, steps=5):
+    torch.manual_seed(0)
+    ours_p = [torch.nn.Parameter((torch.randn(s) * 0.02).to(dtype)) for s in shapes]
+    ref_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
+    ours = lro.LowRankAdamW(ours_p, lr=1e-2, weight_decay=weight_decay)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=weight_decay)  # torch's CPU default: single-tensor
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(steps):
+            for p, q in zip(ours_p, ref_p):
+                p.grad = (torch.randn(p.shape) * 1e-3).to(dtype)
+                q.grad = p.grad.clone()
+            ours.step()
+            ref.step()
+    finally:
+        torch.set_num_threads(before)
+    for p, q in zip(ours_p, ref_p):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours.state[p][key], ref.state[q][key]), key
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_tiled_plain_adamw_equals_torch_adamw_bitwise(monkeypatch, threads, dtype, weight_decay):
+    """Large CPU parameters take the tiled AdamW (lowrank_optim.rules.adam._adamw_tiled): the same
+    element-wise ops tile by tile, so torch's numbers to the bit, weights and both moments, whatever the
+    thread count (torch splits a pass over threads at other points than our tiles). Small thresholds
+    here so that many tiles, a short last tile and a tensor below the threshold are all exercised."""
+    adam = pytest.importorskip("lowrank_optim.rules.adam")
+    monkeypatch.setattr(adam, "TILED_MIN", 1000)
+    monkeypatch.setattr(adam, "TILE", 256)
+    _tiled_against_torch([(40, 25), (3001,), (37, 81), (999,)], dtype, weight_decay, threads)
+
+
+def test_tiled_plain_adamw_at_its_real_threshold_equals_torch_adamw_bitwise():
+    from lowrank_optim.rules import adam
+
+    n = adam.TILED_MIN + adam.TILE // 2 + 3  # above the threshold, a short last tile
+    _tiled_against_torch([(n,)], torch.float32, 0.1, torch.get_num_threads(), steps=2)
+
+
 def test_plain_bf16_parameters_equal_torch_adamw_bitwise():
     data = batches(4)
     torch_model, our_model = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)

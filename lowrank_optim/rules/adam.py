@@ -55,6 +55,15 @@ def adam_direction(
     return direction
 
 
+#: CPU tensors of at least this many elements take the tiled AdamW (:func:`_adamw_tiled`); smaller
+#: ones fit the caches whole and go through torch's multi-tensor loop.
+TILED_MIN = 1 << 20
+#: Elements per tile: 512 KiB per float32 stream, so a tile's p, g, m, v and √v stay in L2 across
+#: the seven passes (measured on LLaMA-60M's 32000×512 embedding, 1 and 2 threads: 2^16–2^18 within 5%
+#: of each other, 2^14 slower from per-call overhead, 2^20 slower from cache misses).
+TILE = 1 << 17
+
+
 def adamw_plain(
     params: list[Tensor],
     grads: list[Tensor],
@@ -69,17 +78,30 @@ def adamw_plain(
     weight_decay: float,
     foreach: bool | None,
 ) -> None:
-    """Full-rank AdamW through torch's own functional Adam: the same numbers as ``torch.optim.AdamW``.
+    """Full-rank AdamW with the numbers of ``torch.optim.AdamW``, bit for bit.
 
     ``params`` must share dtype with their moments; callers hand half-precision parameters in as
     float32 master copies and round the result back once. ``foreach=None`` takes torch's
     multi-tensor path on every device: on CPU it gives bit-identical results to the single-tensor
-    path that ``torch.optim.AdamW`` defaults to there, and is faster (bench/).
+    path that ``torch.optim.AdamW`` defaults to there, and is faster (bench/). Large CPU tensors
+    (an embedding, an output head) take :func:`_adamw_tiled`, the same element-wise operations in
+    the same order over cache-sized tiles.
     """
     if not params:
         return
     if foreach is None:
         foreach = True
+    tiled = [i for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs))
+             if foreach and _tileable(p, g, m, v, lr)]
+    if tiled:
+        _adamw_tiled([params[i] for i in tiled], [grads[i] for i in tiled], [exp_avgs[i] for i in tiled],
+                     [exp_avg_sqs[i] for i in tiled], [steps[i] for i in tiled], lr=float(lr), beta1=beta1,
+                     beta2=beta2, eps=eps, weight_decay=weight_decay)
+        rest = [i for i in range(len(params)) if i not in set(tiled)]
+        params, grads, exp_avgs, exp_avg_sqs, steps = ([xs[i] for i in rest] for xs in
+                                                       (params, grads, exp_avgs, exp_avg_sqs, steps))
+        if not params:
+            return
     _torch_adam(
         params,
         grads,
@@ -103,6 +125,44 @@ def adamw_plain(
         eps=eps,
         maximize=False,
     )
+
+
+def _tileable(p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float | Tensor) -> bool:
+    return (p.device.type == "cpu" and p.numel() >= TILED_MIN and not isinstance(lr, Tensor)
+            and not p.is_complex() and all(t.dtype == p.dtype and t.device == p.device and t.is_contiguous()
+                                           and t.shape == p.shape for t in (p, g, m, v)))
+
+
+def _adamw_tiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float) -> None:
+    """torch's multi-tensor AdamW (``torch.optim.adam._multi_tensor_adam``, not capturable: the decay,
+    ``lerp_``, ``mul_``, ``addcmul_``, ``sqrt``, ``div_``, ``add_``, ``addcdiv_``, with its scalars) run tile
+    by tile over flattened CPU tensors. Each operation is element-wise, so every element gets the same
+    arithmetic as in one pass over the whole tensor (tested bit for bit against ``torch.optim.AdamW``, 1 and
+    2 threads); what changes is that a tile's streams stay in cache across the passes and √V̂ + ε lives in
+    one tile-sized buffer instead of a fresh tensor as large as the parameter, which on CPU comes from
+    ``mmap`` and is page-faulted in at every step (above glibc's 32 MiB threshold). On LLaMA-60M's
+    embedding and head, 0.6x of torch's time at 1 and 2 threads (``bench/interleaved.py``)."""
+    torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        t = float(s.item())
+        step_size = (lr / (1 - beta1**t)) * -1
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        p, g, m, v = (x.view(-1) for x in (p, g, m, v))
+        buf = torch.empty(min(TILE, p.numel()), dtype=v.dtype)
+        for start in range(0, p.numel(), TILE):
+            pt, gt, mt, vt = (x[start:start + TILE] for x in (p, g, m, v))
+            denom = buf[: pt.numel()]
+            if weight_decay != 0:
+                pt.mul_(1 - lr * weight_decay)
+            mt.lerp_(gt, 1 - beta1)
+            vt.mul_(beta2)
+            vt.addcmul_(gt, gt, value=1 - beta2)
+            torch.sqrt(vt, out=denom)
+            denom.div_(bias_correction2_sqrt)
+            denom.add_(eps)
+            pt.addcdiv_(mt, denom, value=step_size)
 
 
 def _adam_int8(low: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
