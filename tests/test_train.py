@@ -410,3 +410,18 @@ def test_c4_offline_errors_are_one_line(tmp_path, monkeypatch, capsys):
     rc, _, err = cli(capsys, *argv)
     assert rc == 2 and err.count("\n") == 1
     assert "could not open allenai/c4 (Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)); --data c4 needs the network" in err
+
+
+def test_compare_table_takes_an_adamw_entry_with_options_as_its_baseline():
+    from lowrank_optim.train.compare import table
+
+    def result(label, loss):
+        return train_loop.RunResult(label=label, optimizer=label.split(":")[0], settings={"lr": 0.002}, steps=1,
+                                    curve=[], evals=[], final_eval_loss=loss, tokens_per_s=1.0, state_bytes=0,
+                                    peak_memory=None, train_seconds=1.0, out=None)
+
+    text = table([result("adamw:lr=0.002", 2.0), result("galore:lr=0.002", 2.1)])
+    assert "vs adamw:lr=0.002" in text and "1.050" in text and "1.000" in text
+    # an entry named exactly adamw wins over one with options
+    text = table([result("adamw:lr=0.004", 4.0), result("adamw", 2.0), result("galore", 2.1)])
+    assert "vs adamw |" in text and "2.000" in text and "1.050" in text  # 4.0 / 2.0 and 2.1 / 2.0

@@ -65,9 +65,12 @@ def check_entries(config: Any, specs: list[tuple[str, str, dict[str, Any]]], opt
 
 
 def table(results: list[RunResult], baseline: str = "adamw") -> str:
-    """The results as a Markdown table; ``vs adamw`` is each held-out loss over AdamW's."""
-    base = next((r.final_eval_loss for r in results if r.label == baseline), None)
-    head = ["optimizer", "lr", "rank", "held-out loss", f"vs {baseline}", "perplexity", "tokens/s",
+    """The results as a Markdown table; ``vs adamw`` is each held-out loss over AdamW's: the entry named
+    ``baseline``, or else the first with options (``adamw:lr=0.002``), whose label the column then names."""
+    ref = next((r for r in results if r.label == baseline), None) or next(
+        (r for r in results if r.label.split(":")[0] == baseline), None)
+    base = None if ref is None else ref.final_eval_loss
+    head = ["optimizer", "lr", "rank", "held-out loss", f"vs {baseline if ref is None else ref.label}", "perplexity", "tokens/s",
             "optimizer state (MiB)", "peak memory (MiB)"]
     rows = []
     for r in results:
