@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import LOCAL, Split
+from ..reductions import sum_squares
 from .base import Fail, Rule, register, steps
 
 #: The state keys this rule keeps (besides ``step``).
@@ -63,8 +64,8 @@ def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device:
 
 
 def _mean_square(x: Tensor, dim: int, split: Split) -> Tensor:
-    """mean(x², dim) of the whole tensor, as a squared norm (no temporary of x²)."""
-    sq = torch.linalg.vector_norm(x, dim=dim, keepdim=True).square_()
+    """mean(x², dim) of the whole tensor (no temporary of x²: :func:`lowrank_optim.reductions.sum_squares`)."""
+    sq = sum_squares(x, dim)
     if split.axis is not None and dim % x.dim() == split.axis:
         return split.sum_(sq).div_(split.length)
     return sq.div_(x.size(dim))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import Local, RowShard, Split
+from ..reductions import norms
 from ..projectors import Projector
 
 KINDS = ("residual", "scaling")
@@ -86,7 +87,7 @@ def norm(x: Tensor, total: Local | RowShard | None, dim: int | None = None,
     """The 2-norm of ``x`` (along ``dim``, kept), or, with ``total``, of the tensor whose rows the ranks
     hold: the squares summed locally, summed over the ranks, then the root."""
     if total is None:
-        return x.norm(dtype=dtype) if dim is None else x.norm(dim=dim, keepdim=True, dtype=dtype)
+        return x.norm(dtype=dtype) if dim is None else norms(x, dim, dtype)
     sq = x.to(dtype or x.dtype).square()
     sq = sq.sum() if dim is None else sq.sum(dim=dim, keepdim=True)
     return total.all_reduce_(sq, "norms").sqrt_()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..reductions import norms
 from .base import Context, Update, register
 from .scaling import channel_factors
 
@@ -81,7 +82,7 @@ class Sign(_Residual):
         dim = 0 if ctx.side == "left" else 1
         tol = ROUNDOFF_GRAD_EPS * torch.finfo(ctx.grad.dtype).eps + ROUNDOFF_COMPUTE_EPS * torch.finfo(rest.dtype).eps
         r = ctx.norm(rest, rows="weight" if dim == 0 else None, dim=dim)
-        low = ctx.low.norm(dim=dim, keepdim=True)
+        low = norms(ctx.low, dim)
         return r <= tol * torch.sqrt(r.square() + low.square())
 
 

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..reductions import norms
 from .base import Context, Update, register
 
 
@@ -28,7 +29,7 @@ def _ratio(n: Tensor, r: Tensor) -> Tensor:
 def channel_factors(ctx: Context) -> Tensor:
     """‖N‖/(‖R‖ + 1e-8) per channel, broadcasting against the m×n gradient: (m, 1) or (1, n)."""
     dim = 1 if ctx.side == "right" else 0
-    return _ratio(ctx.direction.norm(dim=dim, keepdim=True), ctx.low.norm(dim=dim, keepdim=True))
+    return _ratio(norms(ctx.direction, dim), norms(ctx.low, dim))
 
 
 class _Scaling(Update):
