@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 # Low-rank tensors are stepped in chunks of about this many bytes: foreach kernels amortise launch
 # cost across small layers, while a 7B model never holds every layer's R and N at once.
 CHUNK_BYTES = 64 * 2**20
+#: On CPU, where foreach runs tensor by tensor and launches cost nothing, a chunk's temporaries (R, N,
+#: residuals) are kept small instead: freed blocks of a few MiB stay in glibc's heap and are reused by
+#: the next chunk, where 64 MiB of them were returned to the kernel and page-faulted in again at every
+#: step (LLaMA-60M, 2 threads: Fira's plain step 187 → 162 ms, GaLore's 130 → 122 ms).
+CPU_CHUNK_BYTES = 4 * 2**20
+
+
+def chunk_budget(items: list[Any]) -> int:
+    """The chunk size in bytes for these items: :data:`CHUNK_BYTES`, or :data:`CPU_CHUNK_BYTES` on CPU."""
+    return CPU_CHUNK_BYTES if items and items[0].grad.device.type == "cpu" else CHUNK_BYTES
 
 
 @dataclass
@@ -162,7 +172,7 @@ def step_plain(opt: "LowRankAdamW", group: dict[str, Any], items: list[Item]) ->
     if whole:
         rule.step_whole([_open(opt, group, it)[0] for it in whole], [it.grad for it in whole],
                         [_state.local_view(opt.state[it.param], rule.keys)[0] for it in whole], group)
-    for chunk in chunks(through, lambda it: 4 * it.grad.numel()):
+    for chunk in chunks(through, lambda it: 4 * it.grad.numel(), chunk_budget(through)):
         _step_through_copies(opt, group, rule, chunk)
     for it in others:
         _step_by_direction(opt, group, rule, it)
@@ -220,7 +230,7 @@ def step_low_rank(opt: "LowRankAdamW", group: dict[str, Any], items: list[Item])
         return
     rule, update = _rules.get(group["rule"]), _updates.for_group(group)
     size = lambda it: 8 * math.prod(it.projector.low_rank_shape(it.param.shape))  # noqa: E731
-    for chunk in chunks(items, size):
+    for chunk in chunks(items, size, chunk_budget(items)):
         ready = [_begin(opt, group, rule, update, it) for it in chunk]
         directions = _rules.base.run(rule, [r.piece for r in ready], [r.view for r in ready], group,
                                      [r.split for r in ready])

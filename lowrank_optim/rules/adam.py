@@ -50,7 +50,12 @@ def adam_direction(
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
-    direction = torch._foreach_div(exp_avgs, denom)
+    if denom[0].device.type == "cpu":  # M / denom written over denom: no second set of r×n temporaries
+        for m, d in zip(exp_avgs, denom):
+            torch.div(m, d, out=d)
+        direction = denom
+    else:  # one multi-tensor kernel
+        direction = torch._foreach_div(exp_avgs, denom)
     torch._foreach_div_(direction, bias_correction1)
     return direction
 
