@@ -102,7 +102,8 @@ def adamw_plain(
         _adamw_tiled([params[i] for i in tiled], [grads[i] for i in tiled], [exp_avgs[i] for i in tiled],
                      [exp_avg_sqs[i] for i in tiled], [steps[i] for i in tiled], lr=float(lr), beta1=beta1,
                      beta2=beta2, eps=eps, weight_decay=weight_decay)
-        rest = [i for i in range(len(params)) if i not in set(tiled)]
+        done = set(tiled)
+        rest = [i for i in range(len(params)) if i not in done]
         params, grads, exp_avgs, exp_avg_sqs, steps = ([xs[i] for i in rest] for xs in
                                                        (params, grads, exp_avgs, exp_avg_sqs, steps))
         if not params:
