@@ -8,6 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ._console import stderr_line
 from ._version import __version__
 
 #: compare's defaults, sized so that ``lowrank-optim compare --config configs/llama_tiny.json`` is a
@@ -201,13 +202,13 @@ def _run_train_command(name: str, fn, args: argparse.Namespace) -> int:
     try:
         return fn(args)
     except (TrainError, ValueError, FileNotFoundError) as err:
-        print(f"lowrank-optim {name}: error: {err}", file=sys.stderr)
+        stderr_line(f"lowrank-optim {name}: error: {err}")
         return 2
     except Stopped as stop:
-        print(f"lowrank-optim {name}: {stop}", file=sys.stderr)
+        stderr_line(f"lowrank-optim {name}: {stop}")
         return stop.exit_status
     except KeyboardInterrupt:
-        print(f"lowrank-optim {name}: interrupted (the last checkpoint, if any, is intact)", file=sys.stderr)
+        stderr_line(f"lowrank-optim {name}: interrupted (the last checkpoint, if any, is intact)")
         return 130
 
 
@@ -327,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _memory(args)
         except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
-            print(f"lowrank-optim memory: error: {err}", file=sys.stderr)
+            stderr_line(f"lowrank-optim memory: error: {err}")
             return 2
     if args.command == "pretrain":
         return _run_train_command("pretrain", _pretrain, args)

@@ -57,3 +57,26 @@ def test_console_script_is_installed():
     assert out.stdout.strip() == f"lowrank-optim {lro.__version__}"
     out = subprocess.run([sys.executable, "-m", "lowrank_optim.cli", "--help"], capture_output=True, text=True, check=True)
     assert "usage: lowrank-optim" in out.stdout
+
+
+def test_stderr_lines_are_one_write_each(monkeypatch):
+    """Ranks of a torchrun job share stderr: each message and its newline go out in one write, so two ranks'
+    lines cannot run together (print() writes the newline separately)."""
+    import io
+    import sys
+
+    from lowrank_optim._console import stderr_line
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, s):
+            self.calls.append(s)
+            return super().write(s)
+
+    rec = Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    stderr_line("lowrank-optim pretrain: stopped by SIGTERM after step 2")
+    assert rec.calls == ["lowrank-optim pretrain: stopped by SIGTERM after step 2\n"]

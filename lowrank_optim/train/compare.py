@@ -9,7 +9,6 @@ written labels its row. Each run writes ``DIR/<label>/metrics.jsonl`` and no che
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import Corpus, local_corpus, stdlib_corpus
+from .._console import stderr_line
 from ..optim.options import option_value
 from .errors import TrainError
 from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
@@ -156,7 +156,7 @@ def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, An
     specs = parse_optimizers(optimizers) if isinstance(optimizers, str) else optimizers
     check_entries(base.config, specs, base.options)
     out = Path(out)
-    say = log if log is not None else (lambda s: print(s, file=sys.stderr))
+    say = log if log is not None else stderr_line
     rank = distributed()[0]
     corpus: Corpus | None = None
     results = []

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt_io
 from . import layer_sampling, outdir, preempt, saving
 from .data import Corpus, c4_sources, local_corpus, stdlib_corpus
+from .._console import stderr_line
 from ..projectors import NonFiniteGradientError
 from .errors import TrainError, require
 from .optimizers import build_optimizer, optimizer_settings, state_bytes
@@ -290,7 +291,7 @@ def _holding_out(a: TrainArgs, log: Callable[[str], None] | None) -> Iterator[No
             lock.acquire()
             count, size = outdir.remove_temporaries(lock.path.parent)
             if count:
-                (log or (lambda m: print(m, file=sys.stderr)))(
+                (log or stderr_line)(
                     f"removed {count} temporary file(s) of interrupted saves ({size / 2**20:.1f} MiB) from {a.out}")
         except TrainError as err:
             error = str(err)
@@ -492,7 +493,7 @@ def _build_run(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None,
     """Check the output folder and the data against the config, then build the model, optimizer and
     schedule; every check runs before the (slow) model is built."""
     rank, world, local = distributed()
-    say = log if log is not None else (lambda s: print(s, file=sys.stderr))
+    say = log if log is not None else stderr_line
     say = say if rank == 0 else (lambda s: None)
     device, dtype_name = _device_and_dtype(a, local)
     out = _output_folder(a)
