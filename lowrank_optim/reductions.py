@@ -21,11 +21,16 @@ from torch import Tensor
 TILE = 1 << 17
 
 
+def _work_dtype(x: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype``, or x's own dtype with half precision widened to float32."""
+    return dtype or (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+
+
 def sum_squares(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """Σ x² along ``dim``, kept, computed in ``dtype`` (None: x's dtype, float32 for half precision)
     and returned in ``dtype`` or x's dtype."""
     out_dtype = dtype or x.dtype
-    work = dtype or (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    work = _work_dtype(x, dtype)
     d = dim % x.dim()
     if x.device.type != "cpu" or d == x.dim() - 1 or x.numel() == 0:
         return torch.linalg.vector_norm(x, dim=d, keepdim=True, dtype=work).square_().to(out_dtype)
@@ -40,6 +45,4 @@ def sum_squares(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor
 
 def norms(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """The 2-norms of ``x`` along ``dim``, kept (as ``x.norm(dim=dim, keepdim=True, dtype=dtype)``)."""
-    out_dtype = dtype or x.dtype
-    return sum_squares(x, dim, dtype or (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)) \
-        .sqrt_().to(out_dtype)
+    return sum_squares(x, dim, _work_dtype(x, dtype)).sqrt_().to(dtype or x.dtype)
