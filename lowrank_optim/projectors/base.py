@@ -49,6 +49,11 @@ from ..distributed import LOCAL, Local, RowShard, local
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SIDES = ("left", "right")
+#: A basis whose Gram matrix Γ has ‖Γ − I‖_F at most this is taken as orthonormal by :meth:`Projector.basis_gram`:
+#: then |xᵀΓx − ‖x‖²| ≤ 1e-3·‖x‖² for every x (‖·‖₂ ≤ ‖·‖_F). A float32 SVD or eigh basis measures 1.4–3.2e-5
+#: (LLaMA shapes up to 4096×1024, ranks 128 and 256; about the rounding of Γ itself in float32), so it passes
+#: with room at 7B ranks; a bfloat16 basis (~1e-2 per entry) or a Gaussian sketch does not.
+NEAR_IDENTITY = 1e-3
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -252,6 +257,26 @@ class Projector(abc.ABC):
         """The basis this rank projects with: :meth:`basis`, or its piece of it on shards (this rank's
         rows of P on the left side, the whole Q on the right)."""
         return self.comm.basis_piece(self.basis(device=device, dtype=dtype), self.side)
+
+    def basis_gram(self, device: torch.device | str, dtype: torch.dtype) -> Tensor | None:
+        """The Gram matrix of the basis project_back uses (Bᵀ B for the left side's m×r B, summed over the
+        ranks that hold its rows; B Bᵀ for the right side's r×n), or None where it is the identity to within
+        :data:`NEAR_IDENTITY` (Frobenius norm of Γ − I). Computed once per basis: cached on this projector
+        until any entry of its state changes (a refresh, a learning step, a load), the same on every rank."""
+        key = (tuple((k, id(v), v._version) if isinstance(v, Tensor) else (k, v) for k, v in self._state.items()),
+               torch.device(device), dtype, id(self.comm))
+        cached = self.__dict__.get("_gram_cache")
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        b = self.local_basis(device, dtype)
+        gram = b.t() @ b if self.side == "left" else b @ b.t()
+        if self.side == "left" and not self.comm.whole:
+            gram = self.comm.all_reduce_(gram, "norms")
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        out = None if bool(torch.linalg.matrix_norm(gram - eye) <= NEAR_IDENTITY) else gram
+        # the state's tensors ride along so that their ids stay theirs while the key holds them
+        self.__dict__["_gram_cache"] = (key, list(self._state.values()), out)
+        return out
 
     @abc.abstractmethod
     def _placeholder(self, shape: tuple[int, int], side: str, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:

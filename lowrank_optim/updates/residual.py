@@ -125,19 +125,18 @@ class Fira(_Residual):
 
     @staticmethod
     def residual_norms(ctx: Context, dtype: torch.dtype) -> Tensor:
-        """‖G_c − project_back(R)_c‖ per channel c without forming it: ‖G_c‖² − 2‖R_c‖² + R_cᵀ B R_c, as
-        R = project(G), with B the Gram matrix of project_back's basis (the identity for an orthonormal one;
-        the formula holds for any, an INT4 or online-PCA basis included). r×r×(m + n) work against the
-        residual's m×n×r. Its error is about ε·‖G_c‖²/‖residual_c‖: large only for a channel almost inside
-        the subspace, whose residual term is as small."""
+        """‖G_c − project_back(R)_c‖ per channel c without forming it: ‖G_c‖² − 2‖R_c‖² + R_cᵀ Γ R_c, as
+        R = project(G), with Γ the Gram matrix of project_back's basis (the formula holds for any basis, an
+        INT4 or online-PCA one included). Γ is computed once per basis (:meth:`Projector.basis_gram`), and
+        for an orthonormal one (an SVD's, to float32 rounding) R_cᵀ Γ R_c is ‖R_c‖²: r×r×(m or n) work per
+        step at most, against the residual's m×n×r. Its error is about ε·‖G_c‖²/‖residual_c‖: large only for
+        a channel almost inside the subspace, whose residual term is as small."""
         low = ctx.low.to(dtype)
-        b = ctx.projector.local_basis(low.device, dtype)
-        if ctx.side == "right":  # low m×r, project_back(low) = low·b: channels are rows, local
-            gram = b @ b.t()
-            g, quad = ctx.norm(ctx.grad, dim=1, dtype=dtype), (low @ gram).mul_(low).sum(1, keepdim=True)
-            own = low.square().sum(1, keepdim=True)
-        else:  # low r×n (whole), project_back(low) = b·low: channels are columns, over the sharded rows
-            gram = ctx.comm.all_reduce_(b.t() @ b, "norms")
-            g, quad = ctx.norm(ctx.grad, rows="weight", dim=0, dtype=dtype), (gram @ low).mul_(low).sum(0, keepdim=True)
-            own = low.square().sum(0, keepdim=True)
+        gram = ctx.projector.basis_gram(low.device, dtype)
+        dim = 1 if ctx.side == "right" else 0  # right: low m×r, channels are rows (local); left: r×n columns
+        g = ctx.norm(ctx.grad, rows=None if dim == 1 else "weight", dim=dim, dtype=dtype)
+        own = low.square().sum(dim, keepdim=True)
+        if gram is None:
+            return (g.square() - own).clamp_(min=0).sqrt_()
+        quad = (low @ gram if dim == 1 else gram @ low).mul_(low).sum(dim, keepdim=True)
         return (g.square() - 2 * own + quad).clamp_(min=0).sqrt_()
