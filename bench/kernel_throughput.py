@@ -7,7 +7,7 @@ plain-torch reference on the same device, measured in one run.
 GB/s counts the bytes an op must read and write (inputs, outputs, per-block scales), divided by the
 median time of one call; each round calls every implementation once, in rotating order, so drift
 hits all alike (as bench/interleaved.py does). On CUDA the rows are the reference, Triton and the
-extension; on a CPU only the reference is timed: Triton there runs in its interpreter
+extension; on a CPU the reference and the C kernel (cpu_ext: the 8-bit Adam step): Triton there runs in its interpreter
 (TRITON_INTERPRET=1), which checks results, not speed. bench/test_kernel_throughput.py times the
 same cases with pytest-benchmark.
 """
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from lowrank_optim.kernels import BLOCK, GROUP, cuda_ext, reference
+from lowrank_optim.kernels import BLOCK, GROUP, cpu_ext, cuda_ext, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -78,8 +78,10 @@ def cases(n: int, device: str = DEVICE) -> list[Case]:
 
 def implementations(device: str = DEVICE) -> dict[str, ModuleType]:
     """The implementations worth timing on ``device``: the reference always; on CUDA Triton and the
-    CUDA extension (when they import / build)."""
+    CUDA extension (when they import / build); on a CPU the C kernel (when it builds)."""
     impls: dict[str, ModuleType] = {"reference": reference}
+    if device == "cpu" and cpu_ext.load() is not None:
+        impls["cpu_ext"] = cpu_ext
     if device == "cuda":
         try:
             from lowrank_optim.kernels import triton_kernels
@@ -186,8 +188,8 @@ def main() -> None:
         versions += f", triton {triton.__version__}"
     print(f"Kernel throughput on {device_name()}, {versions}, {args.numel:,} elements per tensor")
     if DEVICE != "cuda":
-        print("No CUDA device: only the torch reference is timed (Triton on a CPU runs in its interpreter, "
-              "which checks results and is no measure of speed).")
+        print("No CUDA device: the torch reference and the C kernel are timed (Triton on a CPU runs in its "
+              "interpreter, which checks results and is no measure of speed).")
     peak = copy_bandwidth()
     print(f"A device-to-device copy reaches {peak / 1e9:,.0f} GB/s here: the 'of copy' column is each op's "
           "GB/s as a fraction of it.\n")

@@ -6,7 +6,8 @@ rounding to bf16, the grouped min–max quantizer, the fused INT4 dequantize). T
 pick one per call:
 
 * ``LRO_KERNELS=auto`` (the default): Triton when every tensor argument is on CUDA and Triton
-  imports, else the reference. The CUDA C++ kernels are not picked by ``auto``: they were written
+  imports; on the CPU the C kernel (:mod:`.cpu_ext`, built on first use) for the ops it has (the fused
+  8-bit Adam step), else the reference. The CUDA C++ kernels are not picked by ``auto``: they were written
   without a GPU to measure on, and ``auto`` takes them only for ops where bench/kernel_throughput.py shows
   they beat Triton (none yet; see csrc/README.md);
 * ``LRO_KERNELS=triton``: Triton always (on the CPU it needs ``TRITON_INTERPRET=1``: that is how
@@ -27,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import cuda_ext, reference
+from . import cpu_ext, cuda_ext, reference
 from .reference import BLOCK, CODES, GROUP, code_book, code_midpoints
 
 MODES = ("auto", "triton", "reference", "cuda")
@@ -69,6 +70,8 @@ def backend(*tensors: Tensor, op: str | None = None) -> ModuleType:
         return module
     if module is not None and tensors and all(t.is_cuda for t in tensors if isinstance(t, Tensor)):
         return module
+    if op in cpu_ext.OPS and cpu_ext.usable(*tensors):
+        return cpu_ext
     return reference
 
 
@@ -102,6 +105,7 @@ __all__ = [
     "backend",
     "code_book",
     "code_midpoints",
+    "cpu_ext",
     "cuda_ext",
     "dequantize_blockwise",
     "dequantize_grouped",
