@@ -1,4 +1,4 @@
-"""Projector.basis_gram: the basis' Gram matrix, cached per basis, None where it is the identity; and Fira's
+"""Projector.basis_gram: the basis' Gram matrix, cached per basis, and whether it is the identity; and Fira's
 residual norms built on it, against the residual formed explicitly in float64."""
 
 from __future__ import annotations
@@ -20,20 +20,21 @@ def _grad(shape, seed=0):
 def test_an_svd_basis_is_the_identity_and_a_gaussian_one_is_not(shape):
     svd = make("svd", 8)
     svd.update(_grad(shape))
-    assert svd.basis_gram("cpu", torch.float32) is None
+    gram, orthonormal = svd.basis_gram("cpu", torch.float32)
+    assert orthonormal and torch.allclose(gram, torch.eye(8), atol=1e-5)
     rnd = make("random", 8)
     rnd.update(_grad(shape))
-    gram = rnd.basis_gram("cpu", torch.float32)
+    gram, orthonormal = rnd.basis_gram("cpu", torch.float32)
     b = rnd.basis(dtype=torch.float32)
     want = b.t() @ b if rnd.side == "left" else b @ b.t()
-    assert gram is not None and torch.equal(gram, want)
+    assert not orthonormal and torch.equal(gram, want)
 
 
 def test_a_bfloat16_basis_is_not_taken_as_orthonormal():
     svd = make("svd", 8)
     svd.update(_grad((96, 40)))
-    gram = svd.basis_gram("cpu", torch.bfloat16)  # bf16 entries are orthonormal to ~1e-2, not 1e-3
-    assert gram is not None and gram.dtype == torch.bfloat16
+    gram, orthonormal = svd.basis_gram("cpu", torch.bfloat16)  # bf16 entries are orthonormal to ~1e-2, not 1e-3
+    assert not orthonormal and gram.dtype == torch.bfloat16
 
 
 def test_the_gram_is_computed_once_per_basis(monkeypatch):
@@ -51,20 +52,20 @@ def test_the_gram_is_computed_once_per_basis(monkeypatch):
 def test_a_changed_basis_is_never_served_the_old_gram():
     proj = make("random", 8)
     proj.update(_grad((96, 40)))
-    old = proj.basis_gram("cpu", torch.float32).clone()
+    old = proj.basis_gram("cpu", torch.float32)[0].clone()
     # a refresh (a copy with a new state), a load, and an in-place write into the state each renew it
     new = proj.refreshed(_grad((96, 40), seed=1))
     new.load_state_dict({**new.state_dict(), "seed": 12345})
     b = new.basis(dtype=torch.float32)
-    assert torch.equal(new.basis_gram("cpu", torch.float32), b.t() @ b if new.side == "left" else b @ b.t())
-    assert not torch.equal(new.basis_gram("cpu", torch.float32), old)
+    assert torch.equal(new.basis_gram("cpu", torch.float32)[0], b.t() @ b if new.side == "left" else b @ b.t())
+    assert not torch.equal(new.basis_gram("cpu", torch.float32)[0], old)
     svd = make("svd", 8)
     svd.update(_grad((96, 40)))
-    assert svd.basis_gram("cpu", torch.float32) is None
+    assert svd.basis_gram("cpu", torch.float32)[1]
     key = next(k for k, v in svd.state_dict().items() if isinstance(v, torch.Tensor) and v.dim() == 2)
     svd._state[key].mul_(2.0)  # no longer orthonormal: Γ = 4I
-    gram = svd.basis_gram("cpu", torch.float32)
-    assert gram is not None and torch.allclose(gram, 4 * torch.eye(8), atol=1e-4)
+    gram, orthonormal = svd.basis_gram("cpu", torch.float32)
+    assert not orthonormal and torch.allclose(gram, 4 * torch.eye(8), atol=1e-4)
 
 
 def _explicit_residual_norms(proj, grad):
@@ -94,7 +95,7 @@ def test_fira_residual_norms_match_the_formed_residual(projector, shape):
     # float32: ‖G_c‖² − ‖R_c‖² cancels to ‖residual_c‖² with an error of a few ε₃₂·‖G_c‖² (the docstring's
     # ε·‖G_c‖²/‖residual_c‖ in the norm); here ‖residual_c‖ ≥ 0.3‖G_c‖, so 1e-5 relative holds with room.
     # An orthonormal basis adds at most NEAR_IDENTITY·‖R_c‖² (1e-3), measured at ~2e-5 in Frobenius norm.
-    gram = proj.basis_gram("cpu", torch.float32)
+    orthonormal = proj.basis_gram("cpu", torch.float32)[1]
     if projector != "online_pca":  # its basis leaves orthonormality by its learning steps, gradually
-        assert (gram is None) == (projector in ("svd", "dct"))  # INT4 codes are not orthonormal: both paths run
-    assert torch.allclose(got, want, rtol=1e-5 if gram is not None else 5e-5)
+        assert orthonormal == (projector in ("svd", "dct"))  # INT4 codes are not orthonormal: both paths run
+    assert torch.allclose(got, want, rtol=5e-5 if orthonormal else 1e-5)

@@ -49,8 +49,8 @@ from ..distributed import LOCAL, Local, RowShard, local
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SIDES = ("left", "right")
-#: A basis whose Gram matrix Γ has ‖Γ − I‖_F at most this is taken as orthonormal by :meth:`Projector.basis_gram`:
-#: then |xᵀΓx − ‖x‖²| ≤ 1e-3·‖x‖² for every x (‖·‖₂ ≤ ‖·‖_F). A float32 SVD or eigh basis measures 1.4–3.2e-5
+#: A basis whose Gram matrix Γ has ‖Γ − I‖_F at most this counts as orthonormal (:meth:`Projector.basis_gram`) where
+#: an update can take Γ = I (Fira's limiter norm): then |xᵀΓx − ‖x‖²| ≤ 1e-3·‖x‖² for every x (‖·‖₂ ≤ ‖·‖_F). A float32 SVD or eigh basis measures 1.4–3.2e-5
 #: (LLaMA shapes up to 4096×1024, ranks 128 and 256; about the rounding of Γ itself in float32), so it passes
 #: with room at 7B ranks; a bfloat16 basis (~1e-2 per entry) or a Gaussian sketch does not.
 NEAR_IDENTITY = 1e-3
@@ -258,11 +258,11 @@ class Projector(abc.ABC):
         rows of P on the left side, the whole Q on the right)."""
         return self.comm.basis_piece(self.basis(device=device, dtype=dtype), self.side)
 
-    def basis_gram(self, device: torch.device | str, dtype: torch.dtype) -> Tensor | None:
-        """The Gram matrix of the basis project_back uses (Bᵀ B for the left side's m×r B, summed over the
-        ranks that hold its rows; B Bᵀ for the right side's r×n), or None where it is the identity to within
-        :data:`NEAR_IDENTITY` (Frobenius norm of Γ − I). Computed once per basis: cached on this projector
-        until any entry of its state changes (a refresh, a learning step, a load), the same on every rank."""
+    def basis_gram(self, device: torch.device | str, dtype: torch.dtype) -> tuple[Tensor, bool]:
+        """The Gram matrix Γ of the basis project_back uses (Bᵀ B for the left side's m×r B, summed over the
+        ranks that hold its rows; B Bᵀ for the right side's r×n), and whether it is the identity to within
+        :data:`NEAR_IDENTITY` (‖Γ − I‖_F). Computed once per basis: cached on this projector until any entry
+        of its state changes (a refresh, a learning step, a load), the same on every rank."""
         key = (tuple((k, id(v), v._version) if isinstance(v, Tensor) else (k, v) for k, v in self._state.items()),
                torch.device(device), dtype, id(self.comm))
         cached = self.__dict__.get("_gram_cache")
@@ -273,7 +273,7 @@ class Projector(abc.ABC):
         if self.side == "left" and not self.comm.whole:
             gram = self.comm.all_reduce_(gram, "norms")
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        out = None if bool(torch.linalg.matrix_norm(gram - eye) <= NEAR_IDENTITY) else gram
+        out = gram, bool(torch.linalg.matrix_norm(gram - eye) <= NEAR_IDENTITY)
         # the state's tensors ride along so that their ids stay theirs while the key holds them
         self.__dict__["_gram_cache"] = (key, list(self._state.values()), out)
         return out

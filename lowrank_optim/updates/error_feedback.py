@@ -140,14 +140,13 @@ class ErrorFeedback(Update):
     def coordinates(ctx: Context) -> Tensor:
         """Γ⁺R (left) or RΓ⁺ (right), Γ the basis' Gram matrix: project_back of it is Π(A) for any basis, in
         float32 at least. The pseudo-inverse (eigh of the r×r Γ): a basis of repeated rows (Grass's sampling with
-        replacement draws an index twice) has a singular Γ, and Bᵀ Γ⁺ B is still the projection onto its span."""
+        replacement draws an index twice) has a singular Γ, and Bᵀ Γ⁺ B is still the projection onto its span.
+        Γ is the projector's, computed once per basis (:meth:`Projector.basis_gram`); E accumulates what the
+        projection misses, so Γ is used even where it is near the identity."""
         low = ctx.low
-        b = ctx.projector.local_basis(low.device, torch.float64 if low.dtype == torch.float64 else torch.float32)
+        gram, _ = ctx.projector.basis_gram(low.device, torch.float64 if low.dtype == torch.float64 else torch.float32)
         if ctx.side == "left":
-            gram = b.t() @ b
-            gram = gram if ctx.comm.whole else ctx.comm.all_reduce_(gram, "norms")
             return (torch.linalg.pinv(gram, hermitian=True) @ low.to(gram.dtype)).to(low.dtype)
-        gram = b @ b.t()
         return (low.to(gram.dtype) @ torch.linalg.pinv(gram, hermitian=True)).to(low.dtype)
 
     def store(self, state: dict[str, Any], value: Tensor) -> None:

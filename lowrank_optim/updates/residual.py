@@ -132,11 +132,11 @@ class Fira(_Residual):
         step at most, against the residual's m×n×r. Its error is about ε·‖G_c‖²/‖residual_c‖: large only for
         a channel almost inside the subspace, whose residual term is as small."""
         low = ctx.low.to(dtype)
-        gram = ctx.projector.basis_gram(low.device, dtype)
+        gram, orthonormal = ctx.projector.basis_gram(low.device, dtype)
         dim = 1 if ctx.side == "right" else 0  # right: low m×r, channels are rows (local); left: r×n columns
         g = ctx.norm(ctx.grad, rows=None if dim == 1 else "weight", dim=dim, dtype=dtype)
         own = low.square().sum(dim, keepdim=True)
-        if gram is None:
+        if orthonormal:  # the limiter's norm tolerates Γ = I to within NEAR_IDENTITY
             return (g.square() - own).clamp_(min=0).sqrt_()
         quad = (low @ gram if dim == 1 else gram @ low).mul_(low).sum(dim, keepdim=True)
         return (g.square() - 2 * own + quad).clamp_(min=0).sqrt_()
