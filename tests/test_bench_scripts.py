@@ -63,3 +63,19 @@ def test_nanogpt_lr_runs_adamw_and_a_preset(tmp_path):
     assert [r["entry"] for r in got] == ["adamw", "galore:match_adamw_rms=True"]
     # two steps from a byte-level init (ln 260 = 5.56): finite and below the uniform model's loss
     assert all(0.0 < r["heldout_loss"] < 5.6 for r in got), got
+
+
+def test_update_rms_pools_each_kind_against_adamw():
+    """bench/update_rms.py, which the README's update-RMS table is measured with: three steps on nanoGPT.
+    AdamW is its own reference (1.00x) in every kind; and on its first steps |m̂|/√v̂ is at most 1.001 per
+    entry (Cauchy-Schwarz over the two steps' weights at betas (0.9, 0.99)), decay adding 1e-6 of lr: an
+    RMS(dW)/lr above 1.01 is a wrong normalisation (by the base lr, not the warmed-up lr_t: 30x)."""
+    out = subprocess.run([sys.executable, "bench/update_rms.py", "--model", "nanogpt", "--steps", "3", "--skip", "1",
+                          "--optimizers", "adamw,galore:match_adamw_rms=True"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| adamw", "| galore:match_adamw_rms=True"]
+    adamw = dict(cell.split(" ", 1) for cell in rows[0].strip("| ").split(" | ")[1:])
+    assert set(adamw) == {"1-D", "embed/head", "projected"}
+    assert all(v.endswith("(1.00x)") and 0.0 < float(v.split()[0]) <= 1.01 for v in adamw.values()), adamw
