@@ -154,3 +154,20 @@ def test_matched_update_has_the_rms_of_adamw_s_first_step():
     rms = (w.detach() - before).pow(2).mean().sqrt().item()
     # the update is scale * P N with N = sign(R): RMS(N) = 1, spread over 64 rows from 16
     assert math.isclose(rms, 1.0, rel_tol=1e-5), rms
+
+
+def test_match_adamw_rms_gives_adafactor_adamw_s_first_moment():
+    """Adafactor steps by G/√V̂ (about 1 per entry) where Adam's m̂/√v̂ averages noise down, 3x smaller at
+    AdamW's tuned lr (bench/update_rms.py): match_adamw_rms gives it a first moment at AdamW's β₁ unless one is
+    given, in every group it reaches; the other rules keep their keys."""
+    model = make_model(dim=32, hidden=48)
+    opt = lro.GaLoreAdafactor(model, match_adamw_rms=True, betas=(0.8, 0.99))
+    assert [g["momentum"] for g in opt.param_groups] == [0.8] * len(opt.param_groups)
+    assert lro.GaLoreAdafactor(model, match_adamw_rms=True, momentum=0.5).param_groups[0]["momentum"] == 0.5
+    assert lro.GaLoreAdafactor(model).param_groups[0]["momentum"] is None
+    assert lro.SUMO(model, match_adamw_rms=True).param_groups[0]["momentum"] == lro.SUMO(model).param_groups[0]["momentum"]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    low = next(p for p in opt.param_groups[0]["params"] if p.dim() == 2)
+    assert "exp_avg" in opt.state[low]  # the first moment is kept (and saved), r·n floats

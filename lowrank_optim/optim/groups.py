@@ -86,6 +86,8 @@ def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]
         ctor = opt.defaults.get("rank")
         fixed = ctor if isinstance(ctor, int) and not isinstance(ctor, bool) else None
         param_group = {**param_group, "rank": fixed or auto_rank(type(opt), _short_side(param_group["params"]))}
+    if merged.get("match_adamw_rms") is True and merged.get("rule") in _rules.REGISTRY:
+        param_group = {**param_group, **_rules.get(merged["rule"]).adamw_rms_keys(merged)}
     rank = param_group.get("rank", merged.get("rank"))
     if merged.get("match_adamw_rms") is True and rank is not None and rank != options.AUTO_RANK:
         if "scale" in param_group:

@@ -74,6 +74,12 @@ class Rule:
         """Update ``state`` in place from ``low``; return the direction."""
         raise TypeError(f"rule {self.name!r} defines no direction(low, state, group)")
 
+    def adamw_rms_keys(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Group keys that ``match_adamw_rms=True`` sets (where the group leaves them at their default) so that
+        this rule's direction has the RMS of Adam's before the scale is matched; none by default (Adam's is
+        Adam's; Adafactor adds a first moment)."""
+        return {}
+
     def check(self, group: dict[str, Any], fail: Fail) -> None:
         """Validate this rule's group keys; ``fail(key, why)`` raises."""
 
