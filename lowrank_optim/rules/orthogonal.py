@@ -64,7 +64,8 @@ def orthogonalize_svd(x: Tensor) -> Tensor:
     Computed (for float32 and narrower ``x``) as the polar factor X (XᵀX)^(-1/2) on the short side, from
     the r×r Gram matrix's ``eigh`` in float64 (the Gram matrix squares the condition number; float64 keeps
     every direction float32's SVD resolves) and one float32 product: closer to the exact U Vᵀ than
-    LAPACK's float32 SVD (a tenth of its error, tested), at a fraction of its time for the m×r momenta of a low-rank step (0.3–0.6x on LLaMA-60M shapes).
+    LAPACK's float32 SVD (a fifth to a twentieth of its error, tested), at a fraction of its time for the
+    m×r momenta of a low-rank step (0.3–0.6x on LLaMA-60M shapes).
 
     A matrix holding inf or NaN (a momentum that took a non-finite gradient under ``nonfinite="ignore"``)
     has no eigendecomposition, and LAPACK would raise midway through a step: it gives NaN everywhere
