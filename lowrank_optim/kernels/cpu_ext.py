@@ -136,12 +136,8 @@ def adam8bit_direction(
     g = low.float().reshape(-1).contiguous()
     n = g.numel()
     blocks = -(-n // block) if isinstance(block, int) and not isinstance(block, bool) and block > 0 else 0
-    for name, codes in (("m_codes", m_codes), ("v_codes", v_codes)):
-        if codes.numel() != n:
-            raise ValueError(f"adam8bit_direction: {name} holds {codes.numel()} codes for {n} gradient elements")
-    for name, absmax in (("m_absmax", m_absmax), ("v_absmax", v_absmax)):
-        if blocks and absmax.numel() != blocks:
-            raise ValueError(f"adam8bit_direction: {name} holds {absmax.numel()} values for {blocks} blocks of {block}")
+    if blocks:
+        reference._check_moments(n, block, m_codes, m_absmax, v_codes, v_absmax)
     state = (m_codes, m_absmax, v_codes, v_absmax)
     plain = all(t.is_contiguous() and t.device.type == "cpu" for t in state) \
         and m_codes.dtype == v_codes.dtype == torch.uint8 and m_absmax.dtype == v_absmax.dtype == torch.float32

@@ -141,6 +141,17 @@ def _check_finite(x: Tensor, what: str) -> None:
                          "would turn the whole block into NaN); check the values before storing them")
 
 
+def _check_moments(n: int, block: int, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor) -> None:
+    """The 8-bit Adam kernels' size check: a code per gradient element and an absmax per block of ``block``."""
+    for name, codes in (("m_codes", m_codes), ("v_codes", v_codes)):
+        if codes.numel() != n:
+            raise ValueError(f"adam8bit_direction: {name} holds {codes.numel()} codes for {n} gradient elements")
+    for name, absmax in (("m_absmax", m_absmax), ("v_absmax", v_absmax)):
+        if absmax.numel() != -(-n // block):
+            raise ValueError(f"adam8bit_direction: {name} holds {absmax.numel()} values for "
+                             f"{-(-n // block)} blocks of {block}")
+
+
 def _blocks(x: Tensor, block: int, fill: float = 0.0) -> Tensor:
     """x (flat) as rows of ``block``, the last row padded with ``fill``."""
     n = x.numel()

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .reference import BLOCK, GROUP, _check_finite
+from .reference import BLOCK, GROUP, _check_finite, _check_moments
 
 MAX_TILE = 4096  # longest block or group held in registers by one program
 ELEMENTWISE_TILE = 1024  # elements per program of the elementwise kernels
@@ -488,13 +488,7 @@ def adam8bit_direction(
     ubook = _table("adam_v_book", code, False, low.device)  # code 0 read as half the smallest level
     g, bf16 = _as_input(low)
     n = g.numel()
-    for name, codes in (("m_codes", m_codes), ("v_codes", v_codes)):
-        if codes.numel() != n:
-            raise ValueError(f"adam8bit_direction: {name} holds {codes.numel()} codes for {n} gradient elements")
-    for name, absmax in (("m_absmax", m_absmax), ("v_absmax", v_absmax)):
-        if absmax.numel() != -(-n // block):
-            raise ValueError(f"adam8bit_direction: {name} holds {absmax.numel()} values for "
-                             f"{-(-n // block)} blocks of {block}")
+    _check_moments(n, block, m_codes, m_absmax, v_codes, v_absmax)
     direction = torch.empty(n, dtype=torch.float32, device=low.device)
     if not n:
         return direction

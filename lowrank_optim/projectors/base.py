@@ -49,10 +49,11 @@ from ..distributed import LOCAL, Local, RowShard, local
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SIDES = ("left", "right")
-#: A basis whose Gram matrix Γ has ‖Γ − I‖_F at most this counts as orthonormal (:meth:`Projector.basis_gram`) where
-#: an update can take Γ = I (Fira's limiter norm): then |xᵀΓx − ‖x‖²| ≤ 1e-3·‖x‖² for every x (‖·‖₂ ≤ ‖·‖_F). A float32 SVD or eigh basis measures 1.4–3.2e-5
-#: (LLaMA shapes up to 4096×1024, ranks 128 and 256; about the rounding of Γ itself in float32), so it passes
-#: with room at 7B ranks; a bfloat16 basis (~1e-2 per entry) or a Gaussian sketch does not.
+#: A basis whose Gram matrix Γ has ‖Γ − I‖_F at most this counts as orthonormal (:meth:`Projector.basis_gram`)
+#: where an update can take Γ = I (Fira's limiter norm): then |xᵀΓx − ‖x‖²| ≤ 1e-3·‖x‖² for every x
+#: (‖·‖₂ ≤ ‖·‖_F). A float32 SVD or eigh basis measures 1.4–3.2e-5 (LLaMA shapes up to 4096×1024, ranks 128
+#: and 256; about the rounding of Γ itself in float32), so it passes with room at 7B ranks; a bfloat16 basis
+#: (~1e-2 per entry) or a Gaussian sketch does not.
 NEAR_IDENTITY = 1e-3
 
 
