@@ -218,6 +218,30 @@ def test_svd_orthogonalization_is_exact_and_drops_null_directions():
     assert torch.linalg.matrix_rank(orthogonal.orthogonalize_svd(rank2)) == 2
 
 
+def test_batched_polar_factors_are_each_matrixs_own_and_a_nan_stays_in_its_matrix():
+    """orthogonalize_svd_many (one eigh per shape) gives each matrix the bits orthogonalize_svd gives it
+    alone (LAPACK steps every matrix of a batch on its own, so no tolerance), and a non-finite matrix in a
+    batch is NaN without touching its neighbours: its Gram matrix is zeroed before the shared eigh."""
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(s, generator=gen) for s in [(12, 5), (5, 12), (12, 5), (12, 5), (3, 3)]]
+    xs.append(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    xs[2][3, 1] = float("nan")
+    xs[3][0, 0] = float("inf")
+    many = orthogonal.orthogonalize_svd_many(xs)
+    for i, (x, got) in enumerate(zip(xs, many)):
+        alone = orthogonal.orthogonalize_svd(x)
+        assert got.shape == x.shape and got.dtype == alone.dtype
+        if i in (2, 3):
+            assert got.isnan().all() and alone.isnan().all()
+        else:
+            assert torch.equal(got, alone), i
+            torch.testing.assert_close(got.double() @ got.double().T if x.shape[0] <= x.shape[1]
+                                       else got.double().T @ got.double(), torch.eye(min(x.shape), dtype=torch.float64),
+                                       rtol=0, atol=1e-5)  # float32 polar factor: 1e-6-level per entry
+    with pytest.raises(ValueError, match="2-D"):
+        orthogonal.orthogonalize_svd_many([torch.zeros(3)])
+
+
 @pytest.mark.parametrize("shape", [(128, 512), (1376, 128), (128, 1376)])
 def test_float32_polar_factor_is_closer_to_the_exact_one_than_lapacks_float32_svd(shape):
     """U Vᵀ of float32 momenta (LLaMA-60M's low-rank shapes, singular values over three decades, above the

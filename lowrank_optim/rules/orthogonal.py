@@ -32,11 +32,13 @@ own orthogonalization of the same matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..distributed import LOCAL, Split
 from .base import Fail, Rule, register
 
 METHODS = ("svd", "newton_schulz")
@@ -47,6 +49,7 @@ NS_EPS = 1e-7
 RMS = 0.2
 
 KEYS = ("momentum_buffer",)
+_WHOLE = Split(LOCAL, None, 0, 0, 0)
 DEFAULT_MOMENTUM = 0.95
 
 
@@ -70,11 +73,32 @@ def orthogonalize_svd(x: Tensor) -> Tensor:
     A matrix holding inf or NaN (a momentum that took a non-finite gradient under ``nonfinite="ignore"``)
     has no eigendecomposition, and LAPACK would raise midway through a step: it gives NaN everywhere
     instead, as Adam's update does from such a moment. Decided on the device, without a host
-    synchronisation."""
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    finite = torch.isfinite(work).all()
-    work = torch.where(finite, work, torch.zeros((), dtype=work.dtype, device=work.device))
-    out = _svd_factor(work) if work.dtype == torch.float64 else _gram_polar(work)
+    synchronisation. :func:`orthogonalize_svd_many` is the same for a list, one ``eigh`` per shape."""
+    return orthogonalize_svd_many([x])[0]
+
+
+def orthogonalize_svd_many(xs: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`orthogonalize_svd` of every matrix in ``xs``, bit for bit; the Gram matrices of one shape
+    share one batched ``eigh`` and one batched product (LLaMA-60M's 56 momenta: 3 calls instead of 56)."""
+    out: list[Tensor | None] = [None] * len(xs)
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        if x.dim() != 2:
+            raise ValueError(f"orthogonalize_svd needs 2-D matrices, got shape {tuple(x.shape)}")
+        if x.dtype == torch.float64:
+            out[i] = _finite_or_nan(x, _svd_factor)
+        else:
+            batches.setdefault((tuple(x.shape), x.dtype, x.device), []).append(i)
+    for idx in batches.values():
+        for i, polar in zip(idx, _gram_polar([xs[i] if xs[i].dtype == torch.float32 else xs[i].float()
+                                              for i in idx])):
+            out[i] = polar
+    return out  # type: ignore[return-value]
+
+
+def _finite_or_nan(x: Tensor, factor: Callable[[Tensor], Tensor]) -> Tensor:
+    finite = torch.isfinite(x).all()
+    out = factor(torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)))
     return torch.where(finite, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
 
 
@@ -84,22 +108,33 @@ def _svd_factor(work: Tensor) -> Tensor:
     return (u * (s > max(work.shape) * torch.finfo(work.dtype).eps * s.amax()).to(work.dtype)) @ vh
 
 
-def _gram_polar(work: Tensor) -> Tensor:
-    """X (XᵀX)^(-1/2) on the short side, from the Gram matrix's ``eigh`` in float64."""
-    tall = work.shape[0] >= work.shape[1]
-    x = work if tall else work.t()
-    y = x.double()
-    evals, evecs = torch.linalg.eigh(y.t() @ y)
-    # singular values below max(rows, cols)·ε·σ_max (ε of the working dtype) count as zero
-    tol = (max(work.shape) * torch.finfo(work.dtype).eps) ** 2 * evals[-1].clamp(min=0)
+def _gram_polar(works: list[Tensor]) -> list[Tensor]:
+    """X (XᵀX)^(-1/2) on the short side of each float32 matrix (all of one shape), from the Gram matrices'
+    batched ``eigh`` in float64.
+
+    A non-finite entry of X makes its column's diagonal entry of XᵀX inf or NaN (a float32 X cannot
+    overflow a float64 sum of squares), so the Gram matrices' diagonals alone say which X are finite: a
+    non-finite one is replaced by zeros before ``eigh`` and its factor set to NaN after."""
+    shape = works[0].shape
+    tall = shape[0] >= shape[1]
+    xs = [w if tall else w.t() for w in works]
+    grams = torch.stack([y.t() @ y for y in (x.double() for x in xs)])
+    finite = torch.isfinite(grams.diagonal(dim1=-2, dim2=-1)).all(-1)
+    grams = torch.where(finite[:, None, None], grams, torch.zeros((), dtype=grams.dtype, device=grams.device))
+    evals, evecs = torch.linalg.eigh(grams)
+    # singular values below max(rows, cols)·ε·σ_max (ε of float32) count as zero
+    tol = (max(shape) * torch.finfo(torch.float32).eps) ** 2 * evals[:, -1:].clamp(min=0)
     inv_sqrt = torch.where(evals > tol, evals.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(),
                            torch.zeros_like(evals))
-    # X·(XᵀX)^(-1/2) in X's own dtype: the r×r factor comes from the float64 eigh and is rounded once; the
-    # product's error is about ε·‖X‖‖factor‖ per entry, 2–4e-6 in float32 for singular values over three
-    # decades, against 2–6e-5 for LAPACK's float32 SVD (tests/test_rules.py), and it is one float32 matmul
-    # instead of a float64 one (0.7–0.85x of this function's time at LLaMA-60M's low-rank shapes).
-    polar = x @ ((evecs * inv_sqrt) @ evecs.t()).to(work.dtype)
-    return polar if tall else polar.t()
+    # X·(XᵀX)^(-1/2) in float32: the r×r factor comes from the float64 eigh and is rounded once; the
+    # product's error is about ε·‖X‖‖factor‖ per entry, 2–4e-6 for singular values over three decades,
+    # against 2–6e-5 for LAPACK's float32 SVD (tests/test_rules.py), and it is one float32 matmul instead
+    # of a float64 one (0.7–0.85x of this function's time at LLaMA-60M's low-rank shapes).
+    factors = torch.bmm(evecs * inv_sqrt[:, None, :], evecs.transpose(1, 2)).float()
+    # a NaN factor makes every entry of X·factor NaN: the r×r factor is marked, not the m×r product
+    factors = torch.where(finite[:, None, None], factors, torch.full((), float("nan"), device=factors.device))
+    polars = [x @ f for x, f in zip(xs, factors)]
+    return polars if tall else [p.t() for p in polars]
 
 
 def newton_schulz(x: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
@@ -128,16 +163,18 @@ def shape_factor(shape: tuple[int, ...] | torch.Size) -> float:
     return RMS * math.sqrt(max(shape[-2], shape[-1]))
 
 
+def _momentum_step(low: Tensor, state: dict[str, Any], momentum: float, nesterov: bool) -> Tensor:
+    """M ← μM + (1 − μ)R in ``state``; the matrix to orthogonalize (M, or R + μM's average with Nesterov)."""
+    buf = state["momentum_buffer"]
+    buf.lerp_(low, 1.0 - momentum)
+    return low.lerp(buf, momentum) if nesterov else buf
+
+
 def direction(low: Tensor, state: dict[str, Any], *, momentum: float, nesterov: bool, method: str,
               ns_steps: int) -> Tensor:
     """Update the momentum in ``state`` with ``low`` and return the scaled orthogonal factor."""
-    buf = state["momentum_buffer"]
-    buf.lerp_(low, 1.0 - momentum)
-    x = low.lerp(buf, momentum) if nesterov else buf
-    if method == "svd":
-        o = orthogonalize_svd(x)
-    else:
-        o = newton_schulz(x, ns_steps)
+    x = _momentum_step(low, state, momentum, nesterov)
+    o = orthogonalize_svd(x) if method == "svd" else newton_schulz(x, ns_steps)
     return o.to(low.dtype).mul_(shape_factor(low.shape))
 
 
@@ -170,6 +207,27 @@ class Orthogonal(Rule):
                 f"most {min(shape)}, or leave this parameter out of the rank group")
 
     def direction(self, low: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        momentum = DEFAULT_MOMENTUM if group["momentum"] is None else float(group["momentum"])
-        return direction(low, state, momentum=momentum, nesterov=bool(group["nesterov"]),
+        return direction(low, state, momentum=_momentum(group), nesterov=bool(group["nesterov"]),
                          method=group["orthogonalize"], ns_steps=int(group["ns_steps"]))
+
+    def directions(self, lows: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any],
+                   splits: Sequence[Split]) -> list[Tensor]:
+        """``direction`` of each whole tensor, the exact SVDs batched by shape (:func:`orthogonalize_svd_many`,
+        the same bits); FSDP2 pieces gather the whole tensor first (:meth:`Rule.on_piece`)."""
+        splits = list(splits) or [_WHOLE] * len(lows)
+        if group["orthogonalize"] != "svd":
+            return super().directions(lows, states, group, splits)
+        out: list[Tensor | None] = [None] * len(lows)
+        whole = [i for i, split in enumerate(splits) if split.whole]
+        for i, split in enumerate(splits):
+            if not split.whole:
+                out[i] = self.on_piece(lows[i], states[i], group, split)
+        momentum, nesterov = _momentum(group), bool(group["nesterov"])
+        xs = [_momentum_step(lows[i], states[i], momentum, nesterov) for i in whole]
+        for i, o in zip(whole, orthogonalize_svd_many(xs)):
+            out[i] = o.to(lows[i].dtype).mul_(shape_factor(lows[i].shape))
+        return out  # type: ignore[return-value]
+
+
+def _momentum(group: dict[str, Any]) -> float:
+    return DEFAULT_MOMENTUM if group["momentum"] is None else float(group["momentum"])
