@@ -145,6 +145,38 @@ def test_adafactor_clips_large_updates():
     torch.testing.assert_close(out.square().mean().sqrt(), torch.tensor(0.1, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.05], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_blocked_whole_step_is_the_direction_applied(monkeypatch, clip, beta1):
+    """step_factored (whole 2-D plain parameters, in row blocks: here 4 rows, 3 blocks and a short last one)
+    against W·(1 − lr·wd) − lr·direction from one unblocked direction call, over steps where the clipping is
+    off and where it binds. Everything but the RMS is element for element the same arithmetic; the RMS is
+    summed per block in float32, so the two may differ by a few ulps of the clipping divisor, which moves
+    each update entry by as many ulps (rtol 1e-6, about 8 float32 ulps)."""
+    monkeypatch.setattr(adafactor, "BLOCK", 4 * 7)
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(14, 7, generator=gen)
+    grads = [torch.randn(14, 7, generator=gen) * (1 + t) for t in range(4)]
+    opts = dict(beta2_decay=-0.8, eps=1e-8, clip_threshold=clip, momentum=beta1)
+    ours, ref = w0.clone(), w0.clone()
+    s_ours = adafactor.fresh_state(w0.shape, w0.dtype, w0.device, beta1)
+    s_ref = adafactor.fresh_state(w0.shape, w0.dtype, w0.device, beta1)
+    lr, decay = 0.01, 1 - 0.01 * 0.1
+    for g in grads:
+        s_ours["step"] += 1
+        s_ref["step"] += 1
+        adafactor.step_factored(ours, g, s_ours, lr=lr, decay=decay, **opts)
+        d = adafactor.direction(g, s_ref, **opts)
+        ref.mul_(decay).add_(d, alpha=-lr)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+        if beta1 is None:  # the case meant: the clipping binds (RMS of Û is d) or it does not (RMS above d)
+            rms = d.square().mean().sqrt().item()
+            assert rms == pytest.approx(clip, rel=1e-5) if clip < 1 else rms > 0.1
+    for key in s_ref:  # M averages signed updates: an entry that nearly cancels holds ulps of its larger terms
+        scale = s_ref[key].abs().max().item()
+        torch.testing.assert_close(s_ours[key], s_ref[key], rtol=1e-6, atol=1e-6 * scale)
+
+
 @pytest.mark.parametrize("shape", [(12, 7), (9,)], ids=["factored-2d", "full-1d"])
 def test_adafactor_direction_equals_torch_adafactor(shape):
     """The group's plain parameters run Adafactor on the whole gradient; its direction is

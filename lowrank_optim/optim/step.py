@@ -161,11 +161,12 @@ def step_plain(opt: "LowRankAdamW", group: dict[str, Any], items: list[Item]) ->
             piece = torch.zeros_like(it.grad, dtype=opt._plain_moment_dtype(group, p))
             state.update(_state.fresh(rule, None, group, piece, it.comm.split(None, tuple(p.shape)), tuple(p.shape)))
         view, _ = _state.local_view(state, rule.keys)
-        float_state = rule.steps_whole and all(
-            _rules.base.storage_of(view, k) is _rules.base.FLOAT for k in rule.keys if k in view)
-        if not float_state:
+        keys = [k for k in rule.keys if k in view]
+        # a rule that is not element-wise steps a whole parameter itself only where this rank holds all of it
+        by_itself = rule.steps_whole and (rule.elementwise or it.comm.split(None, tuple(p.shape)).whole)
+        if not (by_itself and all(_rules.base.storage_of(view, k) is _rules.base.FLOAT for k in keys)):
             others.append(it)
-        elif writeback.through_copy(group, p) or view[rule.keys[0]].dtype != p.dtype:
+        elif writeback.through_copy(group, p) or view[keys[0]].dtype != p.dtype:
             through.append(it)
         else:
             whole.append(it)

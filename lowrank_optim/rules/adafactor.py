@@ -103,6 +103,47 @@ def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: floa
     return exp_avg.clone()
 
 
+#: Elements per row block of :func:`step_factored` (1 MiB of float32: a block's temporaries stay in the
+#: allocator's heap and in cache, where a whole embedding's are fresh pages at every step).
+BLOCK = 2**18
+
+
+def step_factored(w: Tensor, x: Tensor, state: dict[str, Any], *, lr: float, decay: float, beta2_decay: float,
+                  eps: float, clip_threshold: float, momentum: float | None) -> None:
+    """W ← decay·W − lr·direction for a whole 2-D parameter, :func:`direction`'s numbers without a
+    temporary the size of W: the statistics as there, then Û formed in row blocks twice, once for its RMS
+    (the clipping divisor needs all of it) and once to apply, block by block into M and W.
+
+    Why: an embedding or head in Adafactor (GaLoreAdafactor's unprojected weights) made V̂, Û and the
+    returned copy of M, 64 MiB each at LLaMA-60M, freshly mapped and page-faulted at every step; the
+    recomputation costs less than that (bench/interleaved.py). The RMS is summed per block, so it may
+    differ from :func:`direction`'s one-pass norm in the last bits (tested against it)."""
+    weight = float(steps(state)) ** beta2_decay
+    row_var, col_var = state["row_var"], state["col_var"]
+    row_var.lerp_(_mean_square(x, -1, _WHOLE), weight)
+    col_var.lerp_(_mean_square(x, -2, _WHOLE), weight)
+    mean = row_var.mean(dim=-2, keepdim=True).clamp_(min=eps)
+    rows = max(1, BLOCK // max(x.shape[-1], 1))
+    spans = [(a, min(rows, x.shape[0] - a)) for a in range(0, x.shape[0], rows)]
+
+    def update(a: int, n: int) -> Tensor:
+        v_hat = torch.mul(row_var.narrow(0, a, n), col_var).div_(mean)
+        return v_hat.clamp_(min=eps * eps).rsqrt_().mul_(x.narrow(0, a, n))
+
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for a, n in spans:
+        total.add_(torch.linalg.vector_norm(update(a, n)).square_())
+    clip = torch.clamp(total.div_(max(x.numel(), 1)).sqrt_() / clip_threshold, min=1.0)
+    for a, n in spans:
+        u = update(a, n).div_(clip)
+        if momentum is not None:
+            u = state["exp_avg"].narrow(0, a, n).lerp_(u, 1.0 - momentum)
+        block = w.narrow(0, a, n)
+        if decay != 1.0:
+            block.mul_(decay)
+        block.add_(u.to(block.dtype), alpha=-lr)
+
+
 def estimate(state: dict[str, Any], eps: float, split: Split | None = None) -> Tensor:
     """The second-moment estimate V̂ the statistics stand for (r cᵀ / mean(r), or V)."""
     split = split or _WHOLE
@@ -138,6 +179,7 @@ class Adafactor(Rule):
     nonnegative = ("row_var", "col_var", "variance")
     int8_keys = ()  # the statistics are r + n floats: nothing worth storing in 8 bits
     plain_rule = "adafactor"
+    steps_whole = True
     defaults = {"momentum": None, "beta2_decay": -0.8, "clip_threshold": 1.0}
 
     def adamw_rms_keys(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +209,24 @@ class Adafactor(Rule):
                   split: Split | None = None) -> Tensor:
         return direction(low, state, beta2_decay=float(group["beta2_decay"]), eps=float(group["eps"]),
                          clip_threshold=float(group["clip_threshold"]), momentum=_momentum(group), split=split)
+
+    def step_whole(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                   group: dict[str, Any]) -> None:
+        """Whole unprojected parameters (never FSDP2 pieces, whose statistics span the ranks): 2-D ones by
+        :func:`step_factored`, the rest by ``direction``; W ← (1 − lr·wd)·W − lr·direction either way."""
+        lr = float(group["lr"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        options = {"beta2_decay": float(group["beta2_decay"]), "eps": float(group["eps"]),
+                   "clip_threshold": float(group["clip_threshold"]), "momentum": _momentum(group)}
+        for w, g, state in zip(params, grads, states):
+            state["step"] += 1
+            if "row_var" in state and g.dim() == 2:
+                step_factored(w, g, state, lr=lr, decay=decay, **options)
+                continue
+            d = direction(g, state, **options)
+            if decay != 1.0:
+                w.mul_(decay)
+            w.add_(d.view(w.shape).to(w.dtype), alpha=-lr)
 
     def directions(self, lows: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any],
                    splits: Sequence[Split]) -> list[Tensor]:
