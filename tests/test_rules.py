@@ -267,9 +267,9 @@ def test_batched_polar_factors_are_each_matrixs_own_and_a_nan_stays_in_its_matri
             assert got.isnan().all() and alone.isnan().all()
         else:
             assert torch.equal(got, alone), i
-            torch.testing.assert_close(got.double() @ got.double().T if x.shape[0] <= x.shape[1]
-                                       else got.double().T @ got.double(), torch.eye(min(x.shape), dtype=torch.float64),
-                                       rtol=0, atol=1e-5)  # float32 polar factor: 1e-6-level per entry
+            o = got.double() if x.shape[0] >= x.shape[1] else got.double().T
+            # orthonormal columns, to a float32 polar factor's 1e-6-level error per entry
+            torch.testing.assert_close(o.T @ o, torch.eye(min(x.shape), dtype=torch.float64), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="2-D"):
         orthogonal.orthogonalize_svd_many([torch.zeros(3)])
 

@@ -164,7 +164,8 @@ def shape_factor(shape: tuple[int, ...] | torch.Size) -> float:
 
 
 def _momentum_step(low: Tensor, state: dict[str, Any], momentum: float, nesterov: bool) -> Tensor:
-    """M ← μM + (1 − μ)R in ``state``; the matrix to orthogonalize (M, or R + μM's average with Nesterov)."""
+    """M ← μM + (1 − μ)R in ``state``; returns the matrix to orthogonalize: M, or (1 − μ)R + μM under
+    Nesterov."""
     buf = state["momentum_buffer"]
     buf.lerp_(low, 1.0 - momentum)
     return low.lerp(buf, momentum) if nesterov else buf
