@@ -207,10 +207,7 @@ def _step_by_direction(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.
     (direction,) = _rules.base.run(rule, [it.grad.to(dtype)], [view], group, [split])
     work, write = _open(opt, group, it)
     lr = float(group["lr"])
-    decay = 1.0 - lr * float(group["weight_decay"])
-    if decay != 1.0:
-        work.mul_(decay)
-    work.add_(direction.view(work.shape).to(work.dtype), alpha=-lr)
+    _rules.base.descend(work, direction, lr, 1.0 - lr * float(group["weight_decay"]))
     if write is not None:
         write()
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..distributed import LOCAL, Split
 from ..reductions import sum_squares
-from .base import Fail, Rule, register, steps
+from .base import Fail, Rule, descend, register, steps
 
 #: The state keys this rule keeps (besides ``step``).
 KEYS = ("row_var", "col_var", "variance", "exp_avg")
@@ -138,10 +138,7 @@ def step_factored(w: Tensor, x: Tensor, state: dict[str, Any], *, lr: float, dec
         u = update(a, n).div_(clip)
         if momentum is not None:
             u = state["exp_avg"].narrow(0, a, n).lerp_(u, 1.0 - momentum)
-        block = w.narrow(0, a, n)
-        if decay != 1.0:
-            block.mul_(decay)
-        block.add_(u.to(block.dtype), alpha=-lr)
+        descend(w.narrow(0, a, n), u, lr, decay)
 
 
 def estimate(state: dict[str, Any], eps: float, split: Split | None = None) -> Tensor:
@@ -223,10 +220,7 @@ class Adafactor(Rule):
             if "row_var" in state and g.dim() == 2:
                 step_factored(w, g, state, lr=lr, decay=decay, **options)
                 continue
-            d = direction(g, state, **options)
-            if decay != 1.0:
-                w.mul_(decay)
-            w.add_(d.view(w.shape).to(w.dtype), alpha=-lr)
+            descend(w, direction(g, state, **options), lr, decay)
 
     def directions(self, lows: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any],
                    splits: Sequence[Split]) -> list[Tensor]:

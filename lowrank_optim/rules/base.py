@@ -158,6 +158,14 @@ def steps(state: dict[str, Any]) -> int:
     return int(state["step"]) - (int(reset) if reset is not None else 0)
 
 
+def descend(weight: Tensor, direction: Tensor, lr: float, decay: float) -> None:
+    """W ← decay·W − lr·direction in place (decoupled weight decay, ``decay`` = 1 − lr·wd), the direction
+    viewed as W and rounded to W's dtype once."""
+    if decay != 1.0:
+        weight.mul_(decay)
+    weight.add_(direction.view(weight.shape).to(weight.dtype), alpha=-lr)
+
+
 REGISTRY: dict[str, Rule] = {}
 
 
