@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class OutLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = _read(fd)
+                holder = _holder(fd)
                 os.close(fd)
                 raise TrainError(f"--out {str(self.path.parent)!r} is in use by another run ({holder}); wait for "
                                  "it to end or stop it, or choose another --out") from None
@@ -108,10 +109,28 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+NO_NAME = "a process that has not written its name yet"
+
+
 def _me() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:300]}
+
+
+#: How long a refused run waits for the holder to write its name: the holder writes it right after it takes
+#: the lock, so a run started at the same moment can find the file locked and still empty.
+NAME_WAIT_S = 2.0
+
+
+def _holder(fd: int) -> str:
+    """:func:`_read`, waiting up to :data:`NAME_WAIT_S` for a holder that has just taken the lock."""
+    deadline = time.monotonic() + NAME_WAIT_S
+    while True:
+        holder = _read(fd)
+        if holder != NO_NAME or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.02)
 
 
 def _read(fd: int) -> str:
@@ -121,7 +140,7 @@ def _read(fd: int) -> str:
     except (OSError, ValueError):
         info = {}
     if not isinstance(info, dict) or "pid" not in info:
-        return "a process that has not written its name yet"
+        return NO_NAME
     return f"pid {info['pid']} on {info.get('host', '?')}, started {info.get('started', '?')}"
 
 
