@@ -216,6 +216,11 @@ class Split:
     def whole(self) -> bool:
         return self.axis is None
 
+    @classmethod
+    def of_whole(cls) -> "Split":
+        """The whole tensor on one process (a fresh object: step code sets ``pieces`` on its splits)."""
+        return cls(LOCAL, None, 0, 0, 0)
+
     def take(self, whole: Tensor) -> Tensor:
         """This rank's piece of a whole tensor."""
         return whole if self.axis is None else whole.narrow(self.axis, self.start, self.stop - self.start)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import rules as _rules
-from ..distributed import LOCAL, Split
+from ..distributed import Split
 from ..projectors import Projector
 
 ON_REFRESH = ("keep", "reset", "rotate", "transfer")
@@ -159,7 +159,7 @@ def rotate_moments(state: dict[str, Any], old: Projector, new: Projector, eps: f
     keys = {k for k, v in state.items() if isinstance(v, Tensor) and not k.endswith("_absmax") and k != "step"}
     rule = next(r for r in _rules.REGISTRY.values() if keys and keys <= set(r.keys))
     view = _rules.base.load(rule, state)
-    carry("rotate", rule, view, old, new, Split(LOCAL, None, 0, 0, 0), {"eps": eps})
+    carry("rotate", rule, view, old, new, Split.of_whole(), {"eps": eps})
     for key in rule.keys:
         if key in state:
             if _rules.base.storage_of(state, key) is _rules.base.FLOAT:

@@ -38,13 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import LOCAL, Split
+from ..distributed import Split
 from ..reductions import sum_squares
 from .base import Fail, Rule, descend, register, steps
 
 #: The state keys this rule keeps (besides ``step``).
 KEYS = ("row_var", "col_var", "variance", "exp_avg")
-_WHOLE = Split(LOCAL, None, 0, 0, 0)
 
 
 def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
@@ -79,7 +78,7 @@ def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: floa
 
     ``split`` (FSDP2) says which piece of the whole tensor ``x`` and the statistics that follow it are:
     the means and the RMS are then the whole tensor's, summed over the ranks."""
-    split = split or _WHOLE
+    split = split or Split.of_whole()
     weight = float(steps(state)) ** beta2_decay  # 1 − β̂₂ₜ
     if "row_var" in state:
         row_var, col_var = state["row_var"], state["col_var"]
@@ -119,9 +118,9 @@ def step_factored(w: Tensor, x: Tensor, state: dict[str, Any], *, lr: float, dec
     recomputation costs less than that (bench/interleaved.py). The RMS is summed per block, so it may
     differ from :func:`direction`'s one-pass norm in the last bits (tested against it)."""
     weight = float(steps(state)) ** beta2_decay
-    row_var, col_var = state["row_var"], state["col_var"]
-    row_var.lerp_(_mean_square(x, -1, _WHOLE), weight)
-    col_var.lerp_(_mean_square(x, -2, _WHOLE), weight)
+    row_var, col_var, whole = state["row_var"], state["col_var"], Split.of_whole()
+    row_var.lerp_(_mean_square(x, -1, whole), weight)
+    col_var.lerp_(_mean_square(x, -2, whole), weight)
     mean = row_var.mean(dim=-2, keepdim=True).clamp_(min=eps)
     rows = max(1, BLOCK // max(x.shape[-1], 1))
     spans = [(a, min(rows, x.shape[0] - a)) for a in range(0, x.shape[0], rows)]
@@ -143,7 +142,7 @@ def step_factored(w: Tensor, x: Tensor, state: dict[str, Any], *, lr: float, dec
 
 def estimate(state: dict[str, Any], eps: float, split: Split | None = None) -> Tensor:
     """The second-moment estimate V̂ the statistics stand for (r cᵀ / mean(r), or V)."""
-    split = split or _WHOLE
+    split = split or Split.of_whole()
     if "row_var" in state:
         row_var = state["row_var"]
         return (row_var @ state["col_var"]).div_(split.mean(row_var, -2).clamp(min=eps))
@@ -153,7 +152,7 @@ def estimate(state: dict[str, Any], eps: float, split: Split | None = None) -> T
 def refactor(state: dict[str, Any], v_hat: Tensor, split: Split | None = None) -> None:
     """Store a full second-moment estimate back as statistics: its row and column means (the
     statistics Adafactor would keep for a squared gradient equal to ``v_hat``)."""
-    split = split or _WHOLE
+    split = split or Split.of_whole()
     if "row_var" in state:
         state["row_var"] = split.mean(v_hat, -1).to(state["row_var"].dtype)
         state["col_var"] = split.mean(v_hat, -2).to(state["col_var"].dtype)
@@ -224,7 +223,7 @@ class Adafactor(Rule):
 
     def directions(self, lows: Sequence[Tensor], states: Sequence[dict[str, Any]], group: dict[str, Any],
                    splits: Sequence[Split]) -> list[Tensor]:
-        splits = list(splits) or [_WHOLE] * len(lows)
+        splits = list(splits) or [Split.of_whole() for _ in lows]
         return [self.direction(low, state, group, split) for low, state, split in zip(lows, states, splits)]
 
     def rotate(self, state: dict[str, Any], mapping: Callable[[Tensor], Tensor], split: Split,

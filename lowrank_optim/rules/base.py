@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..distributed import LOCAL, Split
+from ..distributed import Split
 from ..quant.storage import FLOAT, Storage, storage_of
 
 Fail = Callable[[str, str], None]
@@ -205,7 +205,7 @@ def run(rule: Rule, lows: list[Tensor], states: list[dict[str, Any]], group: dic
         splits: list[Split] | None = None) -> list[Tensor]:
     """The rule's directions for stored states: fused kernels where the rule has one for the storage,
     else ``directions`` on float views of the state, written back after."""
-    splits = splits or [Split(LOCAL, None, 0, 0, 0)] * len(lows)
+    splits = splits or [Split.of_whole() for _ in lows]
     out: list[Tensor | None] = [None] * len(lows)
     views, todo = [], []
     for i, (low, state) in enumerate(zip(lows, states)):

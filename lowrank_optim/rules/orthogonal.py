@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import LOCAL, Split
+from ..distributed import Split
 from .base import Fail, Rule, register
 
 METHODS = ("svd", "newton_schulz")
@@ -49,7 +49,6 @@ NS_EPS = 1e-7
 RMS = 0.2
 
 KEYS = ("momentum_buffer",)
-_WHOLE = Split(LOCAL, None, 0, 0, 0)
 DEFAULT_MOMENTUM = 0.95
 
 
@@ -215,7 +214,7 @@ class Orthogonal(Rule):
                    splits: Sequence[Split]) -> list[Tensor]:
         """``direction`` of each whole tensor, the exact SVDs batched by shape (:func:`orthogonalize_svd_many`,
         the same bits); FSDP2 pieces gather the whole tensor first (:meth:`Rule.on_piece`)."""
-        splits = list(splits) or [_WHOLE] * len(lows)
+        splits = list(splits) or [Split.of_whole() for _ in lows]
         if group["orthogonalize"] != "svd":
             return super().directions(lows, states, group, splits)
         out: list[Tensor | None] = [None] * len(lows)
