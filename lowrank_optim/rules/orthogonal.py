@@ -174,7 +174,11 @@ def direction(low: Tensor, state: dict[str, Any], *, momentum: float, nesterov: 
               ns_steps: int) -> Tensor:
     """Update the momentum in ``state`` with ``low`` and return the scaled orthogonal factor."""
     x = _momentum_step(low, state, momentum, nesterov)
-    o = orthogonalize_svd(x) if method == "svd" else newton_schulz(x, ns_steps)
+    return _scaled(orthogonalize_svd(x) if method == "svd" else newton_schulz(x, ns_steps), low)
+
+
+def _scaled(o: Tensor, low: Tensor) -> Tensor:
+    """The orthogonal factor in ``low``'s dtype, times :func:`shape_factor` of its shape."""
     return o.to(low.dtype).mul_(shape_factor(low.shape))
 
 
@@ -218,14 +222,16 @@ class Orthogonal(Rule):
         if group["orthogonalize"] != "svd":
             return super().directions(lows, states, group, splits)
         out: list[Tensor | None] = [None] * len(lows)
-        whole = [i for i, split in enumerate(splits) if split.whole]
+        whole: list[int] = []
         for i, split in enumerate(splits):
-            if not split.whole:
+            if split.whole:
+                whole.append(i)
+            else:
                 out[i] = self.on_piece(lows[i], states[i], group, split)
         momentum, nesterov = _momentum(group), bool(group["nesterov"])
         xs = [_momentum_step(lows[i], states[i], momentum, nesterov) for i in whole]
         for i, o in zip(whole, orthogonalize_svd_many(xs)):
-            out[i] = o.to(lows[i].dtype).mul_(shape_factor(lows[i].shape))
+            out[i] = _scaled(o, lows[i])
         return out  # type: ignore[return-value]
 
 

@@ -109,15 +109,14 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-NO_NAME = "a process that has not written its name yet"
-
-
 def _me() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:300]}
 
 
+#: What a refused run reports of a holder whose name is not in the lock file.
+NO_NAME = "a process that has not written its name yet"
 #: How long a refused run waits for the holder to write its name: the holder writes it right after it takes
 #: the lock, so a run started at the same moment can find the file locked and still empty.
 NAME_WAIT_S = 2.0
