@@ -9,14 +9,13 @@ import functools
 import io
 import json
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_parameters, batches, ista_module, make_model, train_and_resume
+from conftest import assert_same_parameters, batches, ista_module, make_model, spawn_two, train_and_resume
 
 import lowrank_optim as lro
 from lowrank_optim.optim.reference import ReferenceLowRankAdamW
@@ -457,12 +456,11 @@ def test_error_feedback_on_two_fsdp2_ranks_equals_one_process(tmp_path):
     shard or a missing sum moves the weights by ≥ 1e-3."""
     pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    results = [tmp_path / f"ef{r}.json" for r in range(2)]
+    spawn_two(_fsdp_worker, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), results)
     report = json.loads((tmp_path / "ef0.json").read_text())
     for name in FSDP_CASES:
         assert report[name] < 1e-4, (name, report[name])

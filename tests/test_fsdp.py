@@ -13,7 +13,6 @@ missing reduction) is off by 1e-3 or more.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import lowrank_optim as lro  # noqa: E402
+from conftest import spawn_two  # noqa: E402
 
 CASES = {
     # the defaults: singular vectors get canonical signs wherever they are computed
@@ -212,12 +212,9 @@ def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> Non
 
 
 def run_workers(tmp_path, names):
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(2, init, str(tmp_path), names), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = [tmp_path / f"rank{r}.json" for r in range(2)]
+    spawn_two(_worker, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path), names), results)
+    return [json.loads(path.read_text()) for path in results]
 
 
 def test_every_preset_on_two_fsdp2_ranks_equals_one_process(tmp_path):
@@ -270,7 +267,6 @@ def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
     """Save after 3 steps on 2 ranks; load on 2 ranks and, in this process, on one; 2 more steps each
     equal the uninterrupted 2-rank run (2 ranks: bit for bit; 1 process: to the tolerance above)."""
     import torch.distributed.checkpoint as dcp
-    import torch.multiprocessing as mp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -278,17 +274,10 @@ def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
         set_optimizer_state_dict,
     )
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     name = "fira"
-    try:
-        mp.spawn(_dcp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path), name), nprocs=2, join=True)
-    except mp.ProcessExitedException as err:
-        # Seen once in CI: a rank aborted ("terminate called without an active exception", SIGABRT) in gloo's
-        # teardown. dcp.pt is written by rank 0 after the last collective both ranks take part in (the
-        # gathered weights of both runs), so with it the work is complete and checked below in full; without
-        # it the failure is the test's.
-        if err.signal_name != "SIGABRT" or not (tmp_path / "dcp.pt").exists():
-            raise
+    # dcp.pt is written by rank 0 after the last collective both ranks take part in (the gathered weights of
+    # both runs), so with it the work is complete and checked below in full
+    spawn_two(_dcp_worker, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path), name), [tmp_path / "dcp.pt"])
     out = torch.load(tmp_path / "dcp.pt", weights_only=True)
     for k, want in out["straight"].items():
         assert torch.equal(out["resumed"][k], want), k

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import lowrank_optim as lro
 from lowrank_optim.projectors import pca_optimizers
 
-from conftest import batches, decaying_matrix, train_and_resume
+from conftest import batches, decaying_matrix, spawn_two, train_and_resume
 
 OPTIMIZERS = ["adamw", "adam8bit", "lion", "adafactor", "sgd"]
 
@@ -378,10 +377,8 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     distributed checkpoint (P's AdamW moments and Adafactor's split statistic as DTensors) resumes bit for bit."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    results = [tmp_path / f"rank{r}.json" for r in range(2)]
+    spawn_two(_fsdp_worker, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), results)
     for r in range(2):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert "pca_optimizer='adam8bit'" in report["adam8bit"]["refused"]
