@@ -7,7 +7,9 @@
 * **plain**: one step without a refresh, every preset against its reference package (galore-torch,
   apollo-torch, fira) and ``torch.optim.AdamW(foreach=True)``;
 * **refresh**: the work of renewing all 56 subspaces, a step that refreshes every weight minus a plain
-  step, for GaLoreAdamW at its defaults (the short side's Gram matrix and eigh) and galore-torch (SVD);
+  step, for GaLoreAdamW at its defaults (the short side's Gram matrix and eigh) and galore-torch (SVD),
+  on the bench's Gaussian gradients and on a real backward pass's (``shapes.real_gradients``: their
+  steep spectra send our refresh to float64, see ``top_singular_pairs``);
 * **stall**: two gaps of steps at ``update_proj_gap`` (after the first step, which builds every subspace
   in both packages), slowest step / median step: GaLoreAdamW's staggered refresh against galore-torch's
   all-at-once one; each implementation's steps in a row (not interleaved, see :func:`stall`).
@@ -28,6 +30,7 @@ import warnings
 
 import torch
 
+from shapes import llama_shapes, make_params, real_gradients
 from test_step_presets import DEVICE, MODEL, NEVER, PRESETS, _split, build_ours, build_reference
 
 
@@ -103,15 +106,27 @@ def plain(presets: list[str], rounds: int) -> list[dict]:
     return rows
 
 
-def refresh(rounds: int) -> dict:
+def refresh(rounds: int, real: bool = False) -> dict | None:
+    """Refresh work on the bench's Gaussian gradients or (``real``) on a real backward pass's."""
     opts = {"ours refresh": build_ours("galore", gap=1, stagger=False), "ours plain": build_ours("galore"),
             "galore-torch refresh": reference_or_none("galore", gap=1),
             "galore-torch plain": reference_or_none("galore")}
     opts = {k: v for k, v in opts.items() if v is not None}
+    label = "Gaussian gradients"
+    if real:
+        grads = real_gradients(MODEL)
+        if grads is None:
+            print("(no refresh on real gradients: transformers is not installed)")
+            return None
+        names = [n for n, s in llama_shapes(MODEL) if n in make_params(MODEL)[1]]
+        for opt in opts.values():  # the first group holds the projected weights, in llama_shapes' order
+            for p, n in zip(opt.param_groups[0]["params"], names, strict=True):
+                p.grad = grads[n].to(device=p.device, dtype=p.dtype)
+        label = "real gradients"
     med = {k: statistics.median(v) * 1e3 for k, v in measure(opts, rounds).items()}
     ours = med["ours refresh"] - med["ours plain"]
     theirs = med.get("galore-torch refresh", 0) - med.get("galore-torch plain", 0) or None
-    print("| refresh of every subspace (GaLore, 56 weights) | lowrank-optim (ms) | galore-torch (ms) | ratio |")
+    print(f"| refresh of every subspace (GaLore, 56 weights, {label}) | lowrank-optim (ms) | galore-torch (ms) | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| refresh step | {ms(med['ours refresh'])} | {ms(med.get('galore-torch refresh'))} | "
           f"{ratio(med['ours refresh'], med.get('galore-torch refresh'))} |")
@@ -161,6 +176,8 @@ def main() -> None:
         print()
     if "refresh" in parts:
         figures["refresh"] = refresh(max(3, args.rounds // 3))
+        print()
+        figures["refresh_real"] = refresh(max(3, args.rounds // 3), real=True)
         print()
     if "stall" in parts:
         figures["stall"] = stall(args.stall_gap)

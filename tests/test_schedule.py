@@ -197,6 +197,29 @@ def test_the_gram_refresh_captures_the_svds_energy_on_real_gradients():
     assert worst >= 0.999, worst
 
 
+def test_a_steep_spectrum_goes_straight_to_float64_and_a_flat_one_stays_in_float32(monkeypatch):
+    """Which precision the Gram refresh tries first is read off the spectrum's steepness: singular values
+    falling 0.4 per index (the 8th squared one 2.7e-6 of the first, below float32's resolution of about
+    1.2e-4, as real gradients' are) take one float64 eigh and no float32 one, giving bit for bit the
+    float64 route's pairs; a Gaussian matrix (flat spectrum) takes one float32 eigh. Both stay the SVD's
+    subspace (captured energy to 1e-6 of the exact top-8, float32 rounding)."""
+    seen = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a, *args, **kw: seen.append(a.dtype) or eigh(a, *args, **kw))
+    steep = decaying_matrix(40, 24, seed=2, decay=0.4, dtype=torch.float32)
+    flat = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    for g, want in ((steep, [torch.float64]), (steep.t().contiguous(), [torch.float64]), (flat, [torch.float32])):
+        seen.clear()
+        u, v = top_singular_pairs(g, 8)
+        assert seen == want
+        if want == [torch.float64]:
+            u64, v64 = top_singular_pairs(g.double(), 8)
+            assert torch.equal(u, u64.float()) and torch.equal(v, v64.float())
+        s = torch.linalg.svdvals(g.double())
+        captured = float((g.double() @ v.double()).square().sum()) / float((s[:8] ** 2).sum())
+        assert captured == pytest.approx(1, abs=1e-6)
+
+
 def test_the_gram_refresh_falls_back_where_float32_cannot_resolve_the_rank():
     """A gradient of rank 2 asked for rank 4: the Gram matrix's last eigenvalues are rounding, so the
     refresh takes LAPACK's SVD (orthonormal whatever the rank); the basis stays finite and orthonormal."""
