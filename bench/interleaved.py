@@ -11,8 +11,9 @@
   on the bench's Gaussian gradients and on a real backward pass's (``shapes.real_gradients``: their
   steep spectra send our refresh to float64, see ``top_singular_pairs``);
 * **stall**: two gaps of steps at ``update_proj_gap`` (after the first step, which builds every subspace
-  in both packages), slowest step / median step: GaLoreAdamW's staggered refresh against galore-torch's
-  all-at-once one; each implementation's steps in a row (not interleaved, see :func:`stall`).
+  in both packages), on real gradients where transformers is installed, slowest step / median step:
+  GaLoreAdamW's staggered refresh against galore-torch's all-at-once one; each implementation's steps in
+  a row (not interleaved, see :func:`stall`).
 
 The pytest-benchmark suites time one implementation after another; on a shared or throttling machine
 that drift shows up as a ratio. Here each round steps every implementation once, in rotating order, so
@@ -106,6 +107,19 @@ def plain(presets: list[str], rounds: int) -> list[dict]:
     return rows
 
 
+def use_real_gradients(optimizers) -> bool:
+    """Give every optimizer's projected weights (its first group, in ``llama_shapes``' order) the gradients of
+    a real backward pass (``shapes.real_gradients``); False, changing nothing, without transformers."""
+    grads = real_gradients(MODEL)
+    if grads is None:
+        return False
+    names = [n for n, s in llama_shapes(MODEL) if n in make_params(MODEL)[1]]
+    for opt in optimizers:
+        for p, n in zip(opt.param_groups[0]["params"], names, strict=True):
+            p.grad = grads[n].to(device=p.device, dtype=p.dtype)
+    return True
+
+
 def refresh(rounds: int, real: bool = False) -> dict | None:
     """Refresh work on the bench's Gaussian gradients or (``real``) on a real backward pass's."""
     opts = {"ours refresh": build_ours("galore", gap=1, stagger=False), "ours plain": build_ours("galore"),
@@ -114,14 +128,9 @@ def refresh(rounds: int, real: bool = False) -> dict | None:
     opts = {k: v for k, v in opts.items() if v is not None}
     label = "Gaussian gradients"
     if real:
-        grads = real_gradients(MODEL)
-        if grads is None:
+        if not use_real_gradients(opts.values()):
             print("(no refresh on real gradients: transformers is not installed)")
             return None
-        names = [n for n, s in llama_shapes(MODEL) if n in make_params(MODEL)[1]]
-        for opt in opts.values():  # the first group holds the projected weights, in llama_shapes' order
-            for p, n in zip(opt.param_groups[0]["params"], names, strict=True):
-                p.grad = grads[n].to(device=p.device, dtype=p.dtype)
         label = "real gradients"
     med = {k: statistics.median(v) * 1e3 for k, v in measure(opts, rounds).items()}
     ours = med["ours refresh"] - med["ours plain"]
@@ -137,6 +146,8 @@ def refresh(rounds: int, real: bool = False) -> dict | None:
 def stall(gap: int) -> dict:
     opts = {"lowrank-optim": build_ours("galore", gap=gap), "galore-torch": reference_or_none("galore", gap=gap)}
     opts = {k: v for k, v in opts.items() if v is not None}
+    # a refresh's cost is a real gradient's (float64 where its spectrum is steep), not a Gaussian one's
+    real = use_real_gradients(opts.values())
     # Not interleaved: a stall is one implementation's own slowest step over its median, and stepping the two
     # in turn lets one's refresh (galore-torch frees and re-allocates SVD workspaces) slow the other's next
     # steps (seen: steps 2-6 after galore-torch's refresh at 1 and 201 were 2x slower in both).
@@ -144,7 +155,7 @@ def stall(gap: int) -> dict:
     # The schedule repeats every gap, so a step and the one a gap later do the same work: the slower of each
     # such pair's faster one ("slowest phase") is a stall that recurs, where one slow step alone may be
     # another job's noise. The step numbers say which: galore-torch refreshes at multiples of the gap.
-    print(f"| two gaps of {gap} steps (GaLore) | median step (ms) | slowest step (ms) | slowest / median "
+    print(f"| two gaps of {gap} steps (GaLore, {'real' if real else 'Gaussian'} gradients) | median step (ms) | slowest step (ms) | slowest / median "
           "| slowest phase / median | slowest steps (number: ms) |")
     print("|---|---:|---:|---:|---:|---|")
     out = {}

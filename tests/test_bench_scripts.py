@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # the pytest-benchmark files are collected by pytest, report.py takes a file, conftest/shapes are modules
 NOT_SCRIPTS = {"conftest.py", "shapes.py", "report.py"}
@@ -79,3 +81,18 @@ def test_update_rms_pools_each_kind_against_adamw():
     adamw = dict(cell.split(" ", 1) for cell in rows[0].strip("| ").split(" | ")[1:])
     assert set(adamw) == {"1-D", "embed/head", "projected"}
     assert all(v.endswith("(1.00x)") and 0.0 < float(v.split()[0]) <= 1.01 for v in adamw.values()), adamw
+
+
+def test_real_gradients_cover_every_projected_weight_by_name_and_shape():
+    """bench/interleaved.py gives the optimizers' projected weights (named by ``llama_shapes``) the
+    gradients of ``real_gradients``' backward pass by name: every one must be there, with its shape."""
+    pytest.importorskip("transformers", reason="the real backward pass builds LlamaForCausalLM")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from shapes import llama_shapes, make_params, real_gradients
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    grads = real_gradients("llama_tiny", batch=2, seq=16)
+    projected = make_params("llama_tiny")[1]
+    assert projected and all(tuple(grads[n].shape) == s for n, s in llama_shapes("llama_tiny") if n in projected)
+    assert all(bool(grads[n].abs().sum() > 0) for n in projected)
