@@ -224,11 +224,13 @@ def top_singular_pairs(g: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     of its short side and ``eigh``: GᵀG V = V Σ² (or G Gᵀ U = U Σ²), the other side's vectors G V Σ⁻¹
     (Gᵀ U Σ⁻¹). An m×n×min(m, n) matmul and a min(m, n)² eigh, against the SVD's larger constant (0.25–0.4x
     its time on LLaMA shapes, this CPU). Where the r-th squared singular value is within ``RESOLVED``·eps of
-    the first (the Gram matrix squares the condition number) it is done in float64, and where the
-    gradient has fewer than r singular values worth the name, by LAPACK's SVD (orthonormal whatever the
-    rank): a working-precision Gram of a well-conditioned gradient gives the SVD's subspace to rounding,
-    but real gradients are rarely that (LLaMA-60M's at r = 128 of 512: 53 of 56 weights need float64,
-    3 the SVD, ``bench/interleaved.py``). Whether to try the working precision at all is read off the
+    the first (the Gram matrix squares the condition number) it is done in float64: a working-precision
+    Gram of a well-conditioned gradient gives the SVD's subspace to rounding, but real gradients are rarely
+    that (LLaMA-60M's at r = 128 of 512: all 56 weights need float64, ``bench/interleaved.py``). Where the
+    gradient has fewer than r singular values that float64 resolves (above ~1.5e-6·σ₁: a rank-deficient
+    gradient, e.g. fewer distinct inputs than r), the long side's vectors for the rest are an orthonormal
+    completion (:func:`_gram_pairs`), as arbitrary as an SVD's for a zero singular value; only a
+    non-finite gradient takes LAPACK's SVD. Whether to try the working precision at all is read off the
     spectrum's steepness (:func:`_steep`), so a gradient that would need float64 does not pay for a
     float32 ``eigh`` first; the choice depends on ``g`` alone, so a resumed run makes the same one."""
     tall = g.shape[0] >= g.shape[1]
@@ -236,10 +238,10 @@ def top_singular_pairs(g: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     gram = x.t() @ x
     pairs = None
     if g.dtype == torch.float64 or not _steep(gram, rank):
-        pairs = _gram_pairs(x, gram, rank, tall)
+        pairs = _gram_pairs(x, gram, rank, tall, complete=g.dtype == torch.float64)
     if pairs is None and g.dtype != torch.float64:
         x64 = x.double()
-        pairs = _gram_pairs(x64, x64.t() @ x64, rank, tall)
+        pairs = _gram_pairs(x64, x64.t() @ x64, rank, tall, complete=True)
         pairs = None if pairs is None else (pairs[0].to(g.dtype), pairs[1].to(g.dtype))
     if pairs is None:
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
@@ -261,13 +263,24 @@ def _steep(gram: Tensor, rank: int) -> bool:
     return trace * trace < (1 + rho) / (1 - rho) * squares  # False for NaN: the usual attempts
 
 
-def _gram_pairs(x: Tensor, gram: Tensor, rank: int, tall: bool) -> tuple[Tensor, Tensor] | None:
-    """The pairs from the short side's Gram matrix ``gram`` = xᵀx, or None where the r-th is unresolved."""
+def _gram_pairs(x: Tensor, gram: Tensor, rank: int, tall: bool, complete: bool) -> tuple[Tensor, Tensor] | None:
+    """The pairs from the short side's Gram matrix ``gram`` = xᵀx, or None where the r-th is unresolved
+    and not ``complete`` (or the matrix is not finite). With ``complete`` the pairs past the last resolved
+    one keep their short-side vectors (``eigh``'s, orthonormal) and take long-side ones that complete the
+    resolved ones' orthonormally: Householder QR of [x V_resolved Σ⁻¹, x V_rest] keeps the span of the
+    first and orthonormalizes what x maps the rest to, however small (zero columns give unit vectors)."""
     evals, evecs = torch.linalg.eigh(gram)
     evals, short = evals[-rank:].flip(0), evecs[:, -rank:].flip(-1)
-    if not bool(evals[-1] > RESOLVED * torch.finfo(x.dtype).eps * evals[0]):
+    resolved = evals > RESOLVED * torch.finfo(x.dtype).eps * evals[0]  # a prefix: evals descend
+    if bool(resolved[-1]):
+        long = (x @ short) / evals.sqrt()
+    elif complete and bool(torch.isfinite(evals[0])):
+        j = int(resolved.sum())
+        long = x @ short
+        long[:, :j] /= evals[:j].sqrt()
+        long[:, j:] = torch.linalg.qr(long).Q[:, j:]
+    else:
         return None
-    long = (x @ short) / evals.sqrt()
     u, v = (long, short) if tall else (short, long)
     return _canonical_pairs(u, v)
 
