@@ -226,7 +226,7 @@ def top_singular_pairs(g: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     its time on LLaMA shapes, this CPU). Where the r-th squared singular value is within ``RESOLVED``·eps of
     the first (the Gram matrix squares the condition number) it is done in float64: a working-precision
     Gram of a well-conditioned gradient gives the SVD's subspace to rounding, but real gradients are rarely
-    that (LLaMA-60M's at r = 128 of 512: all 56 weights need float64, ``bench/interleaved.py``). Where the
+    that (LLaMA-60M's at r = 128 of 512: 51–56 of 56 weights need float64 over a run's first 600 steps). Where the
     gradient has fewer than r singular values that float64 resolves (above ~1.5e-6·σ₁: a rank-deficient
     gradient, e.g. fewer distinct inputs than r), the long side's vectors for the rest are an orthonormal
     completion (:func:`_gram_pairs`), as arbitrary as an SVD's for a zero singular value; only a
