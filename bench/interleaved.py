@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from shapes import llama_shapes, make_params, real_gradients
+from shapes import llama_shapes, projected_names, real_gradients
 from test_step_presets import DEVICE, MODEL, NEVER, PRESETS, _split, build_ours, build_reference
 
 
@@ -113,10 +113,11 @@ def use_real_gradients(optimizers) -> bool:
     grads = real_gradients(MODEL)
     if grads is None:
         return False
-    names = [n for n, s in llama_shapes(MODEL) if n in make_params(MODEL)[1]]
-    for opt in optimizers:
+    projected = projected_names(MODEL)
+    names = [n for n, _ in llama_shapes(MODEL) if n in projected]
+    for opt in optimizers:  # a copy each, as make_params gives: no optimizer sees another's gradient tensor
         for p, n in zip(opt.param_groups[0]["params"], names, strict=True):
-            p.grad = grads[n].to(device=p.device, dtype=p.dtype)
+            p.grad = grads[n].to(device=p.device, dtype=p.dtype, copy=True)
     return True
 
 

@@ -43,8 +43,12 @@ def make_params(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtyp
         p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
         p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
         params.append((pname, p))
-    projected = {n for n, s in llama_shapes(name) if ("self_attn" in n or "mlp" in n) and len(s) == 2}
-    return params, projected
+    return params, projected_names(name)
+
+
+def projected_names(name: str) -> set[str]:
+    """The names of the weights GaLore projects: the attention and MLP matrices."""
+    return {n for n, s in llama_shapes(name) if ("self_attn" in n or "mlp" in n) and len(s) == 2}
 
 
 def real_gradients(name: str, seed: int = 0, batch: int = 8, seq: int = 128) -> dict[str, torch.Tensor] | None:

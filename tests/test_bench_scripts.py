@@ -89,10 +89,10 @@ def test_real_gradients_cover_every_projected_weight_by_name_and_shape():
     pytest.importorskip("transformers", reason="the real backward pass builds LlamaForCausalLM")
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from shapes import llama_shapes, make_params, real_gradients
+        from shapes import llama_shapes, projected_names, real_gradients
     finally:
         sys.path.remove(str(ROOT / "bench"))
     grads = real_gradients("llama_tiny", batch=2, seq=16)
-    projected = make_params("llama_tiny")[1]
+    projected = projected_names("llama_tiny")
     assert projected and all(tuple(grads[n].shape) == s for n, s in llama_shapes("llama_tiny") if n in projected)
     assert all(bool(grads[n].abs().sum() > 0) for n in projected)

@@ -272,15 +272,13 @@ def _gram_pairs(x: Tensor, gram: Tensor, rank: int, tall: bool, complete: bool) 
     evals, evecs = torch.linalg.eigh(gram)
     evals, short = evals[-rank:].flip(0), evecs[:, -rank:].flip(-1)
     resolved = evals > RESOLVED * torch.finfo(x.dtype).eps * evals[0]  # a prefix: evals descend
-    if bool(resolved[-1]):
-        long = (x @ short) / evals.sqrt()
-    elif complete and bool(torch.isfinite(evals[0])):
-        j = int(resolved.sum())
-        long = x @ short
-        long[:, :j] /= evals[:j].sqrt()
-        long[:, j:] = torch.linalg.qr(long).Q[:, j:]
-    else:
+    if not bool(resolved[-1]) and not (complete and bool(torch.isfinite(evals[0]))):
         return None
+    j = int(resolved.sum())
+    long = x @ short
+    long[:, :j] /= evals[:j].sqrt()
+    if j < rank:
+        long[:, j:] = torch.linalg.qr(long).Q[:, j:]
     u, v = (long, short) if tall else (short, long)
     return _canonical_pairs(u, v)
 
