@@ -172,11 +172,39 @@ def refusals() -> list[str]:
     return messages
 
 
+def deficient_cases() -> dict[str, tuple[torch.Tensor, object]]:
+    """Wide gradients (the left side: P is sharded by rows) of rank 2 and 0, asked for rank 4, with the
+    projector that refreshes them: the exact SVD's and GaLore+'s o_proj (head 0's six columns of twelve)."""
+    from lowrank_optim.projectors import SharedHeadProjector, SVDProjector
+
+    g = torch.Generator().manual_seed(3)
+    low = torch.randn(6, 2, generator=g) @ torch.randn(2, 12, generator=g)  # rank 2
+    return {"svd-rank2": (low, SVDProjector(4, proj_type="left")),
+            "svd-zero": (torch.zeros(6, 12), SVDProjector(4, proj_type="left")),
+            "shared_head-rank2": (low, SharedHeadProjector(4, head_dim=6, head_axis="cols"))}
+
+
+def deficient_bases() -> dict[str, list]:
+    """Each case's whole left basis P, refreshed from this rank's rows (3 of 6) and gathered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowrank_optim.distributed import comm_of
+
+    mesh = init_device_mesh("cpu", (2,))
+    bases = {}
+    for label, (whole, projector) in deficient_cases().items():
+        comm = comm_of(distribute_tensor(whole, mesh, [Shard(0)]))
+        projector.bind(comm).update(whole[comm.start:comm.stop])
+        bases[label] = comm.gather(projector.basis(), 0, whole.shape[0], "refresh").tolist()
+    return bases
+
+
 def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        report = {"refused": refusals()}
+        report = {"refused": refusals(), "deficient": deficient_bases()}
         for name in names:
             batches = global_batches(5)
             model = shard_model(tiny_llama(vocab=VOCAB.get(name, 97)))
@@ -217,13 +245,36 @@ def run_workers(tmp_path, names):
     return [json.loads(path.read_text()) for path in results]
 
 
-def test_every_preset_on_two_fsdp2_ranks_equals_one_process(tmp_path):
-    r0, r1 = run_workers(tmp_path, list(CASES))
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """The two ranks' reports of one run of every case (one spawn for the module's checks: it is slow)."""
+    return run_workers(tmp_path_factory.mktemp("fsdp"), list(CASES))
+
+
+def test_every_preset_on_two_fsdp2_ranks_equals_one_process(reports):
+    r0, r1 = reports
     assert len(r0["refused"]) == len(r1["refused"]) == 6
     for name in CASES:
         assert r0[name]["ok"], (name, r0[name])
         ratio = max(r0[name]["state"], r1[name]["state"]) / r0[name]["single"]
         assert ratio <= 0.55, (name, ratio, r0[name], r1[name])
+
+
+def test_a_rank_deficient_gradient_gets_an_orthonormal_left_basis_on_two_ranks(reports):
+    """Row-sharded P of a gradient with fewer singular values than the rank: both ranks gather the same P;
+    its columns for the resolved pairs are one process's (1e-6: the same float64 Gram eigenpairs, summed in
+    another order, then rounded to float32), and the rest complete them orthonormally (1e-6: float32
+    rounding of a float64 QR). Dividing G v by a zero σ instead gives columns of size ~1e300 or NaN."""
+    r0, r1 = reports
+    assert r0["deficient"] == r1["deficient"]
+    for label, (whole, projector) in deficient_cases().items():
+        got = torch.tensor(r0["deficient"][label])
+        assert got.shape == (6, 4), label
+        torch.testing.assert_close(got.t() @ got, torch.eye(4), rtol=0, atol=1e-6, msg=label)
+        projector.update(whole)
+        want = projector.basis()
+        resolved = 0 if label.endswith("zero") else 2
+        torch.testing.assert_close(got[:, :resolved], want[:, :resolved], rtol=0, atol=1e-6, msg=label)
 
 
 def _dcp_worker(rank: int, world: int, init: str, out: str, name: str) -> None:

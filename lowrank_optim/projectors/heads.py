@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..distributed import top_right_singular
 from .rsvd import RSVDProjector
+from .svd import sharded_left
 
 HEAD_AXES = ("rows", "cols")
 #: The projector each head axis forces: the basis lives on the axis all heads share.
@@ -113,7 +114,7 @@ class SharedHeadProjector(RSVDProjector):
         else:
             piece = grad[:, lo:hi]
             v, sigma = top_right_singular(piece, self.comm, self.rank)
-            basis = (piece.double() @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)  # this rank's rows of P
+            basis = sharded_left(piece, v, sigma, self.comm)  # this rank's rows of P
         self._store_basis(basis.to(self.basis_dtype(grad.dtype)).contiguous())
         self._state["refreshes"] = int(self._state.get("refreshes", 0)) + 1
 

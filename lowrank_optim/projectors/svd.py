@@ -22,7 +22,8 @@ compare against it that way); it cannot be used on shards.
 
 **Shards** (FSDP2 rows): the top-r right singular vectors V and values σ come from the all-reduced
 Gram matrix GᵀG = Σ_k G_kᵀ G_k (n×n, float64) and ``eigh``; the right side keeps this rank's columns
-of Q = Vᵀ, the left side its rows of P = G V Σ⁻¹ (computed from its own rows of G).
+of Q = Vᵀ, the left side its rows of P = G V Σ⁻¹ (computed from its own rows of G; where fewer than r
+singular values are resolved, the rest of P is an orthonormal completion: :func:`sharded_left`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..distributed import canonical_signs, top_right_singular
+from ..distributed import Local, RowShard, canonical_signs, top_right_singular
 from ..quant.storage import INT4
 from .base import Projector
 
@@ -99,7 +100,7 @@ class SVDProjector(Projector):
             start, stop = self.comm.cols(n)
             basis = v.t()[:, start:stop]  # Q is kept sharded by columns, gathered when used
         else:
-            basis = (grad.double() @ v) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
+            basis = sharded_left(grad, v, sigma, self.comm)  # this rank's rows of P
         self._store_basis(basis.to(self.basis_dtype(grad.dtype)).contiguous())
 
     @staticmethod
@@ -281,6 +282,25 @@ def _gram_pairs(x: Tensor, gram: Tensor, rank: int, tall: bool, complete: bool) 
         long[:, j:] = torch.linalg.qr(long).Q[:, j:]
     u, v = (long, short) if tall else (short, long)
     return _canonical_pairs(u, v)
+
+
+def sharded_left(grad: Tensor, v: Tensor, sigma: Tensor, comm: Local | RowShard) -> Tensor:
+    """This rank's rows of the left singular vectors G V Σ⁻¹ (float64) of a row-sharded G, from the top
+    right pairs (V, σ) that every rank holds (:func:`~lowrank_optim.distributed.top_right_singular`).
+    Where σ² is not resolved in float64 (at or below ``RESOLVED``·eps·σ₁²: a rank-deficient gradient),
+    G v / σ would be rounding divided by almost nothing, columns of any size; those columns are completed
+    orthonormally instead, as on one process (:func:`_gram_pairs`): the whole m×r G V is gathered, only
+    in that case, and every rank runs the same QR and keeps its rows. Every rank takes the same branch:
+    σ is the same on all of them."""
+    long = grad.double() @ v
+    power = sigma.square()
+    j = int((power > RESOLVED * torch.finfo(torch.float64).eps * power[0]).sum())  # a prefix: σ descends
+    long[:, :j] /= sigma[:j]
+    if j < sigma.numel() and bool(torch.isfinite(power[0])):
+        whole = comm.gather(long, 0, comm.global_shape(grad)[0], "refresh")
+        start, stop = comm.local_rows(whole.shape[0])
+        long[:, j:] = torch.linalg.qr(whole).Q[start:stop, j:]
+    return long
 
 
 def _canonical_pairs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
