@@ -156,6 +156,33 @@ def test_matched_update_has_the_rms_of_adamw_s_first_step():
     assert math.isclose(rms, 1.0, rel_tol=1e-5), rms
 
 
+def test_match_adamw_rms_gives_frugal_s_sign_residual_adamw_s_rms():
+    """sign() moves every residual entry by lr, RMS 1, where AdamW's update has ~0.2: match_adamw_rms sets
+    residual_lr_scale to 0.2 in the projected groups unless it is given (to the group or the constructor),
+    and the residual term's RMS on a first step is then 0.2 of lr. Only FRUGAL's sign residual: Fira's is
+    Adam-scaled already. Tolerance: the residual's sign is ±1 on every entry of a random gradient (none is
+    round-off), so its RMS is exactly 0.2; float32 differences of the weights leave 1e-6 relative."""
+    model = make_model(dim=32, hidden=48)
+    assert {g["residual_lr_scale"] for g in lro.FRUGAL(model, match_adamw_rms=True).param_groups if g["rank"]} == {0.2}
+    assert {g["residual_lr_scale"] for g in lro.FRUGAL(model).param_groups} == {1.0}
+    given = lro.FRUGAL(model, match_adamw_rms=True, residual_lr_scale=0.5).param_groups
+    assert {g["residual_lr_scale"] for g in given} == {0.5}
+    grouped = lro.FRUGAL(lro.param_groups(model, match_adamw_rms=True, residual_lr_scale=0.7)).param_groups
+    assert {g["residual_lr_scale"] for g in grouped if g["rank"]} == {0.7}
+    assert {g["residual_lr_scale"] for g in lro.Fira(model, match_adamw_rms=True).param_groups} == {1.0}
+    torch.manual_seed(0)
+    grad, start = torch.randn(64, 96), torch.randn(64, 96)
+    moved = []
+    for residual in ("sign", "drop"):  # the same low-rank step (scale 2, the same SVD), with and without the residual
+        w = nn.Parameter(start.clone())
+        w.grad = grad.clone()
+        lro.FRUGAL([{"params": [w], "rank": 16, "match_adamw_rms": True, "residual": residual}], lr=1.0,
+                   weight_decay=0.0).step()
+        moved.append(w.detach())
+    rms = (moved[1] - moved[0]).pow(2).mean().sqrt().item()
+    assert math.isclose(rms, 0.2, rel_tol=1e-5), rms
+
+
 def test_match_adamw_rms_gives_adafactor_adamw_s_first_moment():
     """Adafactor steps by G/√V̂ (about 1 per entry) where Adam's m̂/√v̂ averages noise down, 3x smaller at
     AdamW's tuned lr (bench/update_rms.py): match_adamw_rms gives it a first moment at AdamW's β₁ unless one is

@@ -94,7 +94,9 @@ def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]
             raise ValueError(f"{where}: scale={param_group['scale']!r} and match_adamw_rms=True both set the update's "
                              "size; give one of them (match_adamw_rms=True sets scale from the rank and the width)")
         d = _short_side(param_group["params"])
-        param_group = {**param_group, "scale": adamw_rms_scale(merged, d, rank)}
+        explicit = frozenset(param_group) | getattr(opt, "_given", frozenset())
+        param_group = {**param_group, "scale": adamw_rms_scale(merged, d, rank),
+                       **_updates.for_group(merged).adamw_rms_keys(merged, explicit)}
     if param_group.get("scale", merged.get("scale")) == options.AUTO_RANK:
         param_group = {**param_group, "scale": auto_scale(type(opt), _short_side(param_group["params"]), where)}
     return param_group

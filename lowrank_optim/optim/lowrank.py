@@ -82,7 +82,8 @@ class LowRankAdamW(Optimizer):
             the rank of groups with ``rank="auto"`` (if None there: the preset's, ``optim.groups.auto_rank``).
         update_proj_gap: steps between subspace refreshes (refresh when ``step % gap == 0``).
         scale: the low-rank update is multiplied by this (GaLore's α).
-        match_adamw_rms: True sets each group's scale so its update has AdamW's RMS: AdamW's lr carries over.
+        match_adamw_rms: True sets each group's scale so its update has AdamW's RMS: AdamW's lr carries over
+            (and, with ``residual="sign"``, ``residual_lr_scale`` to 0.2 unless given: sign() has RMS 1).
         proj_type: ``std``, ``reverse_std``, ``left`` or ``right`` (see ``lro.projectors``).
         projector: a name from ``lro.projectors.available()``; ``projector_options`` a dict of its
             keyword options (e.g. ``{"power_iters": 1}`` for ``rsvd``; ``{"canonical_signs": False}``
@@ -179,6 +180,7 @@ class LowRankAdamW(Optimizer):
     ) -> None:
         given = {k: v for k, v in locals().items() if k in self.method_defaults() and v is not PRESET_DEFAULT}
         given.update(self._part_options(part_options))
+        self._given = frozenset(given)  # what match_adamw_rms leaves alone (optim/groups.resolved)
         name = f"{type(self).__name__}()"
         params = _groups.as_params(params, name, given)
         options.check_flags(name, {"amsgrad": amsgrad, "capturable": capturable,

@@ -126,6 +126,10 @@ class FRUGAL(LowRankAdamW):
     that is round-off (a gradient column or row inside the subspace: below ~1e-5 of its norm in float32)
     gets no step, where sign() would make it ±lr. The residual needs an orthonormal basis, so
     ``projector="random"`` (Gaussian, not semi-orthogonal) is refused.
+
+    ``match_adamw_rms=True`` sets ``residual_lr_scale`` to 0.2 as well as ``scale`` (unless it is given):
+    sign() moves every entry by lr, about 5x an AdamW step's RMS, and the residual is most of the weight.
+    The paper's signSGD takes the run's lr as it is, which is this class's default (1.0).
     """
 
     preset = {"projector": "svd", "residual": "sign", "residual_lr_scale": 1.0, "on_refresh": "reset",

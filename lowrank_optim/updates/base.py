@@ -142,6 +142,12 @@ class Update:
     def check(self, group: dict[str, Any], fail: Any) -> None:
         """Validate its own group keys; ``fail(key, why)`` raises."""
 
+    def adamw_rms_keys(self, group: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
+        """Group keys that ``match_adamw_rms=True`` sets for a projected group, besides ``scale``, so that
+        this update's own term has the RMS of an AdamW update; keys in ``explicit`` (given by the user,
+        to the group or the constructor) are left as given. None by default."""
+        return {}
+
     # Updates that keep a buffer shaped like the weight (error feedback) override the three below.
     def prepare(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         """The gradient the projector refreshes from and projects, and that ``apply`` sees as ``ctx.grad``:
