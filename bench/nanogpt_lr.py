@@ -19,18 +19,11 @@ Each entry of ``--optimizers`` is ``adamw`` (nanoGPT's own optimizer, exactly) o
 
     python3 bench/nanogpt_lr.py --optimizers adamw,galore,galore:lr=0.01 --steps 300
 
-An entry ``ref:PRESET[:options]`` is the method's reference package (galore-torch, apollo-torch, fira:
-:data:`REFERENCES`) at the settings our preset resolves to with those options: our optimizer is built
-first, and each of its groups is handed over with its lr, betas, eps and weight decay, the projected
-ones with their rank, ``update_proj_gap``, scale, projection and limiter. It tells a gap that is the
-method's (the reference has it too) from one that is ours::
+An entry ``ref:PRESET[:options]`` is the method's reference package (galore-torch, apollo-torch, fira)
+at the settings our preset resolves to with those options (:mod:`lowrank_optim.train.references`, as in
+``lowrank-optim compare``). It tells a gap that is the method's (its own code has it too) from ours::
 
     python3 bench/nanogpt_lr.py --lr 0.004 --optimizers adamw,apollo_mini:match_adamw_rms=True,ref:apollo_mini:match_adamw_rms=True
-
-The package keeps its own refresh schedule (every weight on the same step; ours staggers them), its own
-random projection (another seed), its own Adam (ε added to √v before the bias correction) and its own
-limiter (on the uncorrected ratio, where ours follows the papers: tests/test_parity_apollo_fira.py), so
-the two agree in distribution, not bit for bit.
 """
 
 from __future__ import annotations
@@ -40,7 +33,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +42,8 @@ sys.path.insert(0, ".")
 import lowrank_optim as lro  # noqa: E402
 from lowrank_optim.optim.options import option_value  # noqa: E402
 from lowrank_optim.train.data import stdlib_corpus  # noqa: E402
+from lowrank_optim.train.errors import TrainError  # noqa: E402
+from lowrank_optim.train.references import PREFIX, preset_of, reference_twin  # noqa: E402
 
 
 class Block(nn.Module):
@@ -111,54 +105,6 @@ def nanogpt_adamw(model: nn.Module, lr: float, betas: tuple[float, float], weigh
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-#: The presets whose paper ships a package on the index: (module, optimizer class, the projected group's
-#: keys in that package's words from our resolved group ``g``, lr and decay where they differ).
-REFERENCES: dict[str, tuple[str, str, Callable[[dict], dict]]] = {
-    "galore": ("galore_torch", "GaLoreAdamW", lambda g: {"scale": g["scale"]}),
-    "apollo": ("apollo_torch", "APOLLOAdamW", lambda g: {"scale": g["scale"], "scale_type": g["scaling"],
-                                                         "proj": "random" if g["projector"] == "random" else "svd"}),
-    # the fira package subtracts alpha·project_back(R) from G, the residual only at alpha = 1 (our documented
-    # departure, lro.Fira): our scale·(project_back(N) + k·S) is alpha = 1 at lr·scale, decay wd/scale
-    "fira": ("fira", "FiraAdamW", lambda g: {"alpha": 1.0, "lr": g["lr"] * g["scale"],
-                                            "weight_decay": g["weight_decay"] / g["scale"]}),
-}
-REFERENCES["apollo_mini"] = REFERENCES["apollo"]
-#: Our group settings the packages have no word for, with the only value each package runs.
-FIXED = {"galore": {"limiter": None, "residual": "drop", "rule": "adam"},
-         "apollo": {"residual": "drop", "rule": "adam"},
-         "fira": {"limiter": 1.01, "residual": "fira", "rule": "adam"}}
-FIXED["apollo_mini"] = FIXED["apollo"]
-
-
-def reference_twin(name: str, ours: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Preset ``name``'s reference package, given the groups and resolved settings of ``ours``."""
-    if name not in REFERENCES:
-        raise SystemExit(f"ref:{name}: no reference package on the index for {name!r}; "
-                         f"there is one for {', '.join(sorted(REFERENCES))}")
-    module, cls, keys = REFERENCES[name]
-    try:
-        package = __import__(module)
-    except ImportError:
-        raise SystemExit(f"ref:{name} needs {module} (pip install {module.replace('_', '-')})") from None
-    groups, limiters = [], set()
-    for g in ours.param_groups:
-        group = {"params": list(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"]}
-        if g.get("rank") is not None:
-            for key, value in FIXED[name].items():
-                if g[key] != value:
-                    raise SystemExit(f"ref:{name}: {module} runs {key}={value!r} only, this entry has {g[key]!r}")
-            limiters.add(g["limiter"])
-            group.update(rank=g["rank"], update_proj_gap=g["update_proj_gap"], proj_type=g["proj_type"])
-            group.update(keys(g))
-        groups.append(group)
-    if module == "apollo_torch" and limiters - {None, 1.01}:
-        raise SystemExit(f"ref:{name}: apollo-torch's limiter is 1.01 or off, this entry has {limiters}")
-    extra = {"disable_nl": None in limiters} if module == "apollo_torch" else {}
-    g = ours.param_groups[0]
-    return getattr(package, cls)(groups, lr=g["lr"], betas=g["betas"], eps=g["eps"], no_deprecation_warning=True,
-                                 **extra)
-
-
 def build(entry: str, model: nn.Module, lr: float, betas: tuple[float, float], wd: float) -> tuple[torch.optim.Optimizer, float]:
     name, *pairs = entry.split(":")
     reference = name == "ref"
@@ -172,7 +118,12 @@ def build(entry: str, model: nn.Module, lr: float, betas: tuple[float, float], w
         return nanogpt_adamw(model, lr, betas, wd), lr
     group_keys = {k: options.pop(k) for k in ("rank",) if k in options}
     ours = lro.PRESETS[name](lro.param_groups(model, **group_keys), lr=lr, betas=betas, weight_decay=wd, **options)
-    return (reference_twin(name, ours) if reference else ours), lr
+    if not reference:
+        return ours, lr
+    try:
+        return reference_twin(preset_of(PREFIX + name), ours), lr
+    except TrainError as err:
+        raise SystemExit(str(err)) from None
 
 
 def run(entry: str, args: argparse.Namespace, corpus, heldout: torch.Tensor) -> dict:

@@ -140,8 +140,9 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         "loss every 50 (about two minutes for llama_tiny on a 2-core CPU); the flags override each of these.",
     )
     cmp.add_argument("--optimizers", default=FIRST_RUN["optimizers"],
-                     help="comma-separated names, each optionally with overrides: adamw,muon,adafactor,galore,apollo_mini:lr=0.02 "
-                          f"(default {FIRST_RUN['optimizers']})")
+                     help="comma-separated names, each optionally with overrides: adamw,muon,adafactor,galore,apollo_mini:lr=0.02; "
+                          "ref:galore, ref:apollo, ref:apollo_mini, ref:fira run the paper's own package at the preset's "
+                          f"settings (default {FIRST_RUN['optimizers']})")
     _add_training_flags(cmp)
     # the first run: with only --config, about two minutes on llama_tiny on a 2-core CPU (README, Quick start)
     cmp.set_defaults(**{k: v for k, v in FIRST_RUN.items() if k != "optimizers"})
@@ -278,6 +279,7 @@ def _list() -> int:
     import textwrap
 
     from . import PRESETS, GoLore, projectors
+    from .train import references
 
     width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
     rows: list[tuple[str, list[tuple[str, str]]]] = [("baselines (pretrain, compare and memory --optimizer):", [
@@ -295,6 +297,10 @@ def _list() -> int:
                 "; switch_step at rand_ratio (0.8) of --max-steps." if cls is GoLore else ".")
         presets.append((f"{key} ({cls.__name__})", f"{_summary(cls.__doc__)} Sets: {sets}{tail}"))
     rows.append(("optimizers (lowrank_optim.<Class>; lowrank-optim pretrain/compare --optimizer <name>):", presets))
+    rows.append(("reference packages (lowrank-optim compare --optimizers ref:<preset>):", [
+        (f"ref:{preset}", f"{references.REFERENCES[preset][1]} at the settings {preset} resolves to (the same groups, "
+                          "lr, rank, gap, scale, projection, limiter); compare only, no checkpoints.")
+        for preset in references.REFERENCES]))
     rows.append(("model reparameterizations (lowrank_optim.nn; pretrain and memory --sltrain RANK:DENSITY[:ALPHA]):", [
         ("sltrain", "SLTrain (Han et al. 2024): attention and MLP weights as (alpha/r) B A + S, S a fixed random sparse "
                     "support (paper: density 0.03, rank 128 at 60M), trained with AdamW (lr 3e-3); no W formed."),

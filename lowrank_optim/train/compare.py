@@ -3,7 +3,9 @@ weights, one table, ``compare.json`` and ``compare.png``.
 
 Each entry of ``--optimizers`` is a name from :func:`lowrank_optim.train.available` with optional
 overrides of its defaults, ``name:key=value:key=value`` (``galore:lr=0.02:rank=16``); the entry as
-written labels its row. Each run writes ``DIR/<label>/metrics.jsonl`` and no checkpoint.
+written labels its row. ``ref:PRESET[:key=value...]`` is the method's reference package at the settings
+the preset resolves to (:mod:`lowrank_optim.train.references`). Each run writes
+``DIR/<label>/metrics.jsonl`` and no checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..optim.options import option_value
 from .errors import TrainError
 from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
 from .optimizers import available, build_optimizer, optimizer_settings
+from .references import PREFIX
 
 MIB = 2**20
 
@@ -33,6 +36,8 @@ def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
     out, seen = [], set()
     for entry in entries:
         name, *pairs = entry.split(":")
+        if name + ":" == PREFIX and pairs:  # ref:PRESET:key=value
+            name = PREFIX + pairs.pop(0)
         options = {}
         for pair in pairs:
             key, eq, val = pair.partition("=")

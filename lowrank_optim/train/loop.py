@@ -50,6 +50,7 @@ from .._console import stderr_line
 from ..projectors import NonFiniteGradientError
 from .errors import TrainError, require
 from .optimizers import build_optimizer, optimizer_settings, state_bytes
+from .references import PREFIX as REF_PREFIX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METRICS_NAME = "metrics.jsonl"
@@ -151,9 +152,21 @@ def _check_args(a: TrainArgs) -> None:
                          "after its backward, where layer-wise updates would already have stepped; pick one")
     if a.fsdp and a.optimizer in FSDP_REFUSED:
         raise TrainError(f"--fsdp: {FSDP_REFUSED[a.optimizer]}")
+    if a.optimizer.startswith(REF_PREFIX):
+        _check_reference(a)
     layer_sampling.check_args(a)
     if a.sltrain is not None:
         _check_sltrain(a)
+
+
+def _check_reference(a: TrainArgs) -> None:
+    """A ``ref:PRESET`` run (the paper's package) is for ``compare``: its state holds the package's Python
+    objects (no weights-only checkpoint), and it has no layer-wise, FSDP2 or SLTrain path."""
+    for flag, on in (("checkpoints (pretrain saves them)", a.save), ("--resume", a.resume), ("--layerwise", a.layerwise),
+                     ("--fsdp", a.fsdp), ("--sltrain", a.sltrain is not None)):
+        if on:
+            raise TrainError(f"{a.optimizer} (the reference package) does not run with {flag}; use it in "
+                             "`lowrank-optim compare`, which trains without checkpoints")
 
 
 def _check_sltrain(a: TrainArgs) -> None:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .errors import TrainError
+from .references import preset_of, reference_twin
 
 # Constructor arguments; every other option is a key of the low-rank parameter group.
 _CONSTRUCTOR = ("lr", "weight_decay", "betas", "eps")
@@ -162,6 +163,7 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
     from ``model.config.hidden_size``."""
     from .. import PRESETS
 
+    name = preset_of(name) or name  # ref:PRESET has its preset's settings
     if name not in BASELINES and name not in PRESETS and name not in _run_length_presets():
         raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}")
     settings = dict(DEFAULTS.get(name, DEFAULTS["*"]))
@@ -187,11 +189,15 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
     :class:`MuonWithAdamW` over :func:`muon_split`'s two sets. Options override :data:`DEFAULTS`
     (``lr``, ``weight_decay``, ``betas``, ``eps``, ``rank``, ``update_proj_gap``, ``scale``,
     ``projector``, ``proj_type``, ...; :data:`BASELINES` lists what each baseline takes). ``max_steps``,
-    the run's length, places GoLore's switch (``rand_ratio`` of it).
+    the run's length, places GoLore's switch (``rand_ratio`` of it). ``ref:PRESET`` is the preset's
+    reference package at the preset's resolved settings (:mod:`lowrank_optim.train.references`).
     """
     from .. import PRESETS, param_groups
     from ..optim import RankFallbackWarning
 
+    reference = preset_of(name)
+    if reference is not None:  # the paper's package at the settings our preset resolves to
+        return reference_twin(reference, build_optimizer(reference, model, max_steps=max_steps, **options))
     settings = optimizer_settings(name, model, **options)
     if name in BASELINES:
         kw = {k: tuple(v) if k in ("betas", "eps") and isinstance(v, list) else v for k, v in settings.items()}
@@ -329,16 +335,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state kept between steps: ``state_nbytes()`` for ours, the state tensors'
-    bytes for any other ``torch.optim`` optimizer."""
+    bytes for any other ``torch.optim`` optimizer, with the tensors its state's objects hold (the reference
+    packages keep their projection matrices in a projector object)."""
     nbytes = getattr(opt, "state_nbytes", None)
     if callable(nbytes):
         return int(sum(nbytes().values()))
     total = 0
     for state in opt.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor):
-                local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor: this rank's piece
-                total += local.numel() * local.element_size()
+            held = [value] if isinstance(value, torch.Tensor) else list(getattr(value, "__dict__", {}).values())
+            for t in held:
+                if isinstance(t, torch.Tensor):
+                    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's piece
+                    total += local.numel() * local.element_size()
     return total
 
 
