@@ -119,8 +119,9 @@ class LowRankAdamW(Optimizer):
             clipping threshold d (1.0); its ε₁ is ``eps``.
         nonfinite: a gradient with inf or NaN: ``raise`` (refused before any change), ``skip`` (the step
             is skipped and counted in ``group["nonfinite_skipped"]``) or ``ignore`` (:mod:`.nonfinite`).
-        foreach: torch's multi-tensor AdamW for the plain parameters (None: yes; False: one tensor
-            at a time; both give the same numbers on CPU).
+        foreach: torch's multi-tensor AdamW for the plain parameters (None: yes, but for half-precision
+            ones on CPU, which take the single-tensor path as torch's default does there; False: one
+            tensor at a time; in float32 and float64 both give the same numbers on CPU).
         maximize: maximize the objective (step along +G), as ``torch.optim.AdamW``.
         amsgrad, capturable, differentiable, fused: ``torch.optim.AdamW``'s flags, accepted when False
             (or None); True is refused by name.
