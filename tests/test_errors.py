@@ -178,3 +178,15 @@ def test_mismatched_checkpoint_is_refused_and_state_is_kept(mutate, match):
         opt.load_state_dict(bad)
     assert_unchanged(model, opt, snap)
     assert opt.param_groups[0]["rank"] == 8
+
+
+def test_stochastic_rounding_on_a_float16_weight_is_refused_by_name():
+    """stochastic_rounding=True rounds bf16 and INT8 weights; a float16 weight was accepted and rounded to
+    nearest, the same run as False. It is refused when the optimizer is built, naming the parameter; bf16
+    and float32 weights in the same request build (float32 has nothing to round)."""
+    model = make_model(dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"parameter 'layers.0.q_proj.weight' is float16, and stochastic_rounding=True rounds"):
+        lro.GaLoreAdamW(lro.param_groups(model), stochastic_rounding=True)
+    lro.GaLoreAdamW(lro.param_groups(model))  # the default stays accepted
+    lro.GaLoreAdamW(lro.param_groups(make_model(dtype=torch.bfloat16)), stochastic_rounding=True)
+    lro.GaLoreAdamW(lro.param_groups(make_model()), stochastic_rounding=True)

@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import distributed
@@ -147,8 +148,8 @@ def adamw_rms_scale(group: dict[str, Any], short_side: int, rank: int) -> float:
 
 
 def check_parameters(group: dict[str, Any], params: list[Any], where: str) -> None:
-    """Refuse, naming the parameter, what the group's parts cannot step: complex tensors, unsupported
-    FSDP2 layouts and options, a rule's own refusals."""
+    """Refuse, naming the parameter, what the group's parts cannot step: complex tensors, float16 ones
+    under ``stochastic_rounding=True``, unsupported FSDP2 layouts and options, a rule's own refusals."""
     rule = _rules.get(group["rule"])
     for k, item in enumerate(params):
         tensor = item[1] if isinstance(item, tuple) else item
@@ -158,6 +159,10 @@ def check_parameters(group: dict[str, Any], params: list[Any], where: str) -> No
         if tensor.is_complex():
             raise ValueError(f"{where}: parameter {name} is complex; only real floating-point parameters "
                              "are supported")
+        if group["stochastic_rounding"] is True and tensor.dtype == torch.float16:
+            raise ValueError(f"{where}: parameter {name} is float16, and stochastic_rounding=True rounds updates "
+                             "into bf16 (and INT8) weights only; a float16 weight would be rounded to nearest. "
+                             "Use bf16 weights, or leave stochastic_rounding at None for this group")
         if distributed.is_sharded(tensor):
             why = distributed.layout_error(tensor, name) or shard_error(group, tensor, name)
             if why:
