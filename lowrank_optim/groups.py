@@ -4,6 +4,7 @@ parameters that loops usually exempt from it (norm gains and biases)."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,19 @@ def _no_decay_rule(no_decay: Iterable[str] | Callable[[str, Tensor], bool] | Non
     return lambda name, p: name in names
 
 
+def _check_names(model: nn.Module, no_decay: Any) -> None:
+    """Refuse ``no_decay`` names that are no parameter of ``model`` (a typo would otherwise decay silently)."""
+    if no_decay is None or callable(no_decay):
+        return
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    unknown = sorted(({no_decay} if isinstance(no_decay, str) else set(no_decay)) - known)
+    if unknown:
+        hints = [f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(n, known, n=1)) else repr(n)
+                 for n in unknown]
+        raise ValueError(f"no_decay names {', '.join(hints)}, which are not parameters of the model; give names "
+                         "from model.named_parameters(), or a predicate (name, parameter) -> bool")
+
+
 def param_groups(
     model: nn.Module,
     rank: int | str | None = AUTO,
@@ -56,8 +70,8 @@ def param_groups(
     ``no_decay`` group the parameters for which ``no_decay`` holds, with ``weight_decay=0.0``: by
     default every parameter of fewer than 2 dimensions (norm gains and biases), which is nanoGPT's
     rule and, on LLaMA- and GPT-style models, Hugging Face Trainer's. ``no_decay`` may also be a
-    collection of parameter names or a predicate ``(name, parameter) -> bool`` (``lro.hf`` passes
-    Trainer's own names). Neither plain group projects anything, whatever ``rank`` the optimizer's
+    collection of parameter names, which replaces the default (names that are no parameter are refused),
+    or a predicate ``(name, parameter) -> bool`` (``lro.hf`` passes Trainer's own names). Neither plain group projects anything, whatever ``rank`` the optimizer's
     constructor is given (they carry ``rank=None``). Parameters are given as ``(name, tensor)``
     pairs so that the optimizer's warnings and errors name them. Empty groups are left out.
 
@@ -67,6 +81,7 @@ def param_groups(
     """
     chosen = _low_rank_weights(model, target_modules)
     exempt = _no_decay_rule(no_decay)
+    _check_names(model, no_decay)
     low, plain, free = [], [], []
     for name, p in model.named_parameters():
         if id(p) in chosen:

@@ -47,6 +47,12 @@ def test_no_decay_takes_names_or_a_predicate():
     assert names(plain) == ["lm_head.weight"] and "embed_tokens.weight" in names(free)
     opt = lro.GaLoreAdamW(lro.param_groups(model, rank=4), lr=1e-2, weight_decay=0.1)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+    # names replace the rule, so a misspelled one would leave its parameter decaying: refused, with the fix
+    with pytest.raises(ValueError, match=r"no_decay names 'embed_token.weight' \(did you mean 'embed_tokens.weight'\?\), "
+                                         r"'nope', which are not parameters of the model"):
+        lro.param_groups(model, no_decay=["embed_token.weight", "nope", "norm.weight"])
+    with pytest.raises(ValueError, match="no_decay names 'norm'"):
+        lro.param_groups(model, no_decay="norm")
 
 
 def test_constructor_rank_reaches_only_the_low_rank_group():
