@@ -114,7 +114,8 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
     if callable(target_modules):
         return {id(m.weight) for n, m in model.named_modules()
                 if isinstance(m, nn.Linear) and m.weight is not None and m.weight.dim() == 2
-                and id(m.weight) not in embedding_weights and target_modules(n, m)}
+                and id(m.weight) not in embedding_weights and n.rsplit(".", 1)[-1] not in _HEAD_NAMES
+                and target_modules(n, m)}
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = None if target_modules is None else list(target_modules)
@@ -127,19 +128,17 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
             continue
         if id(module.weight) in embedding_weights:
             continue
-        leaf = mod_name.rsplit(".", 1)[-1]
-        if targets is None:
-            if leaf in _HEAD_NAMES:
-                continue
-        elif not any(t in mod_name for t in targets):
+        if mod_name.rsplit(".", 1)[-1] in _HEAD_NAMES:  # the output head stays plain, whatever the targets
+            continue
+        if targets is not None and not any(t in mod_name for t in targets):
             continue
         chosen.add(id(module.weight))
 
     if targets is not None and not chosen:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
-            f"target_modules={targets} matches no nn.Linear in the model; its linear layers are "
-            f"named like {linear[:5]}"
+            f"target_modules={targets} matches no nn.Linear in the model that is projected (the output head, "
+            f"{'/'.join(sorted(_HEAD_NAMES))}, never is); its linear layers are named like {linear[:5]}"
         )
     return chosen
 

@@ -85,6 +85,19 @@ def test_head_tied_to_the_embedding_stays_plain_and_appears_once():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_the_output_head_stays_plain_whatever_the_targets_match():
+    """README and lro.hf: embeddings and the output head are never projected. A target that names it, a
+    substring that catches it ("head", Trainer's regex ".*" becomes a predicate) or a predicate that
+    accepts everything leaves lm_head in the plain group; targeting it alone is an error saying why."""
+    model = make_model()
+    for targets in (["lm_head", "q_proj"], ["head", "q_proj"], lambda name, module: True):
+        low, plain, _ = lro.param_groups(model, rank=4, target_modules=targets)
+        assert "lm_head.weight" in names(plain) and "lm_head.weight" not in names(low), targets
+    with pytest.raises(ValueError, match=r"matches no nn.Linear in the model that is projected \(the output head, "
+                                         r"lm_head, never is\)"):
+        lro.param_groups(model, target_modules=["lm_head"])
+
+
 def test_model_without_linear_layers_gives_one_plain_group():
     model = nn.Sequential(nn.Conv1d(2, 2, 3))
     (plain, free) = lro.param_groups(model, rank=4)
