@@ -157,6 +157,9 @@ def test_match_adamw_rms_sets_the_scale_from_width_and_rank():
         lro.GaLoreAdamW(lro.param_groups(model, scale=0.5, match_adamw_rms=True))
     with pytest.raises(ValueError, match="invalid match_adamw_rms='yes'"):
         lro.GaLoreAdamW(model, match_adamw_rms="yes")
+    for rank in (0, -2, 2.5):  # the rank's own error, not the scale's arithmetic (ZeroDivisionError, math domain)
+        with pytest.raises(ValueError, match=f"param group 0: invalid rank={rank}: rank must be an integer >= 1"):
+            lro.GaLoreAdamW(lro.param_groups(model, rank=rank, match_adamw_rms=True))
 
 
 def test_matched_update_has_the_rms_of_adamw_s_first_step():

@@ -90,7 +90,9 @@ def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]
     if merged.get("match_adamw_rms") is True and merged.get("rule") in _rules.REGISTRY:
         param_group = {**param_group, **_rules.get(merged["rule"]).adamw_rms_keys(merged)}
     rank = param_group.get("rank", merged.get("rank"))
-    if merged.get("match_adamw_rms") is True and rank is not None and rank != options.AUTO_RANK:
+    # an invalid rank (0, negative, not an integer) is left for check_group's error naming it
+    valid = isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1
+    if merged.get("match_adamw_rms") is True and valid:
         if "scale" in param_group:
             raise ValueError(f"{where}: scale={param_group['scale']!r} and match_adamw_rms=True both set the update's "
                              "size; give one of them (match_adamw_rms=True sets scale from the rank and the width)")
