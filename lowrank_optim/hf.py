@@ -212,7 +212,7 @@ class LayerwiseTrainer(transformers.Trainer):
 
     It takes Trainer's arguments unchanged. One process only (no DDP, FSDP or DeepSpeed) and no fp16
     ``GradScaler`` (use bf16): both are refused here, before training. The logged ``grad_norm`` is the
-    norm the handle measured before clipping.
+    norm the handle measured before clipping; with ``max_grad_norm=0`` none is logged.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -242,3 +242,10 @@ class LayerwiseTrainer(transformers.Trainer):
         """The handle clipped inside the backward; its norm before clipping is what Trainer logs."""
         norm = self._lro_handle.last_grad_norm
         return torch.zeros(()) if norm is None else norm
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """Without clipping (``max_grad_norm=0``) there is no norm to log: Trainer would measure the
+        gradients the layer-wise backward has already freed (0.0 at every step); measuring it before the
+        updates would take a second backward. So ``grad_norm`` is left out of the logs, as Trainer does
+        for a norm it has not got (transformers before ``_get_grad_norm`` never measured it there)."""
+        return grad_norm

@@ -145,6 +145,27 @@ def test_layerwise_inside_trainer_with_accumulation_and_clipping_equals_the_ordi
     assert_close_weights(ordinary, layerwise, "layer-wise against the ordinary Trainer run")
 
 
+def test_layerwise_trainer_logs_the_clipping_norm_and_no_made_up_one_without_clipping(tmp_path):
+    """With clipping the logged grad_norm is the handle's, the ordinary run's to float rounding (the same
+    sums in another order: 1e-5 relative is ample, a missing accumulation halves it). Without clipping
+    (max_grad_norm=0) there is none to log: Trainer would measure gradients the layer-wise backward has
+    freed, and logged 0.0 at every step."""
+    norms = {}
+    for layerwise in (False, True):
+        for clip in (1e3, 0.0):
+            model = tiny_llama()
+            args = arguments(tmp_path / f"{layerwise}{clip}", max_grad_norm=clip, logging_steps=1,
+                             gradient_accumulation_steps=2, per_device_train_batch_size=2)
+            cls = lro.hf.LayerwiseTrainer if layerwise else transformers.Trainer
+            trainer = cls(model=model, args=args, train_dataset=Tokens(),
+                          optimizers=lro.hf.optimizers(model, args, "galore", layerwise=layerwise))
+            trainer.train()
+            norms[layerwise, clip] = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(norms[False, 1e3]) == args.max_steps and min(norms[False, 1e3]) > 0
+    assert norms[True, 1e3] == pytest.approx(norms[False, 1e3], rel=1e-5)
+    assert norms[True, 0.0] == []
+
+
 def test_layerwise_optimizer_refuses_a_plain_trainer(tmp_path):
     model = tiny_llama()
     args = arguments(tmp_path)
