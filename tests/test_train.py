@@ -304,6 +304,9 @@ def test_compare_rejects_unknown_names_before_training(tmp_path, capsys):
                                        + ", ".join(available()))
     rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "galore:lr", "--max-steps", "2", "--out", str(tmp_path))
     assert rc == 2 and "written name:key=value" in err
+    rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "galore:rank=4:rank=8", "--max-steps", "2",
+                     "--out", str(tmp_path))
+    assert rc == 2 and "'galore:rank=4:rank=8' sets rank twice; give it once" in err and err.count("\n") == 1
 
 
 def test_compare_checks_every_entry_s_options_before_training_any(tmp_path, capsys):

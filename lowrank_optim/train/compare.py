@@ -43,7 +43,10 @@ def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
             key, eq, val = pair.partition("=")
             if not eq or not key:
                 raise TrainError(f"--optimizers: {entry!r}: options are written name:key=value, got {pair!r}")
-            options[key.replace("-", "_")] = option_value(val)
+            key = key.replace("-", "_")
+            if key in options:
+                raise TrainError(f"--optimizers: {entry!r} sets {key} twice; give it once")
+            options[key] = option_value(val)
         optimizer_settings(name, None, **options)  # unknown names fail here, listing the valid ones
         if entry in seen:
             raise TrainError(f"--optimizers names {entry!r} twice")
