@@ -114,8 +114,8 @@ def layerwise(
             ``torch.optim.Optimizer`` whose rule updates each parameter independently.
         accumulation_steps: step on every k-th backward pass; the k − 1 before it only accumulate.
         max_grad_norm: clip the accumulated gradients by their global 2-norm, exactly as
-            ``torch.nn.utils.clip_grad_norm_`` over the optimizer's parameters in their order, before
-            the step. Costs one extra backward per optimizer step (none under DDP); needs
+            ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``, before the step: the norm sums
+            the parameters in ``model_or_params``'s order (the model's), as a loop's clipping does. Costs one extra backward per optimizer step (none under DDP); needs
             :meth:`LayerwiseUpdates.backward`.
 
     Everything is validated before any hook is registered.
@@ -315,6 +315,8 @@ class LayerwiseUpdates:
         self._optimizer = optimizer
         self._params = params
         self._ids = {id(p) for p in params}
+        # the order clip_grad_norm_(model.parameters()) sums the norms in: the model's (or as given)
+        self._norm_order = [p for i, p in given.items() if i in self._ids]
         self._names = names
         self._k = accumulation_steps
         self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -515,8 +517,9 @@ class LayerwiseUpdates:
                 "k-th pass. Nothing was stepped; the gradients are local."
             )
         if self._max_grad_norm is not None and rest:
-            # the buckets hold every reduced gradient: clip_grad_norm_ itself, then one step
-            total = torch.nn.utils.get_total_norm([p.grad for p in rest])
+            # the buckets hold every reduced gradient: clip_grad_norm_ itself (in the model's order), then one step
+            total = torch.nn.utils.get_total_norm([p.grad for p in self._norm_order if p.grad is not None
+                                                   and id(p) not in self._stepped])
             torch.nn.utils.clip_grads_with_norm_(rest, self._max_grad_norm, total)
             self.last_grad_norm = total
         if rest:
@@ -598,7 +601,7 @@ class LayerwiseUpdates:
                 p.grad = self._stash[id(p)]
             stash, self._stash = self._stash, {}
         norms = []
-        for p in self._params:  # the optimizer's order, as clip_grad_norm_(params) would take them
+        for p in self._norm_order:  # the model's order, as clip_grad_norm_(model.parameters()) takes them
             n = self._norms.get(id(p))
             if n is None and stash[id(p)] is not None:  # accumulated, but not reached by this pass
                 n = torch.nn.utils.get_total_norm([stash[id(p)]])

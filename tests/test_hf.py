@@ -122,9 +122,9 @@ def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
 
 
 def assert_close_weights(a, b, what):
-    # Float rounding only: the same sums in another order (micro-batch gradients added up; the clipping
-    # norm taken over the optimizer's order instead of the model's). Measured at 1 thread: 4.4e-7
-    # (accumulation), 1.3e-7 (layer-wise). atol 1e-5 leaves room for other thread counts and still
+    # Float rounding only: the same sums in another order (micro-batch gradients added up; Trainer's
+    # clipping through accelerate). Measured at 1 thread: 4.4e-7 (accumulation), 1.3e-7 (layer-wise, when
+    # its norm still summed in the optimizer's order; now the model's, as Trainer's). atol 1e-5 leaves room for other thread counts and still
     # catches any real difference: a step missed, doubled or unclipped moves weights by ~lr = 2e-3.
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{what}, {k}: {m}")

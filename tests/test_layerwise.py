@@ -63,13 +63,13 @@ def opt_params(opt):
 
 
 def ordinary(model, opt, data, k=1, clip=None, sched=None):
-    """k accumulated backward passes, clip_grad_norm_ over the optimizer's parameters, step."""
+    """k accumulated backward passes, clip_grad_norm_(model.parameters()) as a loop writes it, step."""
     norms = []
     for i, tokens in enumerate(data):
         (lm_loss(model, tokens) / k).backward()
         if i % k == k - 1:
             if clip is not None:
-                norms.append(torch.nn.utils.clip_grad_norm_(opt_params(opt), clip))
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if sched is not None:
@@ -297,7 +297,7 @@ def test_activation_checkpointing_with_accumulation_and_clipping(reentrant):
     for i, tokens in enumerate(data):
         (checkpointed_loss(ref, tokens, reentrant) / 2).backward()
         if i % 2 == 1:
-            torch.nn.utils.clip_grad_norm_(opt_params(ref_opt), MAX_NORM)
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
             ref_opt.step()
             ref_opt.zero_grad()
     lw = lro.layerwise(ours, our_opt, accumulation_steps=2, max_grad_norm=MAX_NORM)
@@ -457,7 +457,7 @@ def _ddp_worker(rank, world, port, out):
                 if j % k != k - 1:
                     continue
                 if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(opt_params(ref_opt), clip)
+                    torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
                 ref_opt.step()
                 ref_opt.zero_grad()
             # layer-wise
