@@ -55,8 +55,9 @@ def test_unknown_command_is_an_error(capsys):
 def test_console_script_is_installed():
     out = subprocess.run(["lowrank-optim", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"lowrank-optim {lro.__version__}"
-    out = subprocess.run([sys.executable, "-m", "lowrank_optim.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "usage: lowrank-optim" in out.stdout
+    for module in ("lowrank_optim.cli", "lowrank_optim"):  # python -m, where the script is not on PATH
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True)
+        assert "usage: lowrank-optim" in out.stdout, module
 
 
 def test_stderr_lines_are_one_write_each(monkeypatch):
