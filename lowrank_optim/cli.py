@@ -14,6 +14,10 @@ from ._version import __version__
 #: compare's defaults, sized so that ``lowrank-optim compare --config configs/llama_tiny.json`` is a
 #: first run of about two minutes; every flag still overrides them.
 FIRST_RUN = {"optimizers": "adamw,galore", "max_steps": 150, "seq_len": 128, "eval_every": 50}
+COMPARE_OPTIMIZERS_HELP = (
+    "comma-separated names, each optionally with overrides: adamw,muon,adafactor,galore,apollo_mini:lr=0.02; "
+    "ref:galore, ref:apollo, ref:apollo_mini, ref:fira run the paper's own package at the preset's settings "
+    f"(default {FIRST_RUN['optimizers']})")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -139,10 +143,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         "and DIR/compare.png. With only --config: adamw and galore, 150 steps of 16 x 128 tokens, held-out "
         "loss every 50 (about two minutes for llama_tiny on a 2-core CPU); the flags override each of these.",
     )
-    cmp.add_argument("--optimizers", default=FIRST_RUN["optimizers"],
-                     help="comma-separated names, each optionally with overrides: adamw,muon,adafactor,galore,apollo_mini:lr=0.02; "
-                          "ref:galore, ref:apollo, ref:apollo_mini, ref:fira run the paper's own package at the preset's "
-                          f"settings (default {FIRST_RUN['optimizers']})")
+    cmp.add_argument("--optimizers", default=FIRST_RUN["optimizers"], help=COMPARE_OPTIMIZERS_HELP)
     _add_training_flags(cmp)
     # the first run: with only --config, about two minutes on llama_tiny on a 2-core CPU (README, Quick start)
     cmp.set_defaults(**{k: v for k, v in FIRST_RUN.items() if k != "optimizers"})
