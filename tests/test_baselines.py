@@ -92,7 +92,7 @@ def _run(model, opt, sched, data, clip=1.0):
     for tokens in data:
         opt.zero_grad(set_to_none=True)
         lm_loss(model, tokens).backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
 
@@ -118,7 +118,7 @@ def test_muon_with_adamw_is_torch_muon_plus_adamw_by_hand():
         for o in (muon, adamw):
             o.zero_grad(set_to_none=True)
         lm_loss(b, tokens).backward()
-        torch.nn.utils.clip_grad_norm_(hidden + rest, 1.0)
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)  # as _run clips: the model's order
         for o in (muon, adamw):
             o.step()
         for s in scheds:

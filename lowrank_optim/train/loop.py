@@ -492,7 +492,7 @@ class _Progress:
 class _Wrapped:
     """The model as the step loop drives it: ``forward`` is the module called (the DDP wrapper under
     DDP), ``handle`` the layer-wise updates' handle (None without ``layerwise``), ``params`` the
-    optimizer's parameters in its order (the order layerwise clips them in)."""
+    optimizer's parameters in the model's order (the order clipping sums their norms in, as layerwise's)."""
 
     forward: Any
     ddp: Any
@@ -649,7 +649,9 @@ def _wrap_model(run: _Run) -> _Wrapped:
 
         handle = layerwise(forward_model, run.opt, accumulation_steps=a.grad_accum,
                            max_grad_norm=a.max_grad_norm if a.max_grad_norm > 0 else None)
-    params = [p for g in run.opt.param_groups for p in g["params"]]
+    stepped = {id(p) for g in run.opt.param_groups for p in g["params"]}
+    # the model's order: clip_grad_norm_ sums the norms in it, as lro.layerwise's clipping does
+    params = [p for p in forward_model.parameters() if id(p) in stepped]
     return _Wrapped(forward=forward_model, ddp=ddp, handle=handle, params=params)
 
 
