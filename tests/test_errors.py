@@ -190,3 +190,28 @@ def test_stochastic_rounding_on_a_float16_weight_is_refused_by_name():
     lro.GaLoreAdamW(lro.param_groups(model))  # the default stays accepted
     lro.GaLoreAdamW(lro.param_groups(make_model(dtype=torch.bfloat16)), stochastic_rounding=True)
     lro.GaLoreAdamW(lro.param_groups(make_model()), stochastic_rounding=True)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s.__setitem__("exp_avg_absmax", s["exp_avg_absmax"].long()),
+     r"scales 'exp_avg_absmax' in float32; the checkpoint's are torch.int64"),
+    (lambda s: s.__setitem__("exp_avg_absmax", s["exp_avg_absmax"].half()),
+     r"scales 'exp_avg_absmax' in float32; the checkpoint's are torch.float16"),
+    (lambda s: s.__setitem__("exp_avg", s["exp_avg"].t().contiguous().t()),
+     r"the INT8 codes 'exp_avg' are not contiguous"),
+])
+def test_int8_moments_of_another_dtype_or_layout_are_refused_at_load(mutate, match):
+    """An integer absmax loaded and was truncated at every step (the run diverged silently); non-contiguous
+    codes loaded and the next step failed with a raw view error. Both are refused when loading, naming the
+    key, and the optimizer keeps its state."""
+    model = make_model()
+    opt = lro.GaLoreAdamW8bit(groups(model), lr=1e-2, min_8bit_size=64)
+    train(model, opt, batches(2))
+    bad = copy.deepcopy(opt.state_dict())
+    key = next(k for k, s in bad["state"].items() if s.get("exp_avg") is not None and s["exp_avg"].dtype == torch.uint8
+               and s["exp_avg"].dim() == 2 and min(s["exp_avg"].shape) > 1)
+    mutate(bad["state"][key])
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    assert_unchanged(model, opt, snap)

@@ -114,6 +114,12 @@ def _check_int8(where: str, state: dict[str, Any], key: str, numel: int) -> None
     if codes.dtype != torch.uint8 and absmax is None:
         return
     blocks = -(-numel // 256)
+    if isinstance(absmax, Tensor) and absmax.dtype != torch.float32:
+        raise ValueError(f"{where}: INT8 moments keep their scales '{key}_absmax' in float32; the checkpoint's are "
+                         f"{absmax.dtype} (an integer scale would be truncated at every step)")
+    if codes.dtype == torch.uint8 and not local(codes).is_contiguous():
+        raise ValueError(f"{where}: the INT8 codes {key!r} are not contiguous (a view of another tensor); save "
+                         f"them with .contiguous()")
     if is_sharded(absmax) and codes.dtype == torch.uint8:
         # a piece of a sharded parameter: the absmax is padded to the same length on every rank
         piece = absmax.to_local().numel()
