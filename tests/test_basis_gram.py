@@ -99,3 +99,25 @@ def test_fira_residual_norms_match_the_formed_residual(projector, shape):
     if projector != "online_pca":  # its basis leaves orthonormality by its learning steps, gradually
         assert orthonormal == (projector in ("svd", "dct"))  # INT4 codes are not orthonormal: both paths run
     assert torch.allclose(got, want, rtol=5e-5 if orthonormal else 1e-5)
+
+
+def test_fira_s_kept_gram_matrices_are_counted_by_state_nbytes_and_memory():
+    """Fira's limiter keeps each projected weight's r×r Gram matrix between steps (the cache above): it is
+    memory, 5.5% of Fira's state on llama_tiny, and neither state_nbytes nor `memory` counted it. Both now
+    equal the bytes really held after real steps: every tensor in the state plus every cached Gram matrix.
+    Without the limiter no Gram matrix is computed, and none is counted."""
+    from conftest import batches, make_model, train
+
+    for limiter in (1.01, None):
+        model = make_model()
+        opt = lro.Fira(lro.param_groups(model, rank=4), lr=1e-2, limiter=limiter)
+        train(model, opt, batches(2))
+        held = 0
+        for p, state in opt.state.items():
+            for value in list(state.values()) + list(state.get("projector", {}).values()):
+                held += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+            cache = opt._projector(p, opt.param_groups[0]).__dict__.get("_gram_cache") if "projector" in state else None
+            held += 0 if cache is None else cache[2][0].numel() * cache[2][0].element_size()
+        assert sum(opt.state_nbytes().values()) == held, limiter
+        estimate = lro.memory.estimate(model, "fira", rank=4, limiter=limiter).ours
+        assert estimate.optimizer_states + estimate.projections == held, limiter

@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 from .. import distributed
 from .. import projectors as _projectors
 from .. import rules as _rules
+from .. import updates as _updates
 from ..projectors import Projector
 from . import groups as _groups
 from . import loading, nonfinite, options, writeback
@@ -382,14 +383,17 @@ class LowRankAdamW(Optimizer):
 
     # ------------------------------------------------------------------ introspection
     def state_nbytes(self) -> dict[str, int]:
-        """Bytes of optimizer state kept between steps: moments, projectors, other."""
+        """Bytes of optimizer state kept between steps: moments, projectors (with what the update keeps
+        beside them, e.g. Fira's r×r Gram matrix of the basis), other."""
         out = {"moments": 0, "projectors": 0, "other": 0}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         moments = _state.moment_keys()
         for p, state in self.state.items():
             for key, value in state.items():
                 if key == "projector":
-                    out["projectors"] += self._projector(p, group_of[p]).nbytes()
+                    projector = self._projector(p, group_of[p])
+                    kept = _updates.for_group(group_of[p]).kept_bytes(projector, group_of[p], p)
+                    out["projectors"] += projector.nbytes() + kept
                 elif key in moments:
                     out["moments"] += _state.tensor_bytes(value)
                 else:

@@ -142,6 +142,11 @@ class Update:
     def check(self, group: dict[str, Any], fail: Any) -> None:
         """Validate its own group keys; ``fail(key, why)`` raises."""
 
+    def kept_bytes(self, projector: Projector, group: dict[str, Any], p: Tensor) -> int:
+        """Bytes this update keeps between steps for ``p`` outside the state: none by default. Fira's limiter
+        and error feedback keep the basis' r×r Gram matrix (:meth:`Projector.basis_gram`'s cache)."""
+        return 0
+
     def adamw_rms_keys(self, group: dict[str, Any], explicit: frozenset[str]) -> dict[str, Any]:
         """Group keys that ``match_adamw_rms=True`` sets for a projected group, besides ``scale``, so that
         this update's own term has the RMS of an AdamW update; keys in ``explicit`` (given by the user,
@@ -195,6 +200,11 @@ def register(cls: type[Update]) -> type[Update]:
 def available(kind: str) -> list[str]:
     """The registered updates of ``kind`` (``"residual"`` or ``"scaling"``)."""
     return [name for name, u in REGISTRY.items() if u.kind == kind]
+
+
+def basis_gram_bytes(projector: Projector, p: Tensor) -> int:
+    """The bytes of :meth:`Projector.basis_gram`'s cached r×r matrix (float64 for float64 weights)."""
+    return projector.rank * projector.rank * (8 if p.dtype == torch.float64 else 4)
 
 
 def for_group(group: dict[str, Any]) -> Update:

@@ -53,7 +53,8 @@ from torch import Tensor
 
 from ..distributed import Local, RowShard, local
 from ..quant.storage import FLOAT, INT4, INT8, Storage, largest_piece_blocks, storage_of
-from .base import Context, Update, register
+from ..projectors import Projector
+from .base import Context, Update, basis_gram_bytes, register
 
 #: ``ef_bits`` values and the storage each keeps E in.
 EF_STORAGES: dict[int, Storage] = {32: FLOAT, 8: INT8, 4: INT4}
@@ -67,6 +68,9 @@ class ErrorFeedback(Update):
     #: The buffer's state key (INT8 adds ``ef_absmax``; INT4 keeps ``ef_packed``, ``ef_scale``, ...).
     key = "ef"
     defaults = {"ef_bits": 32, "ef_momentum": 0.0}
+
+    def kept_bytes(self, projector: Projector, group: dict[str, Any], p: Tensor) -> int:
+        return 0 if self.orthonormal(projector, group) else basis_gram_bytes(projector, p)  # coordinates' Γ
 
     def check(self, group: dict[str, Any], fail: Any) -> None:
         bits = group.get("ef_bits", 32)
@@ -120,7 +124,7 @@ class ErrorFeedback(Update):
         return torch.add(e, grad.to(e.dtype)) if grad.dtype != e.dtype else grad + e
 
     def apply(self, ctx: Context) -> None:
-        coords = ctx.low if self.orthonormal(ctx) else self.coordinates(ctx)
+        coords = ctx.low if self.orthonormal(ctx.projector, ctx.group) else self.coordinates(ctx)
         mu = float(ctx.group.get("ef_momentum", 0.0))
         if mu:  # E = A − (1 − μ)·Π(A): the residual of (1 − μ) times the coordinates
             coords = coords * (1.0 - mu)
@@ -131,10 +135,10 @@ class ErrorFeedback(Update):
         self.store(ctx.state, torch.nan_to_num_(rest, nan=0.0, posinf=0.0, neginf=0.0))
 
     @staticmethod
-    def orthonormal(ctx: Context) -> bool:
+    def orthonormal(projector: Projector, group: dict[str, Any]) -> bool:
         """Whether the projector, built with this group's options, has an orthonormal basis (Γ = I)."""
-        cls = type(ctx.projector)
-        return cls.orthonormal_with({**cls.options_from_group(ctx.group), **ctx.group["projector_options"]})
+        cls = type(projector)
+        return cls.orthonormal_with({**cls.options_from_group(group), **group["projector_options"]})
 
     @staticmethod
     def coordinates(ctx: Context) -> Tensor:

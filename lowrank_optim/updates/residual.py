@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..reductions import norms
 from ..rules.orthogonal import RMS as ADAMW_RMS
-from .base import Context, Update, register
+from ..projectors import Projector
+from .base import Context, Update, basis_gram_bytes, register
 from .scaling import channel_factors
 
 #: A residual channel below this fraction of its gradient channel's norm (in units of the dtypes' epsilon)
@@ -117,6 +118,9 @@ class Fira(_Residual):
     channels' norms (:meth:`residual_norms`)."""
 
     name = "fira"
+
+    def kept_bytes(self, projector: Projector, group: dict[str, Any], p: Tensor) -> int:
+        return basis_gram_bytes(projector, p) if group["limiter"] is not None else 0  # residual_norms' Γ
 
     def term(self, ctx: Context, rest: Tensor) -> tuple[Tensor, float, Tensor | None]:
         return rest.mul_(channel_factors(ctx)), -ctx.lr * ctx.scale, None
