@@ -246,6 +246,24 @@ def test_int8_weight_refuses_in_place_updates_from_other_optimizers():
     assert torch.equal(model.layers[0].q_proj.weight.codes, before)
 
 
+def test_an_optimizer_built_before_quantizing_refuses_the_replaced_weights():
+    """quantize_model_int8 puts a new Parameter in each layer; an optimizer built before it held the old
+    float weights, which never get a gradient again: three steps left every INT8 weight as it was, without
+    a word. It now refuses, naming the weight and the fix, before changing anything; built after, it trains."""
+    model = make_model()
+    early = lro.QGaLoreAdamW(lro.param_groups(model, rank=4), lr=1e-2)
+    quantize_model_int8(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lm_loss(model, batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match=r"parameter 'layers.0.q_proj.weight' is the float weight that "
+                                           r"lro.quantize_model_int8 replaced .* Build the optimizer after"):
+        early.step()
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()) and not early.state
+    late = lro.QGaLoreAdamW(lro.param_groups(model, rank=4), lr=1e-2)
+    late.step()
+    assert not torch.equal(model.layers[0].q_proj.weight.dequantize(), before["layers.0.q_proj.weight"].dequantize())
+
+
 def test_int8_weights_take_at_most_030_of_fp32():
     model = make_model(dim=256, hidden=512, bias=False)
     linear = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]

@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import rules as _rules
 from .. import updates as _updates
 from ..distributed import Local, RowShard, Split, local
+from ..quant.weights import QUANTIZED_AWAY
 from ..projectors import NonFiniteGradientError, Projector
 from . import policies, writeback
 from . import state as _state
@@ -76,6 +77,12 @@ def plan(opt: "LowRankAdamW", group: dict[str, Any], only: set[int] | None) -> t
         if p in compact and (only is None or id(p) in only):
             low.append(_compact_item(opt, group, i, p, compact[p]))
             continue
+        if p.grad is None and getattr(p, QUANTIZED_AWAY, None) is not None:
+            raise RuntimeError(
+                f"{type(opt).__name__}: parameter {opt._label(group, i)} is the float weight that "
+                f"lro.quantize_model_int8 replaced by an INT8 one ({getattr(p, QUANTIZED_AWAY)}) after this optimizer "
+                "was built: the optimizer would step a weight the model no longer uses, and the INT8 weight would "
+                "never train. Build the optimizer after quantize_model_int8(model); nothing was changed")
         if p.grad is None or (only is not None and id(p) not in only):
             continue
         if p.grad.is_sparse:

@@ -221,6 +221,11 @@ def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, l
     state_dict[prefix + "weight"] = Int8Weight(codes, scale, zero, w.shape, w.dtype, w.group)
 
 
+#: The attribute :func:`quantize_model_int8` sets on each float weight it replaces (the weight's name): an
+#: optimizer built before it still holds that tensor, and refuses to step it (``optim.step.plan``).
+QUANTIZED_AWAY = "_lro_quantized_into"
+
+
 def quantize_model_int8(
     model: nn.Module,
     target_modules: Iterable[str] | None = None,
@@ -232,7 +237,8 @@ def quantize_model_int8(
     every linear layer except ``lm_head`` and layers whose weight is tied to an embedding, the same
     layers ``lro.param_groups`` projects). Each weight keeps its shape, dtype, device and
     ``requires_grad``; its storage falls to 1 byte per element plus 8 per group of ``group``.
-    Biases, embeddings and norms are untouched.
+    Biases, embeddings and norms are untouched. Each weight becomes a new Parameter, so build the
+    optimizer afterwards: one of ours built before refuses to step the float weights it still holds.
     """
     from ..groups import param_groups
 
@@ -251,6 +257,7 @@ def quantize_model_int8(
             raise ValueError(f"{name}.weight is on the meta device; materialize the model before quantizing it")
         q = Int8Weight.from_float(w, group)
         module.weight = nn.Parameter(q, requires_grad=w.requires_grad)
+        setattr(w, QUANTIZED_AWAY, f"{name}.weight")  # an optimizer built before this step refuses it
         module._register_state_dict_hook(_save_hook)
         module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
         count += 1
