@@ -18,31 +18,25 @@ _HEAD_NAMES = ("lm_head",)
 AUTO = "auto"
 
 
-def _no_decay_rule(no_decay: Iterable[str] | Callable[[str, Tensor], bool] | None) -> Callable[[str, Tensor], bool]:
-    """The predicate ``(name, parameter) -> bool`` for parameters without weight decay."""
+def _no_decay_rule(no_decay: Iterable[str] | Callable[[str, Tensor], bool] | None,
+                   model: nn.Module) -> Callable[[str, Tensor], bool]:
+    """The predicate ``(name, parameter) -> bool`` for parameters without weight decay. Names that are no
+    parameter of ``model`` are refused (a typo would otherwise leave its parameter decaying, silently)."""
     if no_decay is None:
         # nanoGPT's rule (configure_optimizers) and, for LLaMA/GPT-style models, Hugging Face Trainer's
         # (biases and norm weights): every parameter of fewer than 2 dimensions.
         return lambda name, p: p.dim() < 2
     if callable(no_decay):
         return no_decay
-    if isinstance(no_decay, str):
-        no_decay = [no_decay]
-    names = set(no_decay)
-    return lambda name, p: name in names
-
-
-def _check_names(model: nn.Module, no_decay: Any) -> None:
-    """Refuse ``no_decay`` names that are no parameter of ``model`` (a typo would otherwise decay silently)."""
-    if no_decay is None or callable(no_decay):
-        return
+    names = {no_decay} if isinstance(no_decay, str) else set(no_decay)
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    unknown = sorted(({no_decay} if isinstance(no_decay, str) else set(no_decay)) - known)
+    unknown = sorted(names - known)
     if unknown:
         hints = [f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(n, known, n=1)) else repr(n)
                  for n in unknown]
         raise ValueError(f"no_decay names {', '.join(hints)}, which are not parameters of the model; give names "
                          "from model.named_parameters(), or a predicate (name, parameter) -> bool")
+    return lambda name, p: name in names
 
 
 def param_groups(
@@ -70,18 +64,18 @@ def param_groups(
     ``no_decay`` group the parameters for which ``no_decay`` holds, with ``weight_decay=0.0``: by
     default every parameter of fewer than 2 dimensions (norm gains and biases), which is nanoGPT's
     rule and, on LLaMA- and GPT-style models, Hugging Face Trainer's. ``no_decay`` may also be a
-    collection of parameter names, which replaces the default (names that are no parameter are refused),
-    or a predicate ``(name, parameter) -> bool`` (``lro.hf`` passes Trainer's own names). Neither plain group projects anything, whatever ``rank`` the optimizer's
-    constructor is given (they carry ``rank=None``). Parameters are given as ``(name, tensor)``
-    pairs so that the optimizer's warnings and errors name them. Empty groups are left out.
+    collection of parameter names, which replaces the default (names that are no parameter are
+    refused), or a predicate ``(name, parameter) -> bool`` (``lro.hf`` passes Trainer's own names).
+    Neither plain group projects anything, whatever ``rank`` the optimizer's constructor is given (they
+    carry ``rank=None``). Parameters are given as ``(name, tensor)`` pairs so that the optimizer's
+    warnings and errors name them. Empty groups are left out.
 
     With ``projector="shared_head"`` (GaLore+) the low-rank group is cut in three: q/k/v_proj and o_proj
     with ``head_dim`` (from the config, or given) and their ``head_axis``, the other weights with
     ``other_projector`` (default ``svd``); see :func:`lowrank_optim.projectors.split_head_groups`.
     """
     chosen = _low_rank_weights(model, target_modules)
-    exempt = _no_decay_rule(no_decay)
-    _check_names(model, no_decay)
+    exempt = _no_decay_rule(no_decay, model)
     low, plain, free = [], [], []
     for name, p in model.named_parameters():
         if id(p) in chosen:

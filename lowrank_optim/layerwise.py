@@ -115,7 +115,8 @@ def layerwise(
         accumulation_steps: step on every k-th backward pass; the k − 1 before it only accumulate.
         max_grad_norm: clip the accumulated gradients by their global 2-norm, exactly as
             ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``, before the step: the norm sums
-            the parameters in ``model_or_params``'s order (the model's), as a loop's clipping does. Costs one extra backward per optimizer step (none under DDP); needs
+            the parameters in ``model_or_params``'s order (the model's), as a loop's clipping does.
+            Costs one extra backward per optimizer step (none under DDP); needs
             :meth:`LayerwiseUpdates.backward`.
 
     Everything is validated before any hook is registered.
@@ -509,7 +510,8 @@ class LayerwiseUpdates:
     def _finish_ddp(self) -> None:
         while self._pending:
             self._complete_bucket(*self._pending.pop(0))
-        rest = [p for p in self._params if p.grad is not None and id(p) not in self._stepped]
+        # in the model's order: clip_grad_norm_ sums the norms in it
+        rest = [p for p in self._norm_order if p.grad is not None and id(p) not in self._stepped]
         if rest and not self._reduced:
             raise RuntimeError(
                 "layerwise: this backward should step the optimizer, but DDP reduced no gradient in it "
@@ -517,9 +519,8 @@ class LayerwiseUpdates:
                 "k-th pass. Nothing was stepped; the gradients are local."
             )
         if self._max_grad_norm is not None and rest:
-            # the buckets hold every reduced gradient: clip_grad_norm_ itself (in the model's order), then one step
-            total = torch.nn.utils.get_total_norm([p.grad for p in self._norm_order if p.grad is not None
-                                                   and id(p) not in self._stepped])
+            # the buckets hold every reduced gradient: clip_grad_norm_ itself, then one step
+            total = torch.nn.utils.get_total_norm([p.grad for p in rest])
             torch.nn.utils.clip_grads_with_norm_(rest, self._max_grad_norm, total)
             self.last_grad_norm = total
         if rest:
