@@ -106,10 +106,13 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
         id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None
     }
     if callable(target_modules):
-        return {id(m.weight) for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and m.weight is not None and m.weight.dim() == 2
-                and id(m.weight) not in embedding_weights and n.rsplit(".", 1)[-1] not in _HEAD_NAMES
-                and target_modules(n, m)}
+        chosen = {id(m.weight) for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and m.weight is not None and m.weight.dim() == 2
+                  and id(m.weight) not in embedding_weights and n.rsplit(".", 1)[-1] not in _HEAD_NAMES
+                  and target_modules(n, m)}
+        if not chosen:
+            _nothing_chosen("the target_modules predicate", model)
+        return chosen
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = None if target_modules is None else list(target_modules)
@@ -129,12 +132,18 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
         chosen.add(id(module.weight))
 
     if targets is not None and not chosen:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(
-            f"target_modules={targets} matches no nn.Linear in the model that is projected (the output head, "
-            f"{'/'.join(sorted(_HEAD_NAMES))}, never is); its linear layers are named like {linear[:5]}"
-        )
+        _nothing_chosen(f"target_modules={targets}", model)
     return chosen
+
+
+def _nothing_chosen(what: str, model: nn.Module) -> None:
+    """Refuse targets that leave no weight to project: the run would be AdamW at AdamW's memory, silently."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    raise ValueError(
+        f"{what} matches no nn.Linear in the model that is projected (the output head, "
+        f"{'/'.join(sorted(_HEAD_NAMES))}, never is); its linear layers are "
+        f"named like {linear[:5]}"
+    )
 
 
 def is_low_rank_group(group: dict[str, Any]) -> bool:

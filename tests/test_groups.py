@@ -96,6 +96,11 @@ def test_the_output_head_stays_plain_whatever_the_targets_match():
     with pytest.raises(ValueError, match=r"matches no nn.Linear in the model that is projected \(the output head, "
                                          r"lm_head, never is\)"):
         lro.param_groups(model, target_modules=["lm_head"])
+    # a predicate that accepts only the head, or nothing, would leave no low-rank group: AdamW at
+    # AdamW's memory with nothing said, so it is the same error
+    for predicate in (lambda name, module: name == "lm_head", lambda name, module: False):
+        with pytest.raises(ValueError, match=r"the target_modules predicate matches no nn.Linear .*named like"):
+            lro.param_groups(model, target_modules=predicate)
 
 
 def test_model_without_linear_layers_gives_one_plain_group():

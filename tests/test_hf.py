@@ -106,6 +106,9 @@ def test_scale_or_trainer_style_arguments_are_honoured(tmp_path):
         lro.hf.optimizers(model, arguments(tmp_path), "galor")
     with pytest.raises(ValueError, match="optim_target_modules=.*matches no nn.Linear"):
         lro.hf.optimizers(model, arguments(tmp_path, optim_target_modules=["attention"]), "galore")
+    # Trainer's regex path (a string) that catches only the head: the head is never projected
+    with pytest.raises(ValueError, match="target_modules predicate matches no nn.Linear"):
+        lro.hf.optimizers(model, arguments(tmp_path, optim_target_modules=r".*lm_head"), "galore")
     with pytest.raises(ValueError, match="optim_args: 'rank' is not key=value"):
         lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank"), "galore")
 
