@@ -87,6 +87,9 @@ class Local:
     def all_finite(self, t: Tensor) -> bool:
         return bool(torch.isfinite(t).all())
 
+    def all_zero(self, t: Tensor) -> bool:
+        return not bool(t.any())
+
     def global_shape(self, t: Tensor) -> tuple[int, ...]:
         return tuple(t.shape)
 
@@ -139,6 +142,11 @@ class RowShard:
     def all_finite(self, t: Tensor) -> bool:
         finite = torch.tensor(float(bool(torch.isfinite(t).all())), dtype=torch.float32, device=t.device)
         return float(self.all_reduce_(finite, "refresh")) == self.world
+
+    def all_zero(self, t: Tensor) -> bool:
+        """Whether every rank's piece of ``t`` is zero (the same answer on every rank)."""
+        nonzero = torch.tensor(float(bool(t.any())), dtype=torch.float32, device=t.device)
+        return float(self.all_reduce_(nonzero, "refresh")) == 0
 
     def global_shape(self, t: Tensor) -> tuple[int, ...]:
         return self.shape

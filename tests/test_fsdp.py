@@ -200,11 +200,29 @@ def deficient_bases() -> dict[str, list]:
     return bases
 
 
+def zero_answers() -> list[bool]:
+    """RowShard.all_zero on a 4×3 gradient whose rows are zero on both ranks, on rank 0's only, on rank 1's
+    only: a zero subspace refresh is skipped only where the whole gradient is zero (every rank agrees)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowrank_optim.distributed import comm_of
+
+    mesh = init_device_mesh("cpu", (2,))
+    answers = []
+    for nonzero_rows in ([], [0], [3]):
+        whole = torch.zeros(4, 3)
+        whole[nonzero_rows] = 1.0
+        comm = comm_of(distribute_tensor(whole, mesh, [Shard(0)]))
+        answers.append(comm.all_zero(whole[comm.start:comm.stop]))
+    return answers
+
+
 def _worker(rank: int, world: int, init: str, out: str, names: list[str]) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        report = {"refused": refusals(), "deficient": deficient_bases()}
+        report = {"refused": refusals(), "deficient": deficient_bases(), "zero": zero_answers()}
         for name in names:
             batches = global_batches(5)
             model = shard_model(tiny_llama(vocab=VOCAB.get(name, 97)))
@@ -275,6 +293,10 @@ def test_a_rank_deficient_gradient_gets_an_orthonormal_left_basis_on_two_ranks(r
         want = projector.basis()
         resolved = 0 if label.endswith("zero") else 2
         torch.testing.assert_close(got[:, :resolved], want[:, :resolved], rtol=0, atol=1e-6, msg=label)
+
+
+def test_every_rank_agrees_whether_a_sharded_gradient_is_all_zero(reports):
+    assert reports[0]["zero"] == reports[1]["zero"] == [True, False, False]
 
 
 def _dcp_worker(rank: int, world: int, init: str, out: str, name: str) -> None:

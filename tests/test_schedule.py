@@ -257,3 +257,78 @@ def test_the_gram_refresh_and_lapacks_svd_give_the_same_signed_basis():
         torch.testing.assert_close(u, cu, rtol=0, atol=1e-5)
         torch.testing.assert_close(v, cv, rtol=0, atol=1e-5)
         assert (v[v.abs().argmax(dim=0), torch.arange(5)] > 0).all()
+
+
+def _step_with(opt, weight, grad):
+    weight.grad = grad.clone()
+    opt.step()
+
+
+ZERO_GRADIENT_PRESETS = {
+    "galore": lambda ps: lro.GaLoreAdamW(ps, lr=1e-2, rank=4, update_proj_gap=GAP),
+    "galore-rsvd": lambda ps: lro.GaLoreAdamW(ps, lr=1e-2, rank=4, update_proj_gap=GAP, projector="rsvd"),
+    "coap": lambda ps: lro.COAP(ps, lr=1e-2, rank=4, update_proj_gap=GAP),
+    "sumo": lambda ps: lro.SUMO(ps, lr=1e-2, rank=4, update_proj_gap=GAP),
+    "grass": lambda ps: lro.Grass(ps, lr=1e-2, rank=4, update_proj_gap=GAP),
+    "dct": lambda ps: lro.GaLoreAdamW(ps, lr=1e-2, rank=4, update_proj_gap=GAP, projector="dct"),
+    "qgalore": lambda ps: lro.QGaLoreAdamW(ps, lr=1e-2, rank=4, update_proj_gap=GAP),
+}
+
+
+
+def _projector_tensors(opt, w):
+    return {k: v for k, v in opt.state[w]["projector"].items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_GRADIENT_PRESETS))
+def test_an_all_zero_first_gradient_builds_no_subspace_to_keep(name):
+    """A zero-initialised output projection gives the layer before it a zero gradient at step 0 (and torch's
+    get_optimizer_state_dict before the first step runs a step on zero gradients). An SVD of zero has
+    coordinate vectors for singular vectors (DCT and Grass score every column alike): kept for a gap,
+    only r rows of the weight would train. The next step builds the subspace afresh instead, from a new
+    projector (COAP's and rsvd's count their refreshes): bit for bit the subspace an optimizer whose first
+    step had that gradient builds (the same computation), on the same schedule. A checkpoint taken in
+    between resumes (torch.load with weights_only)."""
+    build = ZERO_GRADIENT_PRESETS[name]
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(16, 12, generator=g)
+    runs = []
+    for zero_first in (True, False):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(16, 12))
+        start = w.detach().clone()
+        opt = build([{"params": [w], "weight_decay": 0.0}])
+        if zero_first:
+            _step_with(opt, w, torch.zeros(16, 12))
+            assert int(opt.state[w]["next_refresh"]) == policies.REBUILD
+            assert torch.equal(w, start)  # a zero gradient without decay moves nothing, as in AdamW
+            saved = roundtrip(opt.state_dict())
+            opt = build([{"params": [w], "weight_decay": 0.0}])
+            opt.load_state_dict(saved)
+        _step_with(opt, w, grad)
+        runs.append((opt, w))
+    (opt_zero, w_zero), (opt_plain, w_plain) = runs
+    assert int(opt_zero.state[w_zero]["next_refresh"]) == int(opt_plain.state[w_plain]["next_refresh"]) == GAP
+    got, want = _projector_tensors(opt_zero, w_zero), _projector_tensors(opt_plain, w_plain)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_an_all_zero_gradient_at_a_later_refresh_keeps_the_subspace_and_renews_at_the_next_step():
+    """An established subspace is not replaced by one of a zero gradient's: the step keeps it (a zero R in
+    it) and the weight renews at its next step, from that step's gradient, then stays on its phase."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(16, 12, generator=g) for _ in range(GAP + 2)]
+    grads[GAP] = torch.zeros(16, 12)
+    w = torch.nn.Parameter(torch.randn(16, 12, generator=g))
+    opt = ZERO_GRADIENT_PRESETS["galore"]([{"params": [w]}])
+    for grad in grads[:GAP]:
+        _step_with(opt, w, grad)
+    before = opt.state[w]["projector"]["P"].clone()
+    _step_with(opt, w, grads[GAP])  # due at step GAP, but nothing to learn from
+    assert torch.equal(opt.state[w]["projector"]["P"], before)
+    assert int(opt.state[w]["next_refresh"]) == GAP
+    _step_with(opt, w, grads[GAP + 1])
+    u, v = top_singular_pairs(grads[GAP + 1], 4)
+    want = u if opt.state[w]["projector"]["side"] == "left" else v.t()
+    assert torch.equal(opt.state[w]["projector"]["P"], want.contiguous())
+    assert int(opt.state[w]["next_refresh"]) == 2 * GAP

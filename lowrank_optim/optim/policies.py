@@ -11,7 +11,9 @@
   (the default) each weight renews on its own phase φ ∈ [1, gap] (the optimizer spreads the weights'
   refresh costs evenly over the phases, :func:`phases`), so no step carries more than its share of
   refresh work; ``stagger=False`` renews every weight together at multiples of the gap, as galore-torch.
-  The next refresh step is kept in the state (``next_refresh``), so a resumed run keeps the schedule.
+  The next refresh step is kept in the state (``next_refresh``), so a resumed run keeps the schedule;
+  :data:`REBUILD` there marks a subspace that was built from an all-zero gradient and is built afresh
+  at the next step (:func:`retry`).
 
 The rule works on float views of its state whatever the storage (INT8 moments are dequantized,
 rotated and requantized), and on FSDP2 shards on this rank's piece, with the change of basis summed
@@ -83,6 +85,10 @@ def init(group: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
+#: ``next_refresh`` of a subspace built from an all-zero gradient: due at any step, and built afresh.
+REBUILD = -1
+
+
 def due(state: dict[str, Any], group: dict[str, Any], step: int, proj: Projector) -> bool:
     """Whether ``proj``'s subspace renews at ``step`` (counted before this step's increment)."""
     if proj.refresh_every_step or not proj.initialized:
@@ -102,7 +108,23 @@ def schedule(state: dict[str, Any], group: dict[str, Any], step: int, phase: int
     multiple, as galore-torch and q-galore-torch schedule it."""
     early = group["update_proj_gap"] - phase if group["stagger"] else 0
     gap = current_gap(state, group)
-    upcoming = step + (-early - step - 1) % gap + 1
+    _next_refresh(state, step + (-early - step - 1) % gap + 1)
+
+
+def retry(state: dict[str, Any]) -> None:
+    """After a subspace built from an all-zero gradient: build it afresh, from a new projector (COAP's and
+    rsvd's count their refreshes), at the next step."""
+    _next_refresh(state, REBUILD)
+
+
+def rebuilds(state: dict[str, Any]) -> bool:
+    """Whether this step builds the subspace afresh (:func:`retry` marked it)."""
+    upcoming = state.get("next_refresh")
+    return upcoming is not None and int(upcoming) == REBUILD
+
+
+def _next_refresh(state: dict[str, Any], upcoming: int) -> None:
+    """Keep ``upcoming`` as the next refresh step (in place where the state holds a tensor already)."""
     if isinstance(state.get("next_refresh"), Tensor):
         state["next_refresh"].fill_(upcoming)
     else:

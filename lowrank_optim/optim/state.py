@@ -134,7 +134,8 @@ def check_values(where: str, rule: _rules.Rule, state: dict[str, Any], dtype: to
     """Raise ValueError for values a step cannot continue from: a ``step`` that is not a finite integer
     >= 0, the rule's float moments in another dtype than ``dtype`` (what the step keeps them in) or
     non-finite, a key in ``rule.nonnegative`` below zero, INT8 codes with a bad absmax, a ``reset_step``
-    outside [0, step], a ``proj_gap`` below 1, a ``next_refresh`` (the refresh schedule) below 0."""
+    outside [0, step], a ``proj_gap`` below 1, a ``next_refresh`` (the refresh schedule) below 0 other than
+    ``policies.REBUILD`` (-1: rebuild the subspace at the next step)."""
     step = _scalar(where, "step", state["step"])
     if step < 0 or step != int(step):
         raise ValueError(f"{where}: step={step!r}; a step count is an integer >= 0")
@@ -150,7 +151,7 @@ def check_values(where: str, rule: _rules.Rule, state: dict[str, Any], dtype: to
                              "state dict edited, or saved for a parameter of another dtype?)")
         check_finite_entries(where, "", {key: value}, nonnegative=key in rule.nonnegative)
     for key, lowest, highest in (("reset_step", 0, step), ("proj_gap", 1, float("inf")),
-                                 ("next_refresh", 0, float("inf"))):
+                                 ("next_refresh", -1, float("inf"))):
         if key in state:
             value = _scalar(where, key, state[key])
             if not lowest <= value <= highest or value != int(value):

@@ -66,6 +66,8 @@ class Item:
     previous: Projector | None = None
     #: ``grad`` is already R = project(G), computed by a sparse backward (``lro.sparse_grad``)
     projected: bool = False
+    #: the subspace was built from an all-zero gradient (the first step's): renew it at the next step
+    retry: bool = False
 
 
 def plan(opt: "LowRankAdamW", group: dict[str, Any], only: set[int] | None) -> tuple[list[Item], list[Item]]:
@@ -133,14 +135,20 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
     p = item.param
     state = opt.state.get(p, {})
     step = int(state["step"]) if "step" in state else 0
-    # The first step starts from a fresh projector, whatever init_state() put there.
-    proj = opt._projector(p, group) if step else opt._new_projector(group, p)
+    # The first step starts from a fresh projector, whatever init_state() put there, and so does the
+    # step after a subspace built from an all-zero gradient (_nothing_to_learn).
+    current = proj = opt._projector(p, group) if step else opt._new_projector(group, p)
+    if step and policies.rebuilds(state):
+        proj = opt._new_projector(group, p)
     try:
         if policies.due(state, group, step, proj):
             moment = _state.first_moment(_rules.get(group["rule"]), state) if proj.reads_moment else None
             # the gradient the update feeds the projector (error feedback: G + E), built again in _begin
             grad = _updates.for_group(group).prepare(item.grad, state, group)
-            item.previous, proj = proj, proj.refreshed(grad, moment)
+            if not _nothing_to_learn(proj, item, grad):
+                item.previous, proj = current, proj.refreshed(grad, moment)
+            elif not proj.initialized:  # this step needs a subspace; the next one builds it again
+                item.previous, proj, item.retry = current, proj.refreshed(grad, moment), True
         # it learns from G after the step; under nonfinite="raise" or "skip" the step has checked G already
         elif proj.learns_after_use and group["nonfinite"] == "ignore" and not item.comm.all_finite(item.grad):
             raise NonFiniteGradientError("non-finite values (inf or NaN) in the gradient the subspace learns from")
@@ -151,6 +159,17 @@ def _refresh(opt: "LowRankAdamW", group: dict[str, Any], i: int, item: Item) -> 
             "(torch.amp.GradScaler does) or lower the learning rate."
         ) from None
     item.projector = proj
+
+
+def _nothing_to_learn(proj: Projector, item: Item, grad: Tensor) -> bool:
+    """Whether ``grad`` is zero everywhere (on every rank) for a projector that builds its subspace from it.
+    An SVD of zero has coordinate vectors for singular vectors (DCT and Grass score every column alike),
+    which would then train r rows for a whole gap: a zero-initialised output projection gives the layer
+    before it a zero first gradient, and torch's ``get_optimizer_state_dict`` before the first step runs a
+    step on zero gradients. Such a refresh is not made: an existing subspace is kept and renews at the
+    weight's next step; a first one (which this step needs: R = 0 in it) is built anew at the next step.
+    Online Subspace Descent learns its basis from every later gradient, so it is left to do that."""
+    return proj.reads_gradient and not proj.learns_after_use and item.comm.all_zero(grad)
 
 
 # ---------------------------------------------------------------------------- plain parameters
@@ -263,7 +282,9 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
         state.update(_state.fresh(rule, update, group, piece, split, shape))
         state.update(update.init_rows(it.grad, it.comm, group))
         state.update(policies.init(group))
-    if it.previous is not None:
+    if it.retry:
+        policies.retry(state)
+    elif it.previous is not None:
         policies.schedule(state, group, int(state["step"]), _refresh_phase(opt, p, group))
     state["step"] += 1
     view, split.pieces = _state.local_view(state, rule.keys)

@@ -124,6 +124,10 @@ class Projector(abc.ABC):
     #: optimizer builds the subspace with :meth:`refreshed` at the first step only, and after every later
     #: step has applied its update it replaces the projector by :meth:`learned` from that step's gradient.
     learns_after_use: ClassVar[bool] = False
+    #: Whether the subspace is built from the gradient (False: drawn from a seed, or fixed). For those that
+    #: are, an all-zero gradient says nothing about where the next ones lie: the optimizer does not renew
+    #: the subspace from one, and tries again at the next step (``optim.step._refresh``).
+    reads_gradient: ClassVar[bool] = True
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
         """``seed`` is where projectors that draw random matrices start (``random``, ``rsvd``): the

@@ -47,6 +47,7 @@ from .base import Projector, choose_side
 class HaarProjector(Projector):
     name = "haar"
     fixed = True
+    reads_gradient = False
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0, level: int = 2) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed)

@@ -61,6 +61,7 @@ def gaussian(shape: tuple[int, int], seed: int, device: torch.device | str, dtyp
 class RandomProjector(Projector):
     name = "random"
     orthonormal = False  # Gaussian N(0, 1/r): orthonormal only in expectation
+    reads_gradient = False  # drawn from its seed
 
     def __init__(self, rank: int, proj_type: str = "std", seed: int = 0) -> None:
         super().__init__(rank, proj_type=proj_type, seed=seed)
