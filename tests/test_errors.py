@@ -215,3 +215,67 @@ def test_int8_moments_of_another_dtype_or_layout_are_refused_at_load(mutate, mat
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(bad)
     assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("key,value", [("rank", 4), ("state_bits", 8), ("rule", "adafactor"),
+                                       ("proj_type", "reverse_std"), ("projector", "rsvd")])
+def test_a_method_key_edited_mid_run_is_refused_before_anything_changes(key, value):
+    """torch lets param_groups be edited in place (schedulers do it with lr). A method key cannot change
+    under existing state: the step ignored rank=4 and state_bits=8 (and its checkpoint then loaded into
+    neither a rank-4 nor a rank-8 optimizer), and rule="adafactor" raised KeyError after counting steps."""
+    model = make_model()
+    opt = lro.GaLoreAdamW(groups(model), lr=1e-2)
+    data = batches(3)
+    train(model, opt, data[:2])
+    before = opt.param_groups[0][key]
+    opt.param_groups[0][key] = value
+    opt.zero_grad()
+    lm_loss(model, data[2]).backward()
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\] is {value!r}, but the group's state was "
+                                         rf"built with {key}={before!r}; nothing was changed"):
+        opt.step()
+    assert_unchanged(model, opt, snap)
+    opt.param_groups[0][key] = before  # put back, the run goes on
+    opt.step()
+    # a new optimizer takes the new value: its state starts afresh
+    fresh = lro.GaLoreAdamW(lro.param_groups(model, **{"rank": 8, "update_proj_gap": 3, key: value}), lr=1e-2)
+    fresh.step()
+
+
+def test_lr_decay_scale_and_the_gap_may_change_mid_run_and_a_new_gap_gets_new_phases():
+    """The keys a run may schedule stay editable. A new gap takes effect from each weight's next refresh
+    (scheduled under the old one): that refresh moves it onto its phase of the new gap, at most a new gap
+    later, and from there it renews every new gap steps."""
+    model = make_model()
+    opt = lro.GaLoreAdamW(groups(model), lr=1e-2)  # gap 3
+    data = batches(16)
+    train(model, opt, data[:2])
+    for key, value in (("lr", 5e-3), ("weight_decay", 0.1), ("scale", 0.5), ("update_proj_gap", 4),
+                       ("betas", (0.8, 0.99))):
+        opt.param_groups[0][key] = value
+    renewed = {id(p): [] for p in opt.param_groups[0]["params"]}
+    for t, tokens in enumerate(data[2:], start=2):
+        before = {id(p): opt.state[p]["projector"] for p in opt.param_groups[0]["params"]}
+        opt.zero_grad()
+        lm_loss(model, tokens).backward()
+        opt.step()
+        for p in opt.param_groups[0]["params"]:
+            if opt.state[p]["projector"] is not before[id(p)]:
+                renewed[id(p)].append(t)
+    for steps in renewed.values():
+        assert steps[0] <= 4 and steps[1] - steps[0] <= 4, steps
+        assert len(steps) >= 4 and all(b - a == 4 for a, b in zip(steps[1:], steps[2:])), steps
+
+
+def test_a_checkpoint_of_another_ef_bits_is_refused():
+    """E is m×n per weight, the largest state: resuming with ef_bits=8 to save memory silently kept the
+    checkpoint's float32 buffer (and group) where state_bits and proj_bits were already refused."""
+    model = make_model()
+    opt = lro.DCTAdamW(groups(model), lr=1e-2)
+    train(model, opt, batches(2))
+    saved = copy.deepcopy(opt.state_dict())
+    other = lro.DCTAdamW(groups(model), lr=1e-2, ef_bits=8)
+    with pytest.raises(ValueError, match=r"the state dict has ef_bits=32, this optimizer ef_bits=8"):
+        other.load_state_dict(saved)
+    assert not other.state and other.param_groups[0]["ef_bits"] == 8

@@ -35,7 +35,32 @@ if TYPE_CHECKING:
 
 #: Group keys that choose the method and the layout of its state: a state dict must agree on them.
 METHOD_KEYS = ("rank", "projector", "proj_type", "rule", "residual", "scaling", "on_refresh", "refresh",
-               "state_bits", "proj_bits")
+               "state_bits", "proj_bits", "ef_bits")
+
+
+def _method_default(key: str) -> Any:
+    return options.part_defaults()[key] if key in options.part_defaults() else options.CORE_DEFAULTS.get(key)
+
+
+def check_unchanged(opt: "LowRankAdamW") -> None:
+    """Refuse a step after a :data:`METHOD_KEYS` entry of a group with state was edited in place (say
+    ``param_groups[0]["rank"] = 4`` for a rank schedule): the state was built for the old value, so the
+    step would ignore the new one (the projector's rank, the moments' storage) or fail half-way, and its
+    checkpoints would load nowhere. Raised before anything changes; lr, betas, decay, scale and the gap
+    may change (the gap from each weight's next refresh on). Each group's keys are recorded at its
+    first step, and again after ``load_state_dict`` and ``add_param_group``."""
+    seen = opt._cache().setdefault("method_keys", {})
+    for i, group in enumerate(opt.param_groups):
+        now = {key: group.get(key, _method_default(key)) for key in METHOD_KEYS}
+        before = seen.get(i)
+        if before is not None and before != now and any(opt.state.get(p) for p in group["params"]):
+            key = next(k for k in METHOD_KEYS if before[k] != now[k])
+            raise ValueError(
+                f"{type(opt).__name__}: param_groups[{i}][{key!r}] is {now[key]!r}, but the group's state was built "
+                f"with {key}={before[key]!r}; nothing was changed. A group's {', '.join(METHOD_KEYS)} cannot change "
+                f"during a run: put {key}={before[key]!r} back, or build a new optimizer with {key}={now[key]!r} "
+                "(its state starts afresh)")
+        seen[i] = now
 
 
 def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:
@@ -88,14 +113,14 @@ def loaded_groups(opt: "LowRankAdamW", saved_groups: list[dict[str, Any]]) -> li
 def _check_same_method(where: str, group: dict[str, Any], saved: dict[str, Any]) -> None:
     """Refuse a saved group of another method, rank or storage than ``group`` (see :data:`METHOD_KEYS`)."""
     for key in METHOD_KEYS:
-        ours = group.get(key, options.CORE_DEFAULTS.get(key))
+        ours = group.get(key, _method_default(key))
         if key in saved:
             if saved[key] != ours:
                 raise ValueError(
                     f"{where}: the state dict has {key}={saved[key]!r}, this optimizer {key}={ours!r}; a state "
                     f"dict of another method or rank does not load. Build the optimizer with {key}={saved[key]!r} "
                     "to resume it")
-        elif ours != options.CORE_DEFAULTS.get(key):
+        elif ours != _method_default(key):
             raise ValueError(
                 f"{where}: the state dict has no {key!r} (it was saved by another optimizer, e.g. "
                 f"torch.optim.AdamW), and this group has {key}={ours!r}; its state cannot be loaded here")

@@ -337,6 +337,7 @@ class LowRankAdamW(Optimizer):
         self._step_subset({id(p) for p in params})
 
     def _step_subset(self, only: set[int] | None) -> None:
+        loading.check_unchanged(self)
         if nonfinite.skip_step(self, only):  # before anything: raises, or skips and counts (nonfinite=)
             return
         groups = [_step.as_float_lr(g) for g in self.param_groups]

@@ -293,7 +293,8 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
 
 def _refresh_phase(opt: "LowRankAdamW", p: Tensor, group: dict[str, Any]) -> int:
     """``p``'s phase in its group's refresh gap (``policies.phases``), from every projected weight's cost."""
-    phases = opt._cache().setdefault("phases", {})
+    # by gap: a gap edited in param_groups takes effect from each weight's next refresh, on new phases
+    phases = opt._cache().setdefault("phases", {}).setdefault(group["update_proj_gap"], {})
     if id(p) not in phases:
         low = [q for q in group["params"] if opt.is_low_rank(q, group)]
         costs = [q.shape[0] * q.shape[1] * min(q.shape) for q in low]
