@@ -212,6 +212,31 @@ def test_preset_whole_step_against_the_float64_reference(pca):
         torch.testing.assert_close(p.detach(), w, rtol=1e-9, atol=1e-11)
 
 
+def test_an_lr_the_loop_writes_steps_the_basis_as_a_scheduler_s_does():
+    """nanoGPT's loop writes the lr into param_groups itself; P's lr follows lr_t / lr_0 either way, lr_0
+    being the group's lr when it joined (the official code divides by its constructor's lr). It was 1
+    without a scheduler's initial_lr: no warmup, no decay for P."""
+    shape, steps = (12, 8), 6
+    grads = [decaying_matrix(*shape, seed=t, decay=0.8).float() for t in range(steps)]
+    factor = [(t + 1) / steps for t in range(steps)]
+    runs = []
+    for by_hand in (True, False):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(shape))
+        opt = lro.OnlineSubspaceDescent([{"params": [w], "rank": 3}], lr=0.01, update_proj_gap=4)
+        sched = None if by_hand else torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factor[min(t, steps - 1)])
+        for t, g in enumerate(grads):
+            if by_hand:
+                opt.param_groups[0]["lr"] = 0.01 * factor[t]
+            w.grad = g.clone()
+            opt.step()
+            if sched is not None:
+                sched.step()
+        runs.append((w.detach().clone(), opt.state[w]["projector"]["P"].clone()))
+    (w_hand, p_hand), (w_sched, p_sched) = runs
+    assert torch.equal(w_hand, w_sched) and torch.equal(p_hand, p_sched)
+
+
 def test_preset_defaults_and_registration():
     assert lro.PRESETS["osd"] is lro.OnlineSubspaceDescent
     assert "OnlineSubspaceDescent" in lro.__all__

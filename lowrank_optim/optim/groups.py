@@ -102,6 +102,11 @@ def resolved(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]
                        **_updates.for_group(merged).adamw_rms_keys(merged, explicit)}
     if param_group.get("scale", merged.get("scale")) == options.AUTO_RANK:
         param_group = {**param_group, "scale": auto_scale(type(opt), _short_side(param_group["params"]), where)}
+    projector = _projectors.REGISTRY.get(merged.get("projector"))
+    if projector is not None and projector.learns_after_use and "osd_lr0" not in param_group:
+        lr = merged.get("lr")  # an invalid lr is left for check_group's error
+        if isinstance(lr, (int, float, Tensor)) and not isinstance(lr, bool):
+            param_group = {**param_group, "osd_lr0": float(lr)}  # policies.lr_ratio's lr_0
     return param_group
 
 

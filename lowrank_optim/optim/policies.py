@@ -69,9 +69,12 @@ def mapping(old: Projector, new: Projector, device: torch.device, dtype: torch.d
 
 
 def lr_ratio(group: dict[str, Any]) -> float:
-    """The weight lr's schedule, lr_t / lr_0 (``initial_lr`` is what torch's schedulers set; 1 without one),
-    which a ``learns_after_use`` projector's own lr follows (Online Subspace Descent's official code)."""
-    start = group.get("initial_lr")
+    """The weight lr's schedule, lr_t / lr_0, which a ``learns_after_use`` projector's own lr follows (Online
+    Subspace Descent's official code divides by the lr its optimizer was built with). lr_0 is the group's lr
+    when it joined (``osd_lr0``, kept in the group and its checkpoints), so a schedule set by a torch
+    scheduler and one the training loop writes into ``param_groups`` (nanoGPT's) step P alike; a group
+    saved without it falls back to ``initial_lr`` (torch's schedulers set it), else the ratio is 1."""
+    start = group.get("osd_lr0", group.get("initial_lr"))
     start = float(start) if start is not None else float(group["lr"])
     return float(group["lr"]) / start if start > 0 else 1.0
 

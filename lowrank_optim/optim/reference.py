@@ -236,6 +236,6 @@ class ReferenceLowRankAdamW(torch.optim.Optimizer):
         if group["residual"] == "error_feedback":
             state["ef"] = error_feedback(group, proj, g, r)
         if proj.learns_after_use and not due:  # online_pca: P learns from G once this step has used it
-            start = group.get("initial_lr", group["lr"])
+            start = group.get("osd_lr0", group.get("initial_lr", group["lr"]))
             state["projector"] = proj.learned(g, group["lr"] / start if start > 0 else 1.0)
         return u
