@@ -42,6 +42,7 @@ from .groups import param_groups
 from .layerwise import LayerwiseUpdates
 from .layerwise import layerwise as _layerwise
 from .optim import LowRankAdamW, RankFallbackWarning
+from .optim.groups import check_options
 from .optim.options import option_value
 
 __all__ = ["LayerwiseOptimizer", "LayerwiseTrainer", "optimizers", "parse_optim_args"]
@@ -123,6 +124,7 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
         warnings.simplefilter("ignore", RankFallbackWarning)  # Trainer users get the fallback in the log below
         opt = cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                   weight_decay=args.weight_decay)
+    check_options(opt, keys, "lro.hf.optimizers (TrainingArguments.optim_args and options)")
     if layerwise:
         opt = LayerwiseOptimizer(model, opt, args)
     return opt, _scheduler(opt, args, num_training_steps)

@@ -109,6 +109,10 @@ def test_scale_or_trainer_style_arguments_are_honoured(tmp_path):
     # Trainer's regex path (a string) that catches only the head: the head is never projected
     with pytest.raises(ValueError, match="target_modules predicate matches no nn.Linear"):
         lro.hf.optimizers(model, arguments(tmp_path, optim_target_modules=r".*lm_head"), "galore")
+    # a typo that is no near-miss would be group metadata: trained at the default gap, silently
+    with pytest.raises(ValueError, match=r"optim_args and options\): unknown option 'proj_gap'; did you mean "
+                                         r"'update_proj_gap'\?"):
+        lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank=4,proj_gap=50"), "galore")
     with pytest.raises(ValueError, match="optim_args: 'rank' is not key=value"):
         lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank"), "galore")
 

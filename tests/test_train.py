@@ -311,6 +311,12 @@ def test_compare_rejects_unknown_names_before_training(tmp_path, capsys):
 
 def test_compare_checks_every_entry_s_options_before_training_any(tmp_path, capsys):
     for entry, message in [("galore:rnak=4", "unknown option 'rnak'; did you mean 'rank'?"),
+                           # not close enough for a group's near-miss check, which lets metadata through:
+                           # an entry's options are all optimizer options, so it trained at the default gap
+                           ("galore:proj_gap=4", "unknown option 'proj_gap'; did you mean 'update_proj_gap'?"),
+                           ("galore:foo_bar=3", "unknown option 'foo_bar'; GaLoreAdamW takes "),
+                           # every linear weight's short side is at most 10000: AdamW under GaLore's name
+                           ("galore:rank=10000", "rank 10000 leaves all"),
                            ("galore:rank=0", "invalid rank=0"), ("apollo:scaling=row", "invalid scaling='row'")]:
         rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", f"adamw,{entry}", "--max-steps", "2",
                          "--out", str(tmp_path / "c"))

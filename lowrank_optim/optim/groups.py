@@ -57,6 +57,21 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
     return param_group
 
 
+def check_options(opt: "LowRankAdamW", given: Any, where: str) -> None:
+    """Refuse option names ``opt`` does not know among ``given``, the keys a user named as optimizer options
+    (``lro.hf``'s ``optim_args``, ``compare``'s ``preset:key=value``). Group keys in general pass through as
+    metadata (:func:`normalized`), which there would be a typo that changes nothing while the run is
+    labelled with it (``galore:proj_gap=4`` trained at the default gap). ``where`` (may be empty) leads the
+    message."""
+    known = sorted({*opt.defaults, *options.part_defaults()})
+    for key in given:
+        if key not in known:
+            # a key inside one of ours (proj_gap: update_proj_gap) first, then the closest spelling
+            close = [k for k in known if str(key) in k] or difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"{type(opt).__name__} takes {', '.join(known)}"
+            raise ValueError(f"{where + ': ' if where else ''}unknown option {key!r}; {hint}")
+
+
 def as_params(params: Any, where: str, given: dict[str, Any]) -> Any:
     """The constructor's ``params``: a model (``nn.Module``) becomes ``lro.param_groups(model)``. Refuses a
     ``scale`` given beside ``match_adamw_rms=True`` (both set the update's size)."""

@@ -194,6 +194,7 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
     """
     from .. import PRESETS, param_groups
     from ..optim import RankFallbackWarning
+    from ..optim.groups import check_options
 
     reference = preset_of(name)
     if reference is not None:  # the paper's package at the settings our preset resolves to
@@ -225,9 +226,22 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
         with warnings.catch_warnings():
             # a short side <= rank (llama_tiny's 128-wide layers at rank 128) is plain AdamW, by design
             warnings.simplefilter("ignore", RankFallbackWarning)
-            return cls(groups, **ctor)
+            opt = cls(groups, **ctor)
+        check_options(opt, keys, "")
     except (TypeError, ValueError) as err:
         raise TrainError(f"{name}: {err}") from None
+    _check_something_projected(name, opt, rank)
+    return opt
+
+
+def _check_something_projected(name: str, opt: torch.optim.Optimizer, rank: Any) -> None:
+    """Refuse a rank that leaves every weight the preset would project as plain AdamW (its short side is at or
+    below the rank): the run would be AdamW at the preset's lr, reported under the preset's name."""
+    candidates = [p for g in opt.param_groups if g.get("rank") is not None for p in g["params"]]
+    if candidates and not any(opt.is_low_rank(p, g) for g in opt.param_groups for p in g["params"]):
+        short = max(min(p.shape) for p in candidates)
+        raise TrainError(f"{name}: rank {rank} leaves all {len(candidates)} linear weights unprojected (a weight "
+                         f"whose short side is at most the rank is plain AdamW); use a rank below {short}")
 
 
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
