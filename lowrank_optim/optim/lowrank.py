@@ -354,11 +354,12 @@ class LowRankAdamW(Optimizer):
         Works on the meta device (``lro.memory`` measures the state this way), and gives every
         parameter the same state keys before any step, which distributed checkpoints need. It
         changes no numbers: a parameter's first step still starts from a fresh projector and zero
-        state. Q-GaLore's lazy schedule adds its gap and queue (at most 28 bytes) at refreshes.
+        state. Frozen parameters (``requires_grad=False``) get none, as in torch's optimizers: they never
+        step, so a checkpoint of a run holds none for them.
         """
         for group in self.param_groups:
             for p in group["params"]:
-                if not self.state[p]:
+                if p.requires_grad and not self.state[p]:
                     self.state[p].update(_step.placeholder(self, group, p))
 
     # ------------------------------------------------------------------ checkpoints

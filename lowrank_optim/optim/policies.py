@@ -22,6 +22,7 @@ over the ranks where the basis is split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,9 @@ def init(group: dict[str, Any]) -> dict[str, Tensor]:
     out = {"next_refresh": torch.tensor(0, dtype=torch.int64)}
     if group["on_refresh"] == "reset":
         out["reset_step"] = torch.tensor(0.0, dtype=torch.float32)
+    if group["refresh"] == "lazy":  # fixed shapes from the start: a distributed checkpoint loads into them
+        out["lazy_queue"] = torch.full((LAZY_QUEUE,), math.nan, dtype=torch.float32)
+        out["proj_gap"] = torch.tensor(group["update_proj_gap"], dtype=torch.int64)
     return out
 
 
@@ -211,13 +215,14 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     Push |cos(old top vector, new top vector)| into a queue of 5 (the absolute value: a singular
     vector's sign is arbitrary, which the reference code ignores); once the queue is full and its
     mean is at least 0.4, double this layer's gap. The queue is not cleared, so a layer whose
-    subspace keeps still keeps doubling at each refresh, as in the reference.
+    subspace keeps still keeps doubling at each refresh, as in the reference. The queue is always 5
+    entries, NaN where none has been pushed yet (a checkpoint of before kept only the pushed ones).
     """
     cos = top_cosine(old, new, device)
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
-    queue = torch.cat([queue, cos.reshape(1).cpu()])[-LAZY_QUEUE:]
-    state["lazy_queue"] = queue
-    if queue.numel() == LAZY_QUEUE and float(queue.mean()) >= LAZY_THRESHOLD:
+    pushed = torch.cat([queue[~queue.isnan()], cos.reshape(1).to("cpu", torch.float32)])[-LAZY_QUEUE:]
+    state["lazy_queue"] = torch.cat([torch.full((LAZY_QUEUE - pushed.numel(),), math.nan), pushed])
+    if pushed.numel() == LAZY_QUEUE and float(pushed.mean()) >= LAZY_THRESHOLD:
         state["proj_gap"] = torch.tensor(int(state.get("proj_gap", gap)) * LAZY_GROWTH)
 
 
