@@ -224,6 +224,13 @@ def _memory(args: argparse.Namespace) -> int:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     if args.sltrain is not None:
         return _memory_sltrain(args)
+    from .train.optimizers import BASELINES
+
+    given = [flag for flag, value in (("--rank", args.rank), ("--projector", args.projector),
+                                      ("--ef-bits", args.ef_bits)) if value is not None]
+    if args.optimizer in BASELINES and given:  # counted as if absent, before: pretrain refuses them too
+        raise ValueError(f"{args.optimizer} takes no low-rank options ({', '.join(given)}); drop them, or pick a "
+                         "low-rank preset (lowrank-optim list)")
     report = memory.estimate(
         args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
         batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, sample_layers=args.sample_layers, **keys,

@@ -197,6 +197,10 @@ def test_memory_refuses_what_the_baselines_cannot_do(capsys):
         (["--optimizer", "muon", "--weights", "int8"], "Muon cannot update INT8 weights (no master copy)"),
         (["--optimizer", "adafactor", "--state-bits", "8"], "state_bits=8 is for adamw and our presets"),
         (["--optimizer", "sgd"], "unknown optimizer 'sgd'; choose adamw, adafactor, muon or one of"),
+        # counted as if absent before, while pretrain and compare refuse them (found by a QA pass)
+        (["--optimizer", "adamw", "--rank", "64", "--projector", "dct"], "adamw takes no low-rank options "
+                                                                          "(--rank, --projector)"),
+        (["--optimizer", "muon", "--rank", "64"], "muon takes no low-rank options (--rank)"),
     ]:
         assert main(["memory", "--config", TINY, *argv]) == 2
         assert message in capsys.readouterr().err

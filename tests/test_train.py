@@ -284,6 +284,10 @@ def _bad(tmp_path, finished_run):
         (["--optimizer", "adamw", "--rank", "4"], "adamw takes no low-rank options"),
         (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
         (["--data", str(tmp_path / "missing")], "no such file or folder"),
+        (["--device", "nope"], "--device must be cpu or cuda[:i], got 'nope'"),
+        (["--device", "meta"], "--device must be cpu or cuda[:i], got 'meta'"),
+        # a traceback from torch, after the corpus was read, before (found by a QA pass)
+        *([(["--device", "cuda"], "this torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
     ]
 
 

@@ -145,6 +145,8 @@ def _check_args(a: TrainArgs) -> None:
         raise TrainError(f"--max-grad-norm must be >= 0 (0: no clipping), got {a.max_grad_norm}")
     if a.dtype is not None and a.dtype not in DTYPES:
         raise TrainError(f"--dtype must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
+    if a.device is not None:
+        _check_device(a.device)
     if a.resume and a.overwrite:
         raise TrainError("--resume and --overwrite contradict each other: pick one")
     if a.fsdp and a.layerwise:
@@ -524,6 +526,22 @@ def _build_run(a: TrainArgs, config: dict[str, Any], corpus: Corpus | None,
         eval_every=eval_every, save_every=save_every, ckpt_path=ckpt_path,
         metrics_path=out / METRICS_NAME if out is not None else None,
     )
+
+
+def _check_device(name: str) -> None:
+    """``--device`` names a device this torch can use: cpu, or cuda[:i] with that GPU present."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TrainError(f"--device must be cpu or cuda[:i], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device must be cpu or cuda[:i], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                         "use --device cpu, or install the torch build for your CUDA")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
 
 
 def _device_and_dtype(a: TrainArgs, local_rank: int) -> tuple[torch.device, str]:
