@@ -158,6 +158,9 @@ def sparse_grad(model: nn.Module, opt: LowRankAdamW) -> SparseGrad:
     >>> opt = lro.Grass(lro.param_groups(model, rank=128), lr=1e-2)
     >>> handle = lro.sparse_grad(model, opt)
     >>> loss.backward(); opt.step(); opt.zero_grad()
+
+    Not for ``torch.amp.GradScaler`` (fp16): it unscales and checks ``.grad`` only, so R would stay scaled
+    and an overflow in it would raise instead of skipping the step. bf16 needs no scaler.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("sparse_grad does not run under DDP: its reducer all-reduces .grad, and the projected "
