@@ -22,7 +22,6 @@ over the ranks where the basis is split.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,8 @@ REFRESH = ("fixed", "lazy")
 LAZY_QUEUE = 5
 LAZY_THRESHOLD = 0.4
 LAZY_GROWTH = 2
+#: An unfilled place in the queue (a |cos| is never negative); not NaN, so that equal states compare equal.
+LAZY_EMPTY = -1.0
 
 
 def change_of_basis(old: Projector, new: Projector, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -87,7 +88,7 @@ def init(group: dict[str, Any]) -> dict[str, Tensor]:
     if group["on_refresh"] == "reset":
         out["reset_step"] = torch.tensor(0.0, dtype=torch.float32)
     if group["refresh"] == "lazy":  # fixed shapes from the start: a distributed checkpoint loads into them
-        out["lazy_queue"] = torch.full((LAZY_QUEUE,), math.nan, dtype=torch.float32)
+        out["lazy_queue"] = torch.full((LAZY_QUEUE,), LAZY_EMPTY, dtype=torch.float32)
         out["proj_gap"] = torch.tensor(group["update_proj_gap"], dtype=torch.int64)
     return out
 
@@ -216,12 +217,13 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     vector's sign is arbitrary, which the reference code ignores); once the queue is full and its
     mean is at least 0.4, double this layer's gap. The queue is not cleared, so a layer whose
     subspace keeps still keeps doubling at each refresh, as in the reference. The queue is always 5
-    entries, NaN where none has been pushed yet (a checkpoint of before kept only the pushed ones).
+    entries, :data:`LAZY_EMPTY` where none has been pushed yet (a checkpoint of before kept only the
+    pushed ones).
     """
     cos = top_cosine(old, new, device)
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
-    pushed = torch.cat([queue[~queue.isnan()], cos.reshape(1).to("cpu", torch.float32)])[-LAZY_QUEUE:]
-    state["lazy_queue"] = torch.cat([torch.full((LAZY_QUEUE - pushed.numel(),), math.nan), pushed])
+    pushed = torch.cat([queue[queue != LAZY_EMPTY], cos.reshape(1).to("cpu", torch.float32)])[-LAZY_QUEUE:]
+    state["lazy_queue"] = torch.cat([torch.full((LAZY_QUEUE - pushed.numel(),), LAZY_EMPTY), pushed])
     if pushed.numel() == LAZY_QUEUE and float(pushed.mean()) >= LAZY_THRESHOLD:
         state["proj_gap"] = torch.tensor(int(state.get("proj_gap", gap)) * LAZY_GROWTH)
 
