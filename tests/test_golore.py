@@ -108,11 +108,12 @@ def test_the_training_commands_place_the_switch_at_rand_ratio_of_the_run():
     def switches(opt):
         return {g["projector_options"]["switch_step"] for g in opt.param_groups if g.get("rank")}
 
-    assert switches(build_optimizer("golore", make_model(), max_steps=600)) == {480}
-    assert switches(build_optimizer("golore", make_model(), max_steps=600, rand_ratio=0.5)) == {300}
-    assert switches(build_optimizer("golore", make_model())) == {10**9}
+    # rank 8: the default 128 is at least every weight's short side of this small model (refused)
+    assert switches(build_optimizer("golore", make_model(), max_steps=600, rank=8)) == {480}
+    assert switches(build_optimizer("golore", make_model(), max_steps=600, rand_ratio=0.5, rank=8)) == {300}
+    assert switches(build_optimizer("golore", make_model(), rank=8)) == {10**9}
     with pytest.raises(TrainError, match="rand_ratio must be a number in"):
-        build_optimizer("golore", make_model(), max_steps=600, rand_ratio=1.5)
+        build_optimizer("golore", make_model(), max_steps=600, rand_ratio=1.5, rank=8)
     config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
               "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 64}
     golore, galore = (lro.memory.estimate(config, optimizer=n, rank=8).ours for n in ("golore", "galore"))

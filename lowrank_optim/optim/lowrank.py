@@ -47,7 +47,7 @@ from .. import rules as _rules
 from .. import updates as _updates
 from ..projectors import Projector
 from . import groups as _groups
-from . import loading, nonfinite, options, writeback
+from . import codes, loading, nonfinite, options, writeback
 from . import state as _state
 from . import step as _step
 from .groups import RankFallbackWarning
@@ -363,6 +363,12 @@ class LowRankAdamW(Optimizer):
                     self.state[p].update(_step.placeholder(self, group, p))
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with the few entries that are not numbers (a projector's
+        side, the DCT's variant, an INT4 basis' dtype and shape) written as codes (:mod:`.codes`), so that
+        ``torch.distributed.checkpoint``'s flattened optimizer state dicts take it."""
+        return codes.encoded(super().state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; the whole checkpoint is validated before anything changes
         (:mod:`.loading`: a state dict of another method or rank, or with malformed values, is refused
@@ -378,7 +384,7 @@ class LowRankAdamW(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self.__setstate__(loading.loaded(self, state_dict))
+        self.__setstate__(loading.loaded(self, codes.decoded(state_dict)))
         self._cache().clear()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
