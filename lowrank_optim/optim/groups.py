@@ -44,7 +44,7 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
     if "betas" in param_group and isinstance(param_group["betas"], list):
         param_group["betas"] = tuple(param_group["betas"])
     param_group.setdefault(SKIPPED, 0)  # steps skipped for a non-finite gradient (nonfinite="skip")
-    known = [*opt.defaults, *options.part_defaults()]
+    known = known_options(opt)
     for key in param_group:
         if key in known or key in ("params", "param_names"):
             continue
@@ -57,13 +57,18 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
     return param_group
 
 
+def known_options(opt: "LowRankAdamW") -> list[str]:
+    """The group keys ``opt`` reads: its defaults' and every registered rule's and update's, sorted."""
+    return sorted({*opt.defaults, *options.part_defaults()})
+
+
 def check_options(opt: "LowRankAdamW", given: Any, where: str) -> None:
     """Refuse option names ``opt`` does not know among ``given``, the keys a user named as optimizer options
     (``lro.hf``'s ``optim_args``, ``compare``'s ``preset:key=value``). Group keys in general pass through as
     metadata (:func:`normalized`), which there would be a typo that changes nothing while the run is
     labelled with it (``galore:proj_gap=4`` trained at the default gap). ``where`` (may be empty) leads the
     message."""
-    known = sorted({*opt.defaults, *options.part_defaults()})
+    known = known_options(opt)
     for key in given:
         if key not in known:
             # a key inside one of ours (proj_gap: update_proj_gap) first, then the closest spelling
