@@ -7,8 +7,8 @@
 :func:`optimizers` reads what Trainer's own optimizer would read, so the run keeps the user's settings:
 ``learning_rate``, ``weight_decay`` (and which parameters decay: Trainer's
 ``get_decay_parameter_names``, i.e. no decay on biases and norms), ``adam_beta1``, ``adam_beta2``,
-``adam_epsilon``; the schedule (``lr_scheduler_type``, ``lr_scheduler_kwargs``, ``warmup_steps`` /
-``warmup_ratio``, ``max_steps``) through transformers' own ``get_scheduler``; ``optim_target_modules``
+``adam_epsilon``; the schedule (``lr_scheduler_type``, ``lr_scheduler_kwargs``, ``warmup_steps``,
+``max_steps``) through transformers' own ``get_scheduler``; ``optim_target_modules``
 (which linear layers are projected, matched as Trainer's GaLore path matches them) and the
 ``optim_args`` string (``"rank=64, update_proj_gap=100, scale=0.25, proj_type=std"``, and APOLLO's
 ``proj`` and ``scale_type``). Embeddings and the output head are never projected (``lro.param_groups``).
