@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -179,8 +180,10 @@ def _pretrain(args: argparse.Namespace) -> int:
                     sltrain=args.sltrain)
     result = pretrain(a)
     if os.environ.get("RANK", "0") == "0":
+        # a resumed run that was already finished trains no step: no speed to report
+        speed = "no step left to train" if math.isnan(result.tokens_per_s) else f"{result.tokens_per_s:,.0f} tokens/s"
         print(f"{args.optimizer}: step {result.steps}, held-out loss {result.final_eval_loss:.4f}, perplexity "
-              f"{result.final_perplexity:.3f}, {result.tokens_per_s:,.0f} tokens/s; metrics and checkpoint in {out}")
+              f"{result.final_perplexity:.3f}, {speed}; metrics and checkpoint in {out}")
     return 0
 
 

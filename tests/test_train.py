@@ -259,6 +259,16 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def test_resuming_a_finished_run_says_so_instead_of_nan_tokens_per_second(tmp_path, capsys, finished_run):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(finished_run, out)  # the module's finished run stays as it was for the other tests
+    rc, printed, _ = cli(capsys, "pretrain", *SMALL, "--optimizer", "galore", "--max-steps", "2", "--out", str(out),
+                         "--resume")
+    assert rc == 0 and "step 2" in printed and "no step left to train" in printed and "nan" not in printed, printed
+
+
 def _bad(tmp_path, finished_run):
     small_vocab = tmp_path / "small_vocab.json"
     cfg = json.loads(Path(TINY).read_text())
