@@ -199,6 +199,11 @@ def test_stochastic_rounding_on_a_float16_weight_is_refused_by_name():
      r"scales 'exp_avg_absmax' in float32; the checkpoint's are torch.float16"),
     (lambda s: s.__setitem__("exp_avg", s["exp_avg"].t().contiguous().t()),
      r"the INT8 codes 'exp_avg' are not contiguous"),
+    # each FSDP2 rank pads its piece's scales to the largest piece's: a 2-rank full state dict has more
+    # scales than one process's blocks, which read as "incomplete" before
+    (lambda s: s.__setitem__("exp_avg_absmax", torch.cat([s["exp_avg_absmax"], s["exp_avg_absmax"][:1]])),
+     r"holds \d+ 'exp_avg_absmax' values where \d+ .* saved on another number of ranks"),
+    (lambda s: s.__setitem__("exp_avg_absmax", s["exp_avg_absmax"][:-1]), r"the checkpoint's are incomplete"),
 ])
 def test_int8_moments_of_another_dtype_or_layout_are_refused_at_load(mutate, match):
     """An integer absmax loaded and was truncated at every step (the run diverged silently); non-contiguous

@@ -125,6 +125,11 @@ def _check_int8(where: str, state: dict[str, Any], key: str, numel: int) -> None
         piece = absmax.to_local().numel()
         if absmax.numel() == piece * absmax.device_mesh.size() and piece * 256 >= codes.to_local().numel():
             return
+    if codes.dtype == torch.uint8 and isinstance(absmax, Tensor) and absmax.numel() > blocks:
+        # more scales than one process's blocks: each rank's piece padded to the largest (an FSDP2 checkpoint)
+        raise ValueError(f"{where}: the checkpoint holds {absmax.numel()} '{key}_absmax' values where {blocks} (one per "
+                         "block of 256) are needed: it was saved on another number of ranks. INT8 moments resume on "
+                         "the number of ranks that saved them (float moments reshard freely)")
     if codes.dtype != torch.uint8 or not isinstance(absmax, Tensor) or absmax.numel() != blocks:
         raise ValueError(f"{where}: INT8 moments need uint8 {key!r} and {blocks} float32 '{key}_absmax' values "
                          "(one per block of 256); the checkpoint's are incomplete")
