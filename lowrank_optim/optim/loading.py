@@ -50,11 +50,13 @@ def check_unchanged(opt: "LowRankAdamW") -> None:
     may change (the gap from each weight's next refresh on). Each group's keys are recorded at its
     first step, and again after ``load_state_dict`` and ``add_param_group``."""
     seen = opt._cache().setdefault("method_keys", {})
+    defaults = [_method_default(key) for key in METHOD_KEYS]  # once: layer-wise updates call this per weight
     for i, group in enumerate(opt.param_groups):
-        now = {key: group.get(key, _method_default(key)) for key in METHOD_KEYS}
+        now = tuple(group.get(key, default) for key, default in zip(METHOD_KEYS, defaults))
         before = seen.get(i)
         if before is not None and before != now and any(opt.state.get(p) for p in group["params"]):
-            key = next(k for k in METHOD_KEYS if before[k] != now[k])
+            j = next(j for j in range(len(METHOD_KEYS)) if before[j] != now[j])
+            key, before, now = METHOD_KEYS[j], dict(zip(METHOD_KEYS, before)), dict(zip(METHOD_KEYS, now))
             raise ValueError(
                 f"{type(opt).__name__}: param_groups[{i}][{key!r}] is {now[key]!r}, but the group's state was built "
                 f"with {key}={before[key]!r}; nothing was changed. A group's {', '.join(METHOD_KEYS)} cannot change "
