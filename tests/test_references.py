@@ -36,6 +36,19 @@ def test_the_twin_gets_our_groups_and_resolved_settings():
                                          "proj": "random", "proj_type": "std"}
     off = reference_twin("apollo", lro.APOLLO(lro.param_groups(model), limiter=None))
     assert off.disable_nl is True
+    # a group's own betas and ε reach its twin group (they went in once, from the first group; found by a QA pass)
+    groups = lro.param_groups(model)
+    groups[0].update(betas=(0.5, 0.9), eps=1e-3)
+    ours = lro.APOLLO(groups, lr=4e-3)
+    ref = reference_twin("apollo", ours)
+    assert [(g["betas"], g["eps"]) for g in ref.param_groups] == [(g["betas"], g["eps"]) for g in ours.param_groups]
+    assert ref.param_groups[0]["betas"] != ref.param_groups[1]["betas"]
+    # apollo-torch's limiter is one switch: mixed groups are refused, not run all unlimited
+    low = lro.param_groups(model)[0]
+    half = len(low["params"]) // 2
+    mixed = [{**low, "params": low["params"][:half], "limiter": None}, {**low, "params": low["params"][half:]}]
+    with pytest.raises(TrainError, match="limiter is on or off for every group at once"):
+        reference_twin("apollo", lro.APOLLO(mixed))
 
 
 @pytest.mark.parametrize("options, message", [

@@ -69,7 +69,8 @@ def reference_twin(preset: str, ours: torch.optim.Optimizer) -> torch.optim.Opti
     module, pip_name, cls, keys = REFERENCES[preset]
     groups, limiters = [], set()
     for g in ours.param_groups:
-        group = {"params": list(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"]}
+        group = {"params": list(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"],
+                 "betas": tuple(g["betas"]), "eps": g["eps"]}  # every package reads these per group
         if g.get("rank") is not None:
             for key, value in FIXED[preset].items():
                 if g[key] != value:
@@ -85,6 +86,9 @@ def reference_twin(preset: str, ours: torch.optim.Optimizer) -> torch.optim.Opti
         package = importlib.import_module(module)
     except ImportError:
         raise TrainError(f"{PREFIX}{preset} needs {pip_name} (pip install {pip_name}, or the dev extra)") from None
+    if module == "apollo_torch" and len(limiters) > 1:  # its limiter is one switch for the whole optimizer
+        raise TrainError(f"{PREFIX}{preset}: apollo-torch's limiter is on or off for every group at once, these "
+                         f"groups have limiter={sorted(limiters, key=repr)}")
     extra = {"disable_nl": None in limiters} if module == "apollo_torch" else {}
     first = ours.param_groups[0]
     return getattr(package, cls)(groups, lr=first["lr"], betas=first["betas"], eps=first["eps"],
