@@ -265,7 +265,9 @@ def _adam8bit_piece(g: Tensor, out: Tensor, moments, span: slice, blocks: slice,
         torch.index_select(book, 0, codes[span].long(), out=x)
         _times_absmax(x, absmax[blocks], block)
     m.mul_(beta1).add_(torch.mul(g, 1.0 - beta1, out=tmp))  # β₁M + (1 − β₁)g, each product rounded
-    v.mul_(beta2).add_(torch.mul(g, g, out=tmp).mul_(1.0 - beta2))
+    # ((1 − β₂)g)·g, not (g·g)(1 − β₂): g² alone overflows float32 from |g| ≈ 1.8e19, and an inf V would
+    # make its block's absmax inf and every direction of the block 0, for good (kernels and C alike)
+    v.mul_(beta2).add_(torch.mul(g, 1.0 - beta2, out=tmp).mul_(g))
     d = _sqrt_rn(v, out=tmp).div_(bias2_sqrt).add_(eps)
     torch.div(m, d, out=out).div_(bias1)
     for x, (codes, absmax, _, mids) in ((m, moments[0]), (v, moments[1])):

@@ -196,7 +196,7 @@ def _adam_tile(g_ptr, mc_ptr, vc_ptr, sbook_ptr, ubook_ptr, offs, mask, m_absmax
     m = tl.load(sbook_ptr + mc, mask=mask, other=0.0) * m_absmax
     v = tl.load(ubook_ptr + vc, mask=mask, other=0.0) * v_absmax
     m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
+    v = beta2 * v + (one_minus_beta2 * g) * g  # g * g first would overflow from |g| ~ 1.8e19 (reference.py)
     direction = tl.math.div_rn(tl.math.div_rn(m, tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps), bias1)
     return m, v, direction
 

@@ -75,7 +75,7 @@ int lro_adam8bit(const float *g, float *out, int64_t n, int64_t block, int64_t f
         for (int64_t i = 0; i < len; i++) { /* the arithmetic (vectorized, each operation rounded) */
             float gi = gb[i];
             float mi = m[i] * b1 + gi * omb1;
-            float vi = v[i] * b2 + (gi * gi) * omb2;
+            float vi = v[i] * b2 + (gi * omb2) * gi; /* not gi * gi first: it overflows from 1.8e19 */
             float d = sqrtf(vi) / bias2 + eps;
             ob[i] = (mi / d) / bias1;
             m[i] = mi;
