@@ -74,6 +74,12 @@ class WaveletDetails(Update):
         if SECOND_MOMENT not in _rules.get(group["rule"]).keys:
             fail("residual", f"gwt divides the details by Adam's second moment, which rule={group['rule']!r} "
                  "does not keep: use rule='adam'")
+        if group.get("state_bits") == 8:
+            # the details are largest where V is smallest, which INT8's dynamic codes resolve worst: the update
+            # was 57% (norm) from state_bits=32's on a 512-wide layer, every other preset's ~1% (a QA pass)
+            fail("state_bits", "gwt divides its detail coefficients by V read back from its INT8 codes, which is "
+                 "coarsest exactly where the details are largest (the update lands ~57% from the 32-bit one); "
+                 "use state_bits=32 with residual='gwt'")
 
     def apply(self, ctx: Context) -> None:
         c1, c2 = bias_corrections(ctx)
