@@ -140,13 +140,16 @@ class RowShard:
         return t
 
     def all_finite(self, t: Tensor) -> bool:
-        finite = torch.tensor(float(bool(torch.isfinite(t).all())), dtype=torch.float32, device=t.device)
-        return float(self.all_reduce_(finite, "refresh")) == self.world
+        return self._ranks_where(bool(torch.isfinite(t).all()), t.device) == self.world
 
     def all_zero(self, t: Tensor) -> bool:
         """Whether every rank's piece of ``t`` is zero (the same answer on every rank)."""
-        nonzero = torch.tensor(float(bool(t.any())), dtype=torch.float32, device=t.device)
-        return float(self.all_reduce_(nonzero, "refresh")) == 0
+        return self._ranks_where(bool(t.any()), t.device) == 0
+
+    def _ranks_where(self, holds: bool, device: torch.device) -> int:
+        """How many ranks found ``holds`` true (one all-reduce)."""
+        count = torch.tensor(float(holds), dtype=torch.float32, device=device)
+        return int(self.all_reduce_(count, "refresh"))
 
     def global_shape(self, t: Tensor) -> tuple[int, ...]:
         return self.shape
