@@ -146,6 +146,23 @@ def _nothing_chosen(what: str, model: nn.Module) -> None:
     )
 
 
+def rank_fallbacks(groups: list[dict[str, Any]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(the shapes of the 2-D weights in ``groups`` with a rank, those of them whose short side is at most
+    their group's ``rank``, which are stepped as plain AdamW); params as tensors or ``(name, tensor)`` pairs."""
+    shapes, plain = [], []
+    for g in groups:
+        rank = g.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            continue
+        for x in g["params"]:
+            shape = tuple((x[1] if isinstance(x, tuple) else x).shape)
+            if len(shape) == 2:
+                shapes.append(shape)
+                if min(shape) <= rank:
+                    plain.append(shape)
+    return shapes, plain
+
+
 def is_low_rank_group(group: dict[str, Any]) -> bool:
     """Whether a group from :func:`param_groups` is the low-rank one."""
     return group.get("rank") is not None

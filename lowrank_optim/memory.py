@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import param_groups
+from .groups import param_groups, rank_fallbacks
 from .models import llama_skeleton, load_config
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -306,9 +306,7 @@ def _default_rank(cls: type | None, groups: list[dict[str, Any]]) -> int:
 
 def _unprojected_note(groups: list[dict[str, Any]], rank: int) -> list[str]:
     """A note naming how many of the weights the groups would project a ``rank`` leaves as plain AdamW."""
-    low = [x for g in groups if g.get("rank") is not None for x in g["params"]]
-    shapes = [tuple((x[1] if isinstance(x, tuple) else x).shape) for x in low]
-    full = [s for s in shapes if len(s) == 2 and min(s) <= rank]
+    shapes, full = rank_fallbacks(groups)
     if not full:
         return []
     return [f"rank {rank} leaves {len(full)} of the {len(shapes)} linear weights unprojected: their short side "
