@@ -46,6 +46,7 @@ same number of ranks (float states reshard freely).
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -55,18 +56,24 @@ from torch import Tensor
 
 try:
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # a torch built without distributed support
     dist = None  # type: ignore[assignment]
-    DTensor = ()  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment]
+
+
+def _dtensor_module() -> Any:
+    """``torch.distributed.tensor`` once something has imported it, else None.
+
+    A DTensor exists only after that module is imported (``fully_shard`` imports it), so a process that
+    never imported it has none to find: ``import lowrank_optim`` does not pay the module's ~0.5 s itself."""
+    return sys.modules.get("torch.distributed.tensor")
 
 #: Bytes this process sent through the optimizer's collectives, by purpose ("project", "refresh", "norms").
 COMM_BYTES: Counter[str] = Counter()
 
 
 def is_sharded(t: Any) -> bool:
-    return isinstance(t, DTensor) if DTensor else False
+    module = _dtensor_module()
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Any) -> Any:
@@ -186,6 +193,8 @@ class RowShard:
 
     def wrap(self, t: Tensor, dim: int, length: int) -> Tensor:
         """A DTensor ``Shard(dim)`` of a tensor with ``length`` along ``dim``, from this rank's piece ``t``."""
+        from torch.distributed.tensor import DTensor, Shard
+
         shape = list(t.shape)
         shape[dim] = length
         stride = torch.empty(shape, device="meta").stride()
@@ -261,6 +270,8 @@ class Split:
 
 def layout_error(p: Tensor, name: str) -> str | None:
     """Why ``p`` (a DTensor) cannot be stepped, or None when it is a row shard we support."""
+    from torch.distributed.tensor import Shard
+
     mesh, placements = p.device_mesh, tuple(p.placements)
     if mesh.ndim != 1:
         return (f"parameter {name} lives on a {mesh.ndim}-D device mesh (HSDP or FSDP with tensor parallelism); "

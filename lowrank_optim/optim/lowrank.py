@@ -31,6 +31,7 @@ keep float32 moments and are stepped through a float32 copy rounded once.
 from __future__ import annotations
 
 import difflib
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
@@ -54,6 +55,19 @@ from .groups import RankFallbackWarning
 from .options import CORE_DEFAULTS, check_group
 from .state import plain_state_dtype
 
+
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, built at the first call: the decorator imports ``torch._dynamo`` (about a
+    second), which ``import lowrank_optim`` then need not pay (torch's own optimizers defer it the same way)."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return run
 
 class _PresetDefault:
     """Marks a constructor argument left to the preset (``None`` is a real value for some keys)."""
@@ -305,7 +319,7 @@ class LowRankAdamW(Optimizer):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    @torch.compiler.disable
+    @_eager
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` (re-evaluating the loss) runs with grad enabled.
 
