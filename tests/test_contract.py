@@ -334,3 +334,19 @@ def test_step_parameters_equals_a_full_step():
             part.step_parameters([p])
     for (name, a), b in zip(full_model.named_parameters(), part_model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_import_defers_dynamo_and_dtensor_until_they_are_needed():
+    """``import lowrank_optim`` stays cheap (a CLI's ``--help``, a script that only builds param groups): it
+    imports neither ``torch._dynamo`` nor ``torch.distributed.tensor`` (about a second together), which the first
+    step and ``fully_shard`` import when they need them. A fresh interpreter, since this one has both."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch, lowrank_optim as lro\n"
+             "early = [m for m in ('torch._dynamo', 'torch.distributed.tensor') if m in sys.modules]\n"
+             "w = torch.nn.Parameter(torch.ones(8, 8)); w.grad = torch.ones(8, 8)\n"
+             "lro.GaLoreAdamW([{'params': [w], 'rank': 2}], lr=0.1).step()\n"
+             "print(early, 'torch._dynamo' in sys.modules, bool(w.abs().sum() < 64))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split("\n")[-2] == "[] True True", out.stdout + out.stderr
