@@ -167,6 +167,26 @@ def test_rsvd_draws_from_seed_and_counter():
     assert not torch.allclose(a.basis().abs(), first.abs())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rsvd_basis_does_not_depend_on_the_gradients_scale(dtype):
+    """The power steps form X Xᵀ Q (entries about σ₁²), which overflowed float32 from |g| ≈ 1e16 on a 512-wide
+    gradient (a raw LinAlgError from the QR midway through a step) and underflowed to zeros for tiny ones.
+    Scaling G by a power of two changes only exponents, so the basis must be the same bits at 2^-100, 1 and
+    2^60; at 1e20 and 1e-30 (not powers of two) it must capture the energy the unit-scale one does (the same
+    sketch of a matrix rounded differently: 1e-6)."""
+    G = decaying_matrix(96, 160, seed=4, decay=0.9, dtype=torch.float32).to(dtype)
+    bases = {}
+    for scale in (2.0**-100, 1.0, 2.0**60, 1e20, 1e-30):
+        proj = lro.projectors.make("rsvd", 8)
+        proj.update(G.float().mul(scale).to(dtype))
+        bases[scale] = proj.basis()
+        assert torch.isfinite(bases[scale]).all(), scale
+    assert torch.equal(bases[2.0**-100], bases[1.0]) and torch.equal(bases[2.0**60], bases[1.0])
+    unit = energy(bases[1.0], G.float(), proj.side)
+    for scale in (1e20, 1e-30):
+        assert abs(energy(bases[scale], G.float(), proj.side) - unit) < 1e-6, scale
+
+
 # ---------------------------------------------------------------------------------------- dct
 @pytest.mark.parametrize("d", [1, 7, 64])
 def test_dct_basis_is_scipy_orthonormal_dct2(d):

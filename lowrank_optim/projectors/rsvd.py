@@ -60,7 +60,7 @@ class RSVDProjector(CountedSVDProjector):
         work = grad if grad.dtype == torch.float64 else grad.float()
         count = self._state.get("refreshes", 0)
         short_is_rows = m <= n
-        x = work if short_is_rows else work.t()
+        x = _unit_scaled(work if short_is_rows else work.t())
         a, b = x.shape
         k = min(self.rank + self.oversample, a)
         omega = gaussian((b, k), mix_seed(self.seed, count), work.device, work.dtype)
@@ -86,3 +86,14 @@ class RSVDProjector(CountedSVDProjector):
         super()._refresh_sharded(grad, side)
         self._state["refreshes"] = int(self._state.get("refreshes", 0)) + 1
 
+
+
+def _unit_scaled(x: Tensor) -> Tensor:
+    """``x`` times the power of two that brings its largest |entry| into [0.5, 1).
+
+    The sketch's singular vectors do not depend on the scale, but the power steps form X Xᵀ Q, whose entries are
+    about σ₁²: float32 overflows there from |g| ≈ 1e16 on a 512×512 gradient (a raw LinAlgError from the QR) and
+    underflows to zero below ~1e-22. Only exponents change, so the sketch's numbers are otherwise the same. The
+    exponent is clamped to ±120 so the factor stays a normal float32."""
+    exponent = torch.frexp(torch.linalg.vector_norm(x, ord=float("inf"))).exponent.clamp(-120, 120)
+    return x * torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), -exponent)
