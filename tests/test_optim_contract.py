@@ -676,3 +676,30 @@ def test_empty_parameter_list_errors_as_torch(name, empty):
         torch.optim.AdamW(empty())
     with pytest.raises(type(ref.value), match=re.escape(str(ref.value))):
         make(name, empty())
+
+
+@parametrize_names
+def test_zero_element_parameters_step_and_reload(name):
+    """A zero-element parameter (a ``Linear(d, 0)`` placeholder, an empty bias) in the rank group and the plain
+    one steps as torch's AdamW does (nothing to move) and the optimizer reloads its own state dict: a mean over
+    zero rows once made GaLoreAdafactor's column statistics 0/0 = NaN, which the load then refused as corrupt."""
+    w = nn.Parameter(torch.randn(16, 12))
+    empties = [nn.Parameter(torch.randn(*shape)) for shape in ((0, 12), (12, 0), (0,))]
+    # the orthogonal rule refuses a rank above a weight's short side (documented), so its empty matrices are plain
+    orthogonal = make(name, [{"params": [w], "rank": 4}]).param_groups[0]["rule"] == "orthogonal"
+    low, plain = ([w], empties) if orthogonal else ([w, *empties[:2]], empties[2:])
+
+    def groups():
+        return [{"params": low, "rank": rank_for(name, 4)}, {"params": plain}]
+
+    opt = make(name, groups())
+    for _ in range(2):
+        for p in (w, *empties):
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in empties:
+        for key, value in opt.state[p].items():
+            assert not torch.is_tensor(value) or torch.isfinite(value.float()).all(), (key, value)
+    fresh = make(name, groups())
+    fresh.load_state_dict(roundtrip(opt.state_dict()))
+    assert torch.isfinite(w).all()

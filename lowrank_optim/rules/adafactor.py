@@ -65,9 +65,11 @@ def fresh_state(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device:
 def _mean_square(x: Tensor, dim: int, split: Split) -> Tensor:
     """mean(x², dim) of the whole tensor (no temporary of x²: :func:`lowrank_optim.reductions.sum_squares`)."""
     sq = sum_squares(x, dim)
+    # an empty dimension has mean 0 (a sum over nothing), not 0/0: NaN statistics would be refused as a
+    # corrupt state when the optimizer's own checkpoint loads (a Linear(d, 0) placeholder)
     if split.axis is not None and dim % x.dim() == split.axis:
-        return split.sum_(sq).div_(split.length)
-    return sq.div_(x.size(dim))
+        return split.sum_(sq).div_(max(split.length, 1))
+    return sq.div_(max(x.size(dim), 1))
 
 
 def direction(x: Tensor, state: dict[str, Any], *, beta2_decay: float, eps: float, clip_threshold: float,
