@@ -703,3 +703,29 @@ def test_zero_element_parameters_step_and_reload(name):
     fresh = make(name, groups())
     fresh.load_state_dict(roundtrip(opt.state_dict()))
     assert torch.isfinite(w).all()
+
+
+@parametrize_names
+def test_default_dtype_float64_changes_no_state_and_no_number(name):
+    """``torch.set_default_dtype(torch.float64)`` (a notebook's habit) leaves a float32 model's steps alone: the
+    same state dtypes and the same bits over refreshes. Q-GaLore's lazy queue was built without a dtype after
+    its first refresh and followed the default (found by a QA pass)."""
+    def run():
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(24, 16, dtype=torch.float32))
+        opt = make(name, [{"params": [w], "rank": rank_for(name, 4), "update_proj_gap": 2}])
+        for i in range(5):
+            w.grad = torch.randn(24, 16, dtype=torch.float32, generator=torch.Generator().manual_seed(i))
+            opt.step()
+        state = opt.state[w]
+        return w.detach().clone(), {k: v.dtype for k, v in state.items() if torch.is_tensor(v)}
+
+    weights, dtypes = run()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        weights64, dtypes64 = run()
+    finally:
+        torch.set_default_dtype(default)
+    assert dtypes64 == dtypes
+    assert torch.equal(weights64, weights)

@@ -108,7 +108,7 @@ def _cells_cached(points: tuple[float, ...], device: str) -> tuple[Tensor, Tenso
     # −inf's cell and count as −inf.
     base = torch.full((2 * cells,), mids.numel(), dtype=torch.int64)
     base[cells + half: cells + (0x7F800000 >> shift) + 1] = 0
-    threshold = torch.full((2 * cells,), float("inf"))
+    threshold = torch.full((2 * cells,), float("inf"), dtype=torch.float32)
     # v ≥ 0 in a cell [lo, up): the midpoints below lo, and the one in [lo, up) is passed when v > it
     base[:half] = torch.searchsorted(mids, lo, right=False)
     # v < 0 with |v| in [lo, up): the midpoints ≤ −up, and the one in (−up, −lo] is passed when v > it

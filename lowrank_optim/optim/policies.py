@@ -223,7 +223,7 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     cos = top_cosine(old, new, device)
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
     pushed = torch.cat([queue[queue != LAZY_EMPTY], cos.reshape(1).to("cpu", torch.float32)])[-LAZY_QUEUE:]
-    state["lazy_queue"] = torch.cat([torch.full((LAZY_QUEUE - pushed.numel(),), LAZY_EMPTY), pushed])
+    state["lazy_queue"] = torch.cat([torch.full((LAZY_QUEUE - pushed.numel(),), LAZY_EMPTY, dtype=torch.float32), pushed])
     if pushed.numel() == LAZY_QUEUE and float(pushed.mean()) >= LAZY_THRESHOLD:
         state["proj_gap"] = torch.tensor(int(state.get("proj_gap", gap)) * LAZY_GROWTH)
 
