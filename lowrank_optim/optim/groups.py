@@ -184,8 +184,10 @@ def check_parameters(group: dict[str, Any], params: list[Any], where: str) -> No
         if not isinstance(tensor, Tensor):
             continue
         if tensor.is_complex():
-            raise ValueError(f"{where}: parameter {name} is complex; only real floating-point parameters "
-                             "are supported")
+            raise ValueError(f"{where}: parameter {name} is complex; lowrank-optim steps real floating-point "
+                             "parameters only, plain groups included (its projections, 8-bit states and kernels "
+                             "are real). Give complex parameters a torch.optim.AdamW of their own, or keep them "
+                             "as real pairs (torch.view_as_real)")
         if group["stochastic_rounding"] is True and tensor.dtype == torch.float16:
             raise ValueError(f"{where}: parameter {name} is float16, and stochastic_rounding=True rounds updates "
                              "into bf16 (and INT8) weights only; a float16 weight would be rounded to nearest. "
