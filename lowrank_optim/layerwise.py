@@ -38,7 +38,14 @@ embedding). How each piece is done and what it costs:
   above (with activation checkpointing the measuring pass recomputes the checkpointed forward too).
   The activations are kept through the measuring pass and freed in the real one, so the peak is that
   of an ordinary backward's start. No gradient set is ever held. (``torch.amp.GradScaler``'s inf
-  check has the same need and no such pass: use bf16, which needs no scaler.)
+  check has the same need and no such pass: use bf16, which needs no scaler.) The pass keeps the graph,
+  which a ``torch.compile``'d backward built with donated buffers refuses, so a handle with clipping
+  turns ``torch._functorch.config.donated_buffer`` off when it is built (graphs read it at a compiled
+  model's first forward; one built before the handle gets an error naming the fix).
+* **Non-finite gradients** (``nonfinite=`` of a ``LowRankAdamW``): with clipping the measuring pass
+  finds them before the first update, and the step is skipped (counted once) or refused whole, as
+  ``opt.step()`` would. Without it each parameter steps as its gradient arrives: those before the first
+  non-finite gradient stay stepped, the rest of that backward is skipped, and the skip counts once.
 * **Schedulers**: the update inside the backward reads the group's current lr; call
   ``scheduler.step()`` after the stepping backward, as after ``opt.step()``.
 * **Checkpoints**: the state is the optimizer's own, so ``optimizer.state_dict()`` /
@@ -336,10 +343,13 @@ class LayerwiseUpdates:
         self._reduced = False
         self._pending: list[tuple[torch.futures.Future[Tensor], dist.GradBucket]] = []
         self._total_norm: Tensor | None = None  # this pass's total norm, once measured
+        self._skipping = False  # this pass's step was skipped for a non-finite gradient (nonfinite="skip")
         # the measuring pass (clipping, no DDP)
         self._measuring = False
         self._stash: dict[int, Tensor | None] = {}
         self._norms: dict[int, Tensor] = {}
+        if self._max_grad_norm is not None and ddp is None:
+            _keep_donated_buffers_off()
 
         self._register(hook_state)
 
@@ -449,6 +459,7 @@ class LayerwiseUpdates:
         self._reduced = False
         self._pending = []
         self._total_norm = None
+        self._skipping = False
 
     def _close_pass(self) -> None:
         self._pass_open = False
@@ -499,7 +510,7 @@ class LayerwiseUpdates:
             else:
                 rest = [p for p in self._params if p.grad is not None and id(p) not in self._stepped]
                 if rest:  # gradients of earlier passes whose parameter this pass did not reach
-                    if self._max_grad_norm is not None:
+                    if self._max_grad_norm is not None and not self._skipping:
                         torch.nn.utils.clip_grads_with_norm_(rest, self._max_grad_norm, self._total_norm)
                     self._step_and_free(rest)
             self.steps += 1
@@ -536,7 +547,7 @@ class LayerwiseUpdates:
         self._enter_from_hook()
         if not self._pass_steps or self._ddp is not None:
             return  # accumulating; or DDP, where the gradient here is not reduced yet
-        if self._max_grad_norm is not None:
+        if self._max_grad_norm is not None and not self._skipping:
             torch.nn.utils.clip_grads_with_norm_([p], self._max_grad_norm, self._total_norm)
         self._step_and_free([p])
 
@@ -564,7 +575,14 @@ class LayerwiseUpdates:
             self._step_and_free(ours)
 
     def _step_and_free(self, params: list[Tensor]) -> None:
-        self._step_fn(params)
+        """Step ``params`` and free their gradients; only free them once this pass's step was skipped.
+
+        ``nonfinite="skip"`` counts a skipped call in every group: a count that moved marks the rest of the
+        pass skipped, so one step is skipped (and counted) once however many calls it takes."""
+        if not self._skipping:
+            skipped = _skip_count(self._optimizer)
+            self._step_fn(params)
+            self._skipping = _skip_count(self._optimizer) > skipped
         for p in params:
             p.grad = None
             self._stepped.add(id(p))
@@ -596,22 +614,43 @@ class LayerwiseUpdates:
         self._measuring = True
         try:
             loss.backward(**{**kwargs, "retain_graph": True})
+        except RuntimeError as e:
+            if "donated buffer" in str(e):
+                raise RuntimeError(
+                    "layerwise: max_grad_norm measures the gradients in a first backward that keeps the graph "
+                    "(retain_graph=True), which a torch.compile'd backward with donated buffers refuses. Build "
+                    "the lro.layerwise handle before the compiled model's first forward (it then sets "
+                    "torch._functorch.config.donated_buffer = False), or set that yourself before it"
+                ) from e
+            raise
         finally:
             self._measuring = False
             for p in self._params:
                 p.grad = self._stash[id(p)]
             stash, self._stash = self._stash, {}
-        norms = []
+        norms = {}
         for p in self._norm_order:  # the model's order, as clip_grad_norm_(model.parameters()) takes them
             n = self._norms.get(id(p))
             if n is None and stash[id(p)] is not None:  # accumulated, but not reached by this pass
                 n = torch.nn.utils.get_total_norm([stash[id(p)]])
             if n is not None:
-                norms.append(n)
+                norms[p] = n
         self._norms = {}
-        total = torch.nn.utils.get_total_norm(norms)
+        total = torch.nn.utils.get_total_norm(list(norms.values()))
         self._total_norm = total
         self.last_grad_norm = total
+        self._decide_nonfinite(total, norms)
+
+    def _decide_nonfinite(self, total: Tensor, norms: dict[Tensor, Tensor]) -> None:
+        """Before the first update, what ``opt.step()`` would do with this step's non-finite gradients: raise
+        (nothing is stepped) or skip the whole step (``nonfinite=``). One host synchronisation per step, as
+        the optimizer's own check; a gradient counts as non-finite when its norm is (finite entries whose
+        float32 norm overflows, |g| ≳ 1e19, count too: the ordinary loop's clipping would zero every
+        gradient there)."""
+        decide = getattr(self._optimizer, "_nonfinite_decide", None)
+        if decide is None or bool(torch.isfinite(total)):
+            return
+        self._skipping = decide([p for p, n in norms.items() if not bool(torch.isfinite(n))])
 
     def _measure_one(self, p: Tensor) -> None:
         g = p.grad
@@ -619,3 +658,21 @@ class LayerwiseUpdates:
         full = g if before is None else before + g  # what the real pass will accumulate
         self._norms[id(p)] = torch.nn.utils.get_total_norm([full])
         p.grad = None
+
+
+def _skip_count(optimizer: Optimizer) -> int:
+    """The steps ``nonfinite="skip"`` has skipped so far (summed over the groups; 0 for other optimizers)."""
+    return sum(int(g.get("nonfinite_skipped", 0)) for g in optimizer.param_groups)
+
+
+def _keep_donated_buffers_off() -> None:
+    """The measuring pass keeps the graph (``retain_graph=True``); a backward that ``torch.compile`` builds
+    with donated buffers frees saved tensors it would need again, and refuses. Compiled graphs read the
+    setting when they are built (at a compiled model's first forward), so the handle turns it off for this
+    process when it is built; it costs the compiled backward its buffer reuse, not numbers."""
+    try:
+        from torch._functorch import config
+    except ImportError:  # a torch without functorch's settings has no donated buffers either
+        return
+    if getattr(config, "donated_buffer", False):
+        config.donated_buffer = False

@@ -8,7 +8,9 @@ mean of two half-batch means is rounded differently from the mean of the whole b
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lro
-from conftest import batches, lm_loss, make_model, roundtrip, spawn_two
+from conftest import batches, lm_loss, make_model, roundtrip, same, spawn_two
 
 RANK = 8
 MAX_NORM = 0.05  # the tiny model's gradient norms are 1 to 2: clipping engages at every step
@@ -388,6 +390,126 @@ def test_remove_and_context_manager_unregister_every_hook():
     assert all(p.grad is not None for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert lw.steps == 1 and "removed" in repr(lw)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite gradients
+def poison(model, steps):
+    """inf in layers.0.q_proj.weight's gradient on the given backward passes (0-based, counting every pass the
+    parameter's gradient is computed in, so a layer-wise measuring pass counts as one). Late in the backward:
+    lm_head, the norms and layer 1 have their gradients before it."""
+    calls = {"n": -1, "poisoned": set(steps)}
+
+    def hook(g):
+        calls["n"] += 1
+        return g * float("inf") if calls["n"] in calls["poisoned"] else g
+
+    model.layers[0].q_proj.weight.register_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_nonfinite_skip_with_clipping_skips_the_whole_step_as_the_ordinary_loop(k):
+    """nonfinite="skip" under clipping: the measuring pass finds the inf before the first update, so the step
+    is skipped whole and counted once, bit for bit the ordinary loop (clip_grad_norm_, whose inf total norm
+    makes every gradient 0 or NaN, then opt.step(), which skips). Before, every parameter reached before the
+    bad one was stepped on its zeroed gradient and each call counted a skip."""
+    data = batches(4 * k)
+    ref, ours = make_model(), make_model()
+    ref_opt, our_opt = galore(ref, nonfinite="skip"), galore(ours, nonfinite="skip")
+    poison(ref, [2 * k - 1])  # the ordinary loop computes each gradient once: pass 2k - 1 ends step 2
+    # layer-wise takes k + 1 gradients a step (the measuring pass): step 2's measuring and real passes
+    poison(ours, [2 * k, 2 * k + 1])
+    ordinary(ref, ref_opt, data, k=k, clip=MAX_NORM)
+    _, stepped, lw = layerwise(ours, our_opt, data, k=k, clip=MAX_NORM)
+    assert [g["nonfinite_skipped"] for g in ref_opt.param_groups] == [1] * len(ref_opt.param_groups)
+    assert [g["nonfinite_skipped"] for g in our_opt.param_groups] == [1] * len(our_opt.param_groups)
+    assert_bitwise(ref, ours)
+    assert_states_equal(ref_opt, our_opt)
+    assert sum(stepped) == 4 and all(p.grad is None for p in ours.parameters())
+
+
+def test_nonfinite_raise_with_clipping_refuses_before_any_update():
+    model = make_model()
+    opt = galore(model)
+    lw = lro.layerwise(model, opt, max_grad_norm=MAX_NORM)
+    lw.backward(lm_loss(model, batches(1)[0]))
+    poison(model, [0])
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(lro.NonFiniteGradientError, match="q_proj.weight.*unchanged"):
+        lw.backward(lm_loss(model, batches(2)[1]))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert same(state, opt.state_dict())
+
+
+def test_nonfinite_skip_without_clipping_skips_the_rest_of_the_pass_and_counts_once():
+    """Without the measuring pass a parameter is stepped as its gradient arrives: those before the inf stay
+    stepped (the module doc says so), the rest of that backward is skipped, and the step counts one skip (it
+    counted one per parameter call)."""
+    model = make_model()
+    opt = galore(model, nonfinite="skip")
+    lw = lro.layerwise(model, opt)
+    poison(model, [1])
+    order = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p, order=order: order.append(p))
+    lw.backward(lm_loss(model, batches(1)[0]))
+    arrival = list(order)
+    before = [p.detach().clone() for p in arrival]
+    lw.backward(lm_loss(model, batches(2)[1]))
+    assert [g["nonfinite_skipped"] for g in opt.param_groups] == [1] * len(opt.param_groups)
+    bad = next(i for i, p in enumerate(arrival) if p is model.layers[0].q_proj.weight)
+    moved = [not torch.equal(p, b) for p, b in zip(arrival, before)]
+    assert all(moved[:bad]) and not any(moved[bad:])
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+def test_clipping_on_a_compiled_model():
+    """torch.compile's inductor backward donates buffers and then refuses retain_graph=True, which the measuring
+    pass needs (a RuntimeError at the first backward, found by a QA pass on a nanoGPT model). The handle turns
+    donation off when built before the first forward; the compiled run equals the eager one to rounding
+    (inductor fuses and reorders float32 arithmetic: 1e-5 relative after 2 steps at lr 3e-3)."""
+    from torch._functorch import config
+
+    data = batches(2)
+    eager, compiled = make_model(), make_model()
+    layerwise(eager, galore(eager), data, clip=MAX_NORM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "donated_buffer", True)
+        fast = torch.compile(compiled)
+        opt = galore(fast)
+        lw = lro.layerwise(fast, opt, max_grad_norm=MAX_NORM)
+        assert config.donated_buffer is False
+        for tokens in data:
+            assert lw.backward(lm_loss(fast, tokens))
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backward_refusing_retain_graph_gets_the_fix_named():
+    """Donation is decided when a compiled graph is built, so a model compiled and run before the handle existed
+    still refuses the measuring pass: the error then says what to do instead of torch's internal message. A
+    function whose backward raises torch's message stands in for such a graph (which graphs donate depends on
+    inductor's partitioning; the QA pass's nanoGPT did, this file's tiny model does not)."""
+    class Donating(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("This backward function was compiled with non-empty donated buffers which requires "
+                               "create_graph=False and retain_graph=False")
+
+    model = make_model()
+    opt = galore(model)
+    lw = lro.layerwise(model, opt, max_grad_norm=MAX_NORM)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="donated_buffer = False") as err:
+        lw.backward(Donating.apply(lm_loss(model, batches(1)[0])))
+    assert "donated buffers" in str(err.value.__cause__)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 # ---------------------------------------------------------------------------------------------- DDP, 2 processes

@@ -350,6 +350,11 @@ class LowRankAdamW(Optimizer):
         """
         self._step_subset({id(p) for p in params})
 
+    def _nonfinite_decide(self, params: list[Tensor]) -> bool:
+        """For layer-wise updates: what this optimizer's step does with non-finite gradients of ``params``
+        (skip, counted; raise; or False to step anyway), decided before any of them is stepped."""
+        return nonfinite.decide(self, params)
+
     def _step_subset(self, only: set[int] | None) -> None:
         loading.check_unchanged(self)
         if nonfinite.skip_step(self, only):  # before anything: raises, or skips and counts (nonfinite=)

@@ -12,9 +12,11 @@ The group key ``nonfinite`` says what a step does with them:
   refresh (an SVD of a non-finite gradient poisons the basis), and for the parameters of a group with
   ``state_bits=8`` and INT8 weights (a block's scale cannot hold inf or NaN).
 
-Under layer-wise updates (``step_parameters``) each call is a step of its own: a refused or skipped call
-leaves the parameters of that call as they were (and counts one skip), not those stepped earlier in
-the same backward.
+Under layer-wise updates (``lro.layerwise``) with ``max_grad_norm`` the measuring pass finds every
+non-finite gradient of the step before its first update, so a step is skipped or refused whole, as in the
+ordinary loop (:func:`decide`). Without it each parameter is stepped as its gradient arrives: those stepped
+before the first non-finite gradient stay stepped, the rest of that backward is skipped, and the skip is
+counted once.
 
 The check is one pass over each gradient: a float32 sum per gradient (``torch._foreach_norm`` on CUDA),
 non-finite when any element is, confirmed exactly (``isfinite``) only for the gradients it flags (a sum
@@ -49,9 +51,19 @@ def skip_step(opt: "LowRankAdamW", only: set[int] | None) -> bool:
     if not items:
         return False
     bad = _flags(opt, [p for _, _, p, _ in items], [grad for *_, grad in items])
-    if not any(bad):
+    return decide(opt, [p for (_, _, p, _), b in zip(items, bad) if b])
+
+
+def decide(opt: "LowRankAdamW", bad: list[Tensor]) -> bool:
+    """What a step does whose parameters ``bad`` have non-finite gradients: False (none of them is checked:
+    ``nonfinite="ignore"``), True (skipped, counted in every group), or :class:`NonFiniteGradientError`.
+
+    :func:`skip_step` decides with it, and so do layer-wise updates, which find the non-finite gradients of
+    a whole step in their measuring pass, before its first update."""
+    where = {id(p): (group, i) for group in opt.param_groups for i, p in enumerate(group["params"])}
+    found = [(*where[id(p)], p) for p in bad if id(p) in where and _checks(where[id(p)][0], p)]
+    if not found:
         return False
-    found = [(group, i, p) for (group, i, p, _), b in zip(items, bad) if b]
     if any(group["nonfinite"] == "skip" for group, _, _ in found):
         for group in opt.param_groups:
             group[SKIPPED] = int(group.get(SKIPPED, 0)) + 1
@@ -67,6 +79,12 @@ def skip_step(opt: "LowRankAdamW", only: set[int] | None) -> bool:
         "skips and counts such steps, as torch.amp.GradScaler does) or lower the learning rate.")
 
 
+def _checks(group: dict[str, Any], p: Tensor) -> bool:
+    """Whether a step checks ``p``'s gradient: always under ``raise`` and ``skip``; under ``ignore`` where its
+    INT8 moments or weights could not store the result."""
+    return group["nonfinite"] != "ignore" or group["state_bits"] == 8 or isinstance(p, Int8Weight)
+
+
 def _checked(opt: "LowRankAdamW", only: set[int] | None) -> Iterator[tuple[dict[str, Any], int, Tensor, Tensor]]:
     """(group, index, parameter, local gradient) of every parameter this step checks: all under
     ``raise`` and ``skip``; under ``ignore`` those whose INT8 moments or weights could not store the result."""
@@ -76,7 +94,7 @@ def _checked(opt: "LowRankAdamW", only: set[int] | None) -> Iterator[tuple[dict[
             grad = compact.get(p, p.grad)
             if grad is None or grad.is_sparse or (only is not None and id(p) not in only):
                 continue
-            if group["nonfinite"] != "ignore" or group["state_bits"] == 8 or isinstance(p, Int8Weight):
+            if _checks(group, p):
                 yield group, i, p, local(grad)
 
 
