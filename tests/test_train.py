@@ -353,6 +353,8 @@ def test_compare_two_optimizers(tmp_path, capsys):
     doc = json.loads((tmp_path / "compare.json").read_text())
     runs = {r["label"]: r for r in doc["runs"]}
     assert set(runs) == {"adamw", "galore:rank=8"}
+    # the shared settings name every entry, not the one optimizer the base arguments held ("optimizer": "galore")
+    assert doc["settings"]["optimizers"] == ["adamw", "galore:rank=8"] and "optimizer" not in doc["settings"]
     for label, r in runs.items():
         assert [s for s, _ in r["curve"]] == [1, 2, 3, 4] and [s for s, _ in r["evals"]] == [2, 4]
         s = r["summary"]
@@ -362,6 +364,34 @@ def test_compare_two_optimizers(tmp_path, capsys):
     # same data and initial weights: both start from the same loss
     assert runs["adamw"]["curve"][0][1] == runs["galore:rank=8"]["curve"][0][1]
     assert runs["galore:rank=8"]["summary"]["state_bytes"] < runs["adamw"]["summary"]["state_bytes"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_finishes_its_files_when_stopped_while_writing_them(tmp_path, capsys, monkeypatch):
+    """A SIGTERM after training, while compare.json and compare.png are written (a preemption has no idea where
+    the run is), used to kill the process silently with the plot missing: it now waits for both files, says so,
+    and exits 143 as a stopped run does."""
+    import importlib
+    import signal
+
+    compare_module = importlib.import_module("lowrank_optim.train.compare")  # the package exports compare()
+
+    real_plot = compare_module.plot
+
+    def plot_under_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler before the plot is drawn
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "plot", plot_under_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        cli(capsys, "compare", *SMALL, "--optimizers", "adamw,galore:rank=8", "--max-steps", "2",
+            "--eval-every", "2", "--out", str(tmp_path))
+    assert stopped.value.code == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM arrived while the results were written; they are complete, stopping" in err
+    assert len(json.loads((tmp_path / "compare.json").read_text())["runs"]) == 2
+    assert not list(tmp_path.glob(".compare.json.*"))  # no temporary left behind
     pytest.importorskip("matplotlib")
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

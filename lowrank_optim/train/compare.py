@@ -10,7 +10,11 @@ the preset resolves to (:mod:`lowrank_optim.train.references`). Each run writes
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -21,7 +25,9 @@ from .data import Corpus, local_corpus, stdlib_corpus
 from .._console import stderr_line
 from ..optim.options import option_value
 from .errors import TrainError
+from .checkpoint import umask
 from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
+from .preempt import StopSignals
 from .optimizers import available, build_optimizer, optimizer_settings
 from .references import PREFIX
 
@@ -180,16 +186,30 @@ def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, An
             results.append(pretrain(args, corpus=corpus, log=say))
     if rank != 0:
         return results
+    with StopSignals() as stop, stop.saving():  # a preemption now waits for complete files, then stops
+        _write_results(results, base, specs, out, say)
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        say(f"compare: {name} arrived while the results were written; they are complete, stopping")
+        raise SystemExit(128 + stop.signum)
+    return results
+
+
+def _write_results(results: list[RunResult], base: TrainArgs, specs: list[tuple[str, str, dict[str, Any]]],
+                   out: Path, say: Callable[[str], None]) -> None:
+    """The table on stdout, ``compare.json`` (written whole or not at all) and ``compare.png``."""
     text = table(results)
     print(text)
     cfg = base.config if isinstance(base.config, str) else "config"
-    settings = {k: v for k, v in asdict(base).items() if k not in ("options", "out", "resume", "overwrite", "save", "label", "progress", "stop_at")}
+    per_run = ("optimizer", "options", "out", "resume", "overwrite", "save", "label", "progress", "stop_at")
+    settings = {k: v for k, v in asdict(base).items() if k not in per_run}
+    settings["optimizers"] = [label for label, _, _ in specs]  # each run's own optimizer and options: "runs"
     doc = {"settings": settings, "table": text, "runs": []}
     for r in results:
         d = r.to_dict()
         summary = {k: d.pop(k) for k in ("final_eval_loss", "final_perplexity", "tokens_per_s", "state_bytes", "peak_memory", "train_seconds", "steps")}
         doc["runs"].append({**d, "summary": summary})
-    (out / "compare.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    _write_atomic(out / "compare.json", json.dumps(doc, indent=1, default=str) + "\n")
     title = f"{Path(cfg).stem if isinstance(cfg, str) else cfg}: {base.max_steps} steps, batch {base.batch_size}x{base.seq_len}"
     if base.grad_accum > 1:
         title += f"x{base.grad_accum}"
@@ -197,7 +217,21 @@ def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, An
         say(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     else:
         say(f"wrote {out / 'compare.json'}")
-    return results
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path.write_text(text)`` through a temporary file in the same folder and ``os.replace``: a reader (or
+    a run killed midway) sees the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _dirname(label: str) -> str:
