@@ -161,6 +161,23 @@ def test_a_config_mismatch_names_the_key(saved_run, tmp_path, corpus, capsys):
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 2
 
 
+def test_a_moved_data_file_resumes_and_other_data_is_refused(saved_run, tmp_path, corpus, capsys):
+    """The same corpus at another path (moved, or another machine's mount) is the same run's data by its digest:
+    --resume goes on (it was refused as 'a different run' on the absolute path). A file with other contents is
+    still refused, naming the digest."""
+    out = copy_run(saved_run, tmp_path)
+    moved = tmp_path / "elsewhere" / "text.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(corpus.read_bytes())
+    rc, err = cli(capsys, *flags(moved, out, "--max-steps", "4", "--resume"))
+    assert rc == 0, err
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 4
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().replace("return", "yield"))
+    rc, err = cli(capsys, *flags(other, copy_run(saved_run, tmp_path / "again"), "--max-steps", "4", "--resume"))
+    assert rc == 2 and "is from a different run (data.data: " in one_line_error(err) and "data.digest" in err
+
+
 def test_a_version_1_checkpoint_without_digest_still_loads(saved_run, tmp_path):
     saved = checkpoint.load(saved_run / "checkpoint.pt")
     old = {k: v for k, v in saved.items() if k != "digest"}

@@ -340,12 +340,23 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | o
         elif a != b:
             diffs.append(f"{where}: checkpoint {_short(a)}, now {_short(b)}")
 
-    walk(saved, current, "")
+    walk(_without_moved_data(saved, current), _without_moved_data(current, saved), "")
     if diffs:
         raise CheckpointError(
             f"--resume: the checkpoint {str(path)!r} is from a different run ({'; '.join(diffs[:3])}"
             f"{'; ...' if len(diffs) > 3 else ''}); resume with the same settings or use another --out"
         )
+
+
+def _without_moved_data(spec: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without its data file's path when both runs read the same corpus by digest: a data file moved or
+    copied to another folder (another machine's mount) is the same run's data, and its digest says so."""
+    data, theirs = spec.get("data"), other.get("data")
+    if not (isinstance(data, dict) and isinstance(theirs, dict)):
+        return spec
+    if data.get("digest") is None or data.get("digest") != theirs.get("digest"):
+        return spec
+    return {**spec, "data": {k: v for k, v in data.items() if k != "data"}}
 
 
 def _short(v: Any) -> str:
