@@ -98,6 +98,8 @@ from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from .optim.nonfinite import SKIPPED
+
 __all__ = ["LayerwiseUpdates", "layerwise"]
 
 # id(parameter) -> the handle stepping it, so one parameter is never stepped twice per backward
@@ -662,7 +664,7 @@ class LayerwiseUpdates:
 
 def _skip_count(optimizer: Optimizer) -> int:
     """The steps ``nonfinite="skip"`` has skipped so far (summed over the groups; 0 for other optimizers)."""
-    return sum(int(g.get("nonfinite_skipped", 0)) for g in optimizer.param_groups)
+    return sum(int(g.get(SKIPPED, 0)) for g in optimizer.param_groups)
 
 
 def _keep_donated_buffers_off() -> None:

@@ -69,6 +69,7 @@ def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     return run
 
+
 class _PresetDefault:
     """Marks a constructor argument left to the preset (``None`` is a real value for some keys)."""
 

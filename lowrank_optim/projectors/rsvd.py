@@ -87,7 +87,6 @@ class RSVDProjector(CountedSVDProjector):
         self._state["refreshes"] = int(self._state.get("refreshes", 0)) + 1
 
 
-
 def _unit_scaled(x: Tensor) -> Tensor:
     """``x`` times the power of two that brings its largest |entry| into [0.5, 1).
 
