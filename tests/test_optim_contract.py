@@ -478,6 +478,32 @@ def test_tensor_lr(name):
         assert torch.equal(p, still[n]), f"{n} moved with lr {opt.param_groups[0]['lr']}"
 
 
+#: presets whose plain parameters take torch's AdamW whole: the rest keep 8-bit moments there (galore8bit,
+#: qgalore) or step them by Adafactor (galore_adafactor)
+PLAIN_ADAM = [n for n in NAMES if n not in ("galore8bit", "qgalore", "galore_adafactor")]
+
+
+@pytest.mark.parametrize("name", PLAIN_ADAM)
+def test_tensor_lr_plain_parameters_are_torch_adamw_bit_for_bit(name):
+    """A tensor lr reaches the plain parameters as torch.optim.AdamW takes it: torch computes 1 − lr·wd and
+    lr/(1 − β₁ᵗ) in the tensor's float32 there, and reading the lr as a Python number first was a float32
+    ulp off (found last session). A scheduler halves it in place on the way."""
+    model, opt = linear(name, lr=torch.tensor(0.01), weight_decay=0.1)
+    bias = model.bias.detach().clone().requires_grad_()
+    group = opt.param_groups[1]  # the preset's own betas and eps (GWT's ε is 1e-6)
+    ref = torch.optim.AdamW([bias], lr=torch.tensor(0.01), betas=group["betas"], eps=group["eps"], weight_decay=0.1)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
+    for t in range(5):
+        linear_step(model, opt, seed=t)
+        bias.grad = model.bias.grad.clone()
+        ref.step()
+        for s in scheds:
+            s.step()
+        assert torch.equal(model.bias, bias), f"step {t}: {(model.bias - bias).abs().max().item():.3g}"
+    assert_projected(opt)
+
+
+
 # ------------------------------------------------------------------ 8. Python-number steps
 @parametrize_names
 @pytest.mark.parametrize("kind", [int, float], ids=["int", "float"])

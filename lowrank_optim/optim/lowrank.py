@@ -360,11 +360,10 @@ class LowRankAdamW(Optimizer):
         loading.check_unchanged(self)
         if nonfinite.skip_step(self, only):  # before anything: raises, or skips and counts (nonfinite=)
             return
-        groups = [_step.as_float_lr(g) for g in self.param_groups]
-        plans = [_step.plan(self, group, only) for group in groups]
-        for group, (plain, low) in zip(groups, plans):
-            _step.step_plain(self, group, plain)
-            _step.step_low_rank(self, group, low)
+        plans = [_step.plan(self, group, only) for group in self.param_groups]
+        for group, (plain, low) in zip(self.param_groups, plans):
+            _step.step_plain(self, group, plain)  # a tensor lr as torch.optim.AdamW takes it (rules.adam)
+            _step.step_low_rank(self, _step.as_float_lr(group), low)
 
     # ------------------------------------------------------------------ eager state
     @torch.no_grad()

@@ -90,14 +90,18 @@ def adamw_plain(
     takes torch's multi-tensor path: for float32 and float64 it gives bit-identical results to the
     single-tensor path that ``torch.optim.AdamW`` defaults to on CPU, and is faster (bench/). A
     half-precision tensor on CPU with ``foreach=None`` takes torch's single-tensor path, as
-    ``torch.optim.AdamW``'s default does there: in bf16 torch's two paths differ (up to 1.5e-3 after five
+    ``torch.optim.AdamW``'s default does there, and so does a tensor ``lr`` (torch then computes 1 − lr·wd and
+    lr/(1 − β₁ᵗ) in the tensor's dtype; with ``foreach=True``, which torch refuses, it is read as a number): in bf16 torch's two paths differ (up to 1.5e-3 after five
     steps at betas (0.9, 0.95)). Large CPU tensors (an embedding, an output head) take
     :func:`_adamw_tiled`, the same element-wise operations in the same order over cache-sized tiles.
     """
     if not params:
         return
     if foreach is None:
-        foreach = not any(p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) for p in params)
+        foreach = not isinstance(lr, Tensor) and not any(
+            p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) for p in params)
+    elif foreach and isinstance(lr, Tensor):
+        lr = float(lr)  # torch's multi-tensor loop refuses a tensor lr without capturable; its number is the same
     tiled = [i for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs))
              if foreach and _tileable(p, g, m, v, lr)]
     if tiled:
