@@ -163,6 +163,27 @@ def rank_fallbacks(groups: list[dict[str, Any]]) -> tuple[list[tuple[int, ...]],
     return shapes, plain
 
 
+
+def all_unprojected_error(groups: list[dict[str, Any]]) -> str | None:
+    """Why ``groups`` project nothing although they ask to (every 2-D weight with a rank has a short side at
+    most that rank, so the run would be plain AdamW under a low-rank name), with the fix; None otherwise."""
+    candidates, plain = rank_fallbacks(groups)
+    if not candidates or len(plain) < len(candidates):
+        return None
+    rank = max(g["rank"] for g in groups if isinstance(g.get("rank"), int) and not isinstance(g["rank"], bool))
+    return (f"rank {rank} leaves all {len(candidates)} linear weights unprojected (a weight whose short side is at "
+            f"most the rank is plain AdamW); use a rank below {max(min(s) for s in candidates)}")
+
+
+def some_unprojected_note(groups: list[dict[str, Any]]) -> str | None:
+    """One line on the 2-D weights of ``groups`` that their rank leaves as plain AdamW (None: there are none)."""
+    candidates, plain = rank_fallbacks(groups)
+    if not plain:
+        return None
+    shapes = ", ".join(f"{s[0]}x{s[1]}" for s in dict.fromkeys(plain))
+    return (f"{len(plain)} of {len(candidates)} linear weights ({shapes}) have a short side at most their rank and "
+            f"are updated as plain AdamW; use a rank below {min(min(s) for s in plain)} to project them")
+
 def is_low_rank_group(group: dict[str, Any]) -> bool:
     """Whether a group from :func:`param_groups` is the low-rank one."""
     return group.get("rank") is not None

@@ -38,7 +38,7 @@ try:
 except ImportError as err:  # pragma: no cover - the train extra brings it
     raise ImportError('lowrank_optim.hf needs transformers: pip install "lowrank-optim[train]"') from err
 
-from .groups import param_groups
+from .groups import all_unprojected_error, param_groups, some_unprojected_note
 from .layerwise import LayerwiseUpdates
 from .layerwise import layerwise as _layerwise
 from .optim import LowRankAdamW, RankFallbackWarning
@@ -121,13 +121,25 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
     if not groups:
         raise ValueError(f"lro.hf.optimizers: the model has no trainable parameter ({len(frozen)} frozen)")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RankFallbackWarning)  # Trainer users get the fallback in the log below
+        warnings.simplefilter("ignore", RankFallbackWarning)  # one line for all of them below, not one per weight
         opt = cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                   weight_decay=args.weight_decay)
     check_options(opt, keys, "lro.hf.optimizers (TrainingArguments.optim_args and options)")
+    _check_projected(opt, cls)
     if layerwise:
         opt = LayerwiseOptimizer(model, opt, args)
     return opt, _scheduler(opt, args, num_training_steps)
+
+
+def _check_projected(opt: LowRankAdamW, cls: type) -> None:
+    """Refuse a rank that projects nothing (the run would be AdamW under ``cls``'s name); warn once, naming the
+    shapes, when it leaves some weights plain."""
+    why = all_unprojected_error(opt.param_groups)
+    if why:
+        raise ValueError(f"lro.hf.optimizers: {cls.__name__}: {why} (TrainingArguments.optim_args or rank=)")
+    note = some_unprojected_note(opt.param_groups)
+    if note:
+        warnings.warn(f"lro.hf.optimizers: {cls.__name__}: {note}", RankFallbackWarning, stacklevel=3)
 
 
 def _scheduler(opt: Optimizer, args: Any, num_training_steps: int | None) -> Any:

@@ -185,3 +185,29 @@ def test_layerwise_optimizer_refuses_a_plain_trainer(tmp_path):
     with pytest.raises(ValueError, match="LayerwiseTrainer takes optimizers=lro.hf.optimizers"):
         lro.hf.LayerwiseTrainer(model=model, args=args, train_dataset=Tokens(),
                                 optimizers=lro.hf.optimizers(model, args, "galore"))
+
+
+def test_a_rank_too_large_for_the_model_is_said_not_swallowed(tmp_path):
+    """The README's rank=128 on a 32-wide model: the optimizer used to fall back to AdamW on every weight with
+    no word at all (the per-weight warnings were silenced for a log line that never came; a QA pass)."""
+    model = tiny_llama()
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"GaLoreAdamW: rank 128 leaves all 14 linear weights unprojected.*"
+                                         r"use a rank below 32"):
+        lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank=128"), "galore")
+    assert all(torch.equal(v, weights(model)[k]) for k, v in before.items())
+    # one key/value head: k_proj and v_proj are 8×32, below rank 16, the other ten weights are projected;
+    # one warning names them, not one per weight
+    torch.manual_seed(0)
+    gqa = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=SEQ))
+    with pytest.warns(lro.RankFallbackWarning) as caught:
+        opt, _ = lro.hf.optimizers(gqa, arguments(tmp_path, optim_args="rank=16"), "galore")
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert "4 of 14 linear weights (8x32) have a short side at most their rank" in str(caught[0].message)
+    assert "rank below 8" in str(caught[0].message)
+    for p in gqa.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sum("projector" in s for s in opt.state.values()) == 10

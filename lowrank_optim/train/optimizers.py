@@ -237,13 +237,11 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
 def _check_something_projected(name: str, opt: torch.optim.Optimizer, rank: Any) -> None:
     """Refuse a rank that leaves every weight the preset would project as plain AdamW (its short side is at or
     below the rank): the run would be AdamW at the preset's lr, reported under the preset's name."""
-    from ..groups import rank_fallbacks
+    from ..groups import all_unprojected_error
 
-    candidates, plain = rank_fallbacks(opt.param_groups)  # the memory command's note counts the same way
-    if candidates and len(plain) == len(candidates):
-        short = max(min(s) for s in candidates)
-        raise TrainError(f"{name}: rank {rank} leaves all {len(candidates)} linear weights unprojected (a weight "
-                         f"whose short side is at most the rank is plain AdamW); use a rank below {short}")
+    why = all_unprojected_error(opt.param_groups)  # the memory command's note counts the same way
+    if why:
+        raise TrainError(f"{name}: {why}")
 
 
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
