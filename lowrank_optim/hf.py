@@ -152,6 +152,11 @@ def _scheduler(opt: Optimizer, args: Any, num_training_steps: int | None) -> Any
                                       scheduler_specific_kwargs=args.lr_scheduler_kwargs)
 
 
+def _clipping(args: Any) -> float | None:
+    """The clipping norm of ``TrainingArguments`` as Trainer reads it (0 or None: no clipping)."""
+    return float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
+
+
 class LayerwiseOptimizer(Optimizer):
     """One of our optimizers stepped layer by layer inside the backward, as Trainer's optimizer.
 
@@ -164,10 +169,9 @@ class LayerwiseOptimizer(Optimizer):
 
     def __init__(self, model: nn.Module, optimizer: LowRankAdamW, args: Any) -> None:
         # not Optimizer.__init__: the groups, state and hooks are the wrapped optimizer's own
-        clip = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self.__dict__["optimizer"] = optimizer
         self.__dict__["handle"] = _layerwise(model, optimizer, accumulation_steps=args.gradient_accumulation_steps,
-                                             max_grad_norm=clip)
+                                             max_grad_norm=_clipping(args))
         self.__dict__["trainer_attached"] = False
 
     def __getattr__(self, name: str) -> Any:  # the hook dictionaries, defaults, ...
@@ -241,16 +245,28 @@ class LayerwiseTrainer(transformers.Trainer):
         if accelerator.scaler is not None:
             raise ValueError("LayerwiseTrainer cannot use fp16's GradScaler (its inf check needs every gradient "
                              "before any update); use bf16=True")
-        opt.__dict__["trainer_attached"] = True
         handle: LayerwiseUpdates = opt.handle
         self._lro_handle = handle
+        self._check_clipping()
+        opt.__dict__["trainer_attached"] = True
 
         def backward(loss: torch.Tensor, **kw: Any) -> None:
             # Accelerator.backward for one process without DeepSpeed or a scaler, through the handle;
             # Trainer says which micro-batch is the last of its accumulation (sync_gradients)
+            self._check_clipping()
             handle.backward(loss / accelerator.gradient_accumulation_steps, steps=accelerator.sync_gradients, **kw)
 
         accelerator.backward = backward
+
+    def _check_clipping(self) -> None:
+        """The handle clips at the norm of the arguments the optimizer was built from; Trainer's own arguments
+        must say the same (a sweep that replaces them, an edited ``max_grad_norm``), or the run would clip
+        at a value nobody set, silently."""
+        built, now = self._lro_handle._max_grad_norm, _clipping(self.args)
+        if built != now:
+            raise ValueError(f"LayerwiseTrainer: its TrainingArguments have max_grad_norm={self.args.max_grad_norm}, "
+                             f"but the layer-wise optimizer was built to clip at {built} (no clipping: None); build "
+                             "it with lro.hf.optimizers(model, args, ..., layerwise=True) from the Trainer's args")
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         """The handle clipped inside the backward; its norm before clipping is what Trainer logs."""

@@ -211,3 +211,21 @@ def test_a_rank_too_large_for_the_model_is_said_not_swallowed(tmp_path):
         p.grad = torch.randn_like(p)
     opt.step()
     assert sum("projector" in s for s in opt.state.values()) == 10
+
+
+def test_layerwise_trainer_refuses_arguments_that_clip_otherwise_than_its_optimizer(tmp_path):
+    """The handle clips at the max_grad_norm of the arguments the optimizer was built from; a Trainer given
+    other arguments clipped at the stale value without a word (a QA pass). Refused at construction, and at
+    the next backward when max_grad_norm is edited later, before any weight moves."""
+    model = tiny_llama()
+    opts = lro.hf.optimizers(model, arguments(tmp_path), "galore", layerwise=True)  # max_grad_norm 1.0
+    with pytest.raises(ValueError, match=r"max_grad_norm=0.05, but the layer-wise optimizer was built to clip at 1.0"):
+        lro.hf.LayerwiseTrainer(model=model, args=arguments(tmp_path, max_grad_norm=0.05), train_dataset=Tokens(),
+                                optimizers=opts)
+    args = arguments(tmp_path)
+    trainer = lro.hf.LayerwiseTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=opts)
+    before = weights(model)
+    args.max_grad_norm = 0.0
+    with pytest.raises(ValueError, match=r"max_grad_norm=0.0, but .* built to clip at 1.0"):
+        trainer.train()
+    assert all(torch.equal(v, weights(model)[k]) for k, v in before.items())
