@@ -47,6 +47,13 @@ from .optim.options import option_value
 
 __all__ = ["LayerwiseOptimizer", "LayerwiseTrainer", "optimizers", "parse_optim_args"]
 
+#: Keys that hold for every parameter, as the constructor's own arguments do (``cls(model, nonfinite=...)``):
+#: what a step does with inf/NaN, the direction, torch's loop choice, the moments' storage and the update rule
+#: with its options. The other keys are the projection's, for the projected group only.
+WHOLE_OPTIMIZER = frozenset({"nonfinite", "maximize", "foreach", "state_bits", "min_8bit_size", "stochastic_rounding",
+                             "rule", "beta2_decay", "clip_threshold", "momentum", "nesterov", "orthogonalize",
+                             "ns_steps"})
+
 #: ``optim_args`` keys of Trainer's APOLLO path, and ours that they mean.
 _ALIASES = {"proj": "projector", "scale_type": "scaling"}
 
@@ -101,7 +108,9 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
         num_training_steps: the schedule's length when ``args.max_steps`` is not set; without either the
             scheduler returned is None and Trainer builds it itself, from the same arguments.
         **options: group keys (``rank``, ``scale``, ``projector``, ``match_adamw_rms``, ...); they win over
-            ``optim_args``.
+            ``optim_args``. Those of :data:`WHOLE_OPTIMIZER` (``nonfinite``, ``maximize``, ``foreach``,
+            ``state_bits``, ...) reach every group, as the constructor's arguments do; the projection's keys
+            reach the projected group.
     """
     from . import PRESETS
 
@@ -112,6 +121,7 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
     if "scale" not in keys:
         keys.setdefault("match_adamw_rms", True)
     rank = keys.pop("rank", "auto")
+    whole = {k: keys.pop(k) for k in list(keys) if k in WHOLE_OPTIMIZER}
     targets = _target_modules(model, getattr(args, "optim_target_modules", None))
     groups = param_groups(model, rank=rank, target_modules=targets, no_decay=_decay_exempt(model), **keys)
     frozen = [n for g in groups for n, p in g["params"] if not p.requires_grad]
@@ -123,7 +133,7 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RankFallbackWarning)  # one line for all of them below, not one per weight
         opt = cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                  weight_decay=args.weight_decay)
+                  weight_decay=args.weight_decay, **whole)
     check_options(opt, keys, "lro.hf.optimizers (TrainingArguments.optim_args and options)")
     _check_projected(opt, cls)
     if layerwise:

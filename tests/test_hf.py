@@ -229,3 +229,24 @@ def test_layerwise_trainer_refuses_arguments_that_clip_otherwise_than_its_optimi
     with pytest.raises(ValueError, match=r"max_grad_norm=0.0, but .* built to clip at 1.0"):
         trainer.train()
     assert all(torch.equal(v, weights(model)[k]) for k, v in before.items())
+
+
+def test_optimizer_wide_options_reach_every_group(tmp_path):
+    """nonfinite=, maximize=, state_bits= ... in optim_args reached the projected group only: a NaN batch still
+    raised on the embedding, and maximize=True minimized the rest (a QA pass). They hold for every group now,
+    as the constructor's arguments do; the projection's keys stay in the projected group."""
+    model = tiny_llama()
+    opt, _ = lro.hf.optimizers(model, arguments(tmp_path, optim_args="rank=4,nonfinite=skip,update_proj_gap=3"),
+                               "galore", maximize=True, state_bits=8)
+    assert [(g["nonfinite"], g["maximize"], g["state_bits"]) for g in opt.param_groups] == [("skip", True, 8)] * 3
+    assert [g["update_proj_gap"] for g in opt.param_groups[:1]] == [3] and opt.param_groups[1]["rank"] is None
+    # the same optimizer as the constructor builds from these arguments
+    ref = lro.GaLoreAdamW(lro.param_groups(model, rank=4, update_proj_gap=3), nonfinite="skip", maximize=True,
+                          state_bits=8)
+    for ours, theirs in zip(opt.param_groups, ref.param_groups):
+        assert (ours["nonfinite"], ours["maximize"], ours["state_bits"]) == (theirs["nonfinite"], theirs["maximize"],
+                                                                             theirs["state_bits"])
+    # a NaN gradient on the embedding skips the step, counted, instead of raising
+    model.model.embed_tokens.weight.grad = torch.full_like(model.model.embed_tokens.weight, float("nan"))
+    opt.step()
+    assert opt.param_groups[0]["nonfinite_skipped"] == 1
