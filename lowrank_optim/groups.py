@@ -51,7 +51,8 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Up to three parameter groups for ``model``: ``[low_rank, plain, no_decay]``.
 
-    The low-rank group holds the weight of every ``nn.Linear`` whose qualified module name contains
+    The low-rank group holds the weight of every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's linear
+    layer: :func:`is_linear`) whose qualified module name contains
     one of ``target_modules`` (default: every linear layer except ``lm_head`` and any layer whose
     weight is tied to an embedding; or, with a predicate ``(module_name, module) -> bool``, every
     ``nn.Linear`` it accepts); it carries ``rank`` and whichever of ``update_proj_gap``,
@@ -107,7 +108,7 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
     }
     if callable(target_modules):
         chosen = {id(m.weight) for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and m.weight is not None and m.weight.dim() == 2
+                  if is_linear(m) and m.weight is not None and m.weight.dim() == 2
                   and id(m.weight) not in embedding_weights and n.rsplit(".", 1)[-1] not in _HEAD_NAMES
                   and target_modules(n, m)}
         if not chosen:
@@ -121,7 +122,7 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
 
     chosen: set[int] = set()
     for mod_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.weight is None or module.weight.dim() != 2:
+        if not is_linear(module) or module.weight is None or module.weight.dim() != 2:
             continue
         if id(module.weight) in embedding_weights:
             continue
@@ -136,9 +137,19 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
     return chosen
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer whose weight ``param_groups`` may project: an ``nn.Linear``, or Hugging
+    Face's ``Conv1D`` (GPT-2, GPT, ImageGPT: a linear layer with its weight stored in×out, x @ W + b), known by
+    its class without importing transformers. Any 2-D weight is a matrix to the projectors, either way round."""
+    if isinstance(module, nn.Linear):
+        return True
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") and hasattr(module, "nf")
+
+
 def _nothing_chosen(what: str, model: nn.Module) -> None:
     """Refuse targets that leave no weight to project: the run would be AdamW at AdamW's memory, silently."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [n for n, m in model.named_modules() if is_linear(m)]
     raise ValueError(
         f"{what} matches no nn.Linear in the model that is projected (the output head, "
         f"{'/'.join(sorted(_HEAD_NAMES))}, never is); its linear layers are "

@@ -38,7 +38,7 @@ try:
 except ImportError as err:  # pragma: no cover - the train extra brings it
     raise ImportError('lowrank_optim.hf needs transformers: pip install "lowrank-optim[train]"') from err
 
-from .groups import all_unprojected_error, param_groups, some_unprojected_note
+from .groups import all_unprojected_error, is_linear, param_groups, some_unprojected_note
 from .layerwise import LayerwiseUpdates
 from .layerwise import layerwise as _layerwise
 from .optim import LowRankAdamW, RankFallbackWarning
@@ -84,7 +84,7 @@ def _target_modules(model: nn.Module, targets: str | list[str] | None) -> Any:
                          f"'all-linear', got {targets!r}")
     from transformers.trainer_utils import check_target_module_exists
 
-    if not any(isinstance(m, nn.Linear) and check_target_module_exists(targets, n) for n, m in model.named_modules()):
+    if not any(is_linear(m) and check_target_module_exists(targets, n) for n, m in model.named_modules()):
         raise ValueError(f"TrainingArguments.optim_target_modules={targets!r} matches no nn.Linear of the model")
     return lambda name, module: bool(check_target_module_exists(targets, name))
 
@@ -145,6 +145,10 @@ def _check_projected(opt: LowRankAdamW, cls: type) -> None:
     """Refuse a rank that projects nothing (the run would be AdamW under ``cls``'s name); warn once, naming the
     shapes, when it leaves some weights plain."""
     why = all_unprojected_error(opt.param_groups)
+    if not any(g["rank"] is not None for g in opt.param_groups):
+        why = ("the model has no linear layer to project (nn.Linear or Hugging Face Conv1D weights, the output head "
+               "and embeddings excepted), so the run would be plain AdamW; give its 2-D weights a group with a rank "
+               "by hand ({'params': [...], 'rank': r}) or train with Trainer's own AdamW")
     if why:
         raise ValueError(f"lro.hf.optimizers: {cls.__name__}: {why} (TrainingArguments.optim_args or rank=)")
     note = some_unprojected_note(opt.param_groups)

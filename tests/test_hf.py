@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import lowrank_optim as lro  # noqa: E402
+from lowrank_optim.quant import Int8Weight  # noqa: E402
 
 VOCAB, SEQ = 64, 16
 
@@ -250,3 +251,58 @@ def test_optimizer_wide_options_reach_every_group(tmp_path):
     model.model.embed_tokens.weight.grad = torch.full_like(model.model.embed_tokens.weight, float("nan"))
     opt.step()
     assert opt.param_groups[0]["nonfinite_skipped"] == 1
+
+
+def test_gpt2_conv1d_layers_are_projected(tmp_path):
+    """GPT-2's attention and MLP are Hugging Face Conv1D layers (x @ W + b, W stored in×out): they were never
+    projected, so GaLore on GPT-2 was AdamW without a word (a QA pass). They are projected now, the tied
+    output head and the embeddings stay plain, and the run trains."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32,
+                                                                  n_layer=2, n_head=4))
+    args = arguments(tmp_path, optim_args="rank=4,update_proj_gap=2", max_steps=3)
+    opt, sched = lro.hf.optimizers(model, args, "galore")
+    low = opt.param_groups[0]
+    assert low["rank"] == 4 and sorted(low["param_names"]) == sorted(
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    before = weights(model)
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched)).train()
+    w = model.transformer.h[0].attn.c_attn.weight  # 32×96, projected at rank 4: moments 4×96
+    assert opt.state[w]["exp_avg"].shape == (4, 96) and not torch.equal(w, before["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_a_model_with_nothing_to_project_is_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="no linear layer to project .*would be plain AdamW"):
+        lro.hf.optimizers(model, arguments(tmp_path), "galore")
+
+
+def test_gpt2_conv1d_weights_quantize_to_int8_and_train():
+    """quantize_model_int8 takes the Conv1D weights param_groups projects (it skipped them: Q-GaLore on GPT-2
+    kept float weights). The forward is the float model's with the dequantized weights, bit for bit (Conv1D's
+    addmm runs on the dequantized tensor), and QGaLoreAdamW trains it."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=4)
+    model = transformers.GPT2LMHeadModel(config)
+    lro.quantize_model_int8(model)
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert isinstance(w, Int8Weight) and w.shape == (32, 128)
+    twin = transformers.GPT2LMHeadModel(config)
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(("_codes", "_scale", "_zero"))},
+                         strict=False)
+    for (n, mod), tmod in zip(model.named_modules(), twin.modules()):
+        if isinstance(getattr(mod, "weight", None), Int8Weight):
+            tmod.weight.data.copy_(mod.weight.dequantize())
+    x = Tokens(4).x
+    model.eval(), twin.eval()  # no dropout
+    assert torch.equal(model(input_ids=x).logits, twin(input_ids=x).logits)
+    model.train()
+    opt = lro.QGaLoreAdamW(lro.param_groups(model, rank=4), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses

@@ -213,7 +213,9 @@ class LowRankAdamW(Optimizer):
             warnings.warn(
                 f"{type(self).__name__}: no parameter group sets 'rank', so every parameter is "
                 f"updated without projection (plain {plain}). Build the "
-                "groups with lro.param_groups(model, rank=...) or pass rank= to the optimizer.",
+                "groups with lro.param_groups(model, rank=...) or pass rank= to the optimizer; lro.param_groups "
+                "projects nn.Linear and Hugging Face Conv1D weights, so a model with neither needs groups built "
+                "by hand ({'params': [...], 'rank': r}).",
                 RankFallbackWarning,
                 stacklevel=2,
             )

@@ -233,14 +233,14 @@ def quantize_model_int8(
 ) -> nn.Module:
     """Store the weights of ``model``'s linear layers as INT8 in place, and return the model.
 
-    Targets: every ``nn.Linear`` whose qualified name contains one of ``target_modules`` (default:
+    Targets: every ``nn.Linear`` (or Hugging Face ``Conv1D``) whose qualified name contains one of ``target_modules`` (default:
     every linear layer except ``lm_head`` and layers whose weight is tied to an embedding, the same
     layers ``lro.param_groups`` projects). Each weight keeps its shape, dtype, device and
     ``requires_grad``; its storage falls to 1 byte per element plus 8 per group of ``group``.
     Biases, embeddings and norms are untouched. Each weight becomes a new Parameter, so build the
     optimizer afterwards: one of ours built before refuses to step the float weights it still holds.
     """
-    from ..groups import param_groups
+    from ..groups import is_linear, param_groups
 
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be an integer >= 1, got {group!r}")
@@ -248,7 +248,7 @@ def quantize_model_int8(
     chosen = {id(p) for g in groups if g.get("rank") is not None for _, p in g["params"]}
     count = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or id(module.weight) not in chosen:
+        if not is_linear(module) or id(module.weight) not in chosen:
             continue
         w = module.weight
         if isinstance(w, Int8Weight):
