@@ -60,6 +60,8 @@ def param_groups(
     out take the optimizer's defaults (each preset's own: GaLore's scale 0.25, APOLLO-Mini's 128).
     ``rank="auto"`` (the default) leaves the number to the optimizer: a rank given to its
     constructor, else its preset's (a quarter of the weights' short side; APOLLO-Mini: 1).
+    With ``match_adamw_rms=True`` the low-rank group is one group per short side (:func:`by_short_side`:
+    grouped-query attention's k/v_proj apart), so each gets the scale of its own width.
 
     The plain group holds the other parameters with weight decay (embeddings, the output head); the
     ``no_decay`` group the parameters for which ``no_decay`` holds, with ``weight_decay=0.0``: by
@@ -87,7 +89,8 @@ def param_groups(
     if low:
         given = dict(update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
         keys = {k: v for k, v in given.items() if v is not None}
-        groups.append({"params": low, "rank": rank, **keys, **low_rank_keys})
+        parts = by_short_side(low) if low_rank_keys.get("match_adamw_rms") is True else [low]
+        groups.extend({"params": part, "rank": rank, **keys, **low_rank_keys} for part in parts)
     if plain:
         groups.append({"params": plain, "rank": None})
     if free:
@@ -96,6 +99,17 @@ def param_groups(
     from .projectors import split_head_groups
 
     return split_head_groups(model, groups)
+
+
+def by_short_side(params: list[tuple[str, Tensor]]) -> list[list[tuple[str, Tensor]]]:
+    """``params`` cut by their short side, in the order the sides first appear (model order). With
+    ``match_adamw_rms`` each group's scale is √(d/r) of its own width d: grouped-query attention's k/v_proj
+    (short side n_kv_heads·head_dim) would otherwise take the hidden width's scale, √(hidden/d_kv) times an
+    AdamW step (2x on Llama-3-8B)."""
+    parts: dict[int, list[tuple[str, Tensor]]] = {}
+    for name, p in params:
+        parts.setdefault(min(p.shape), []).append((name, p))
+    return list(parts.values())
 
 
 def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable[[str, nn.Module], bool] | None) -> set[int]:

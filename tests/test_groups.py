@@ -167,6 +167,40 @@ def test_match_adamw_rms_sets_the_scale_from_width_and_rank():
             lro.GaLoreAdamW(lro.param_groups(model, rank=rank, match_adamw_rms=True))
 
 
+class GQA(nn.Module):
+    """Grouped-query attention's shapes: q/o 32×32, k/v 8×32 (one key/value head of width 8), an MLP 64×32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(32, d, bias=False) for d in (32, 8, 8, 32))
+        self.up_proj = nn.Linear(32, 64, bias=False)
+
+
+def test_match_adamw_rms_scales_each_short_side_by_its_own_width():
+    """One group took the most common short side's scale, so k/v_proj of grouped-query attention (every
+    Llama-3, Mistral, Qwen) stepped √(32/8) = 2x an AdamW update at AdamW's lr (a QA pass measured 2.08x). With
+    match_adamw_rms the low-rank weights are grouped by short side, each scaled by its own √(d/r); without it
+    the group is one, as before."""
+    model = GQA()
+    groups = lro.param_groups(model, rank=4, match_adamw_rms=True)
+    assert [names(g) for g in groups] == [["q_proj.weight", "o_proj.weight", "up_proj.weight"],
+                                          ["k_proj.weight", "v_proj.weight"]]
+    for opt in (lro.GaLoreAdamW(groups), lro.GaLoreAdamW(model, rank=4, match_adamw_rms=True)):
+        assert [g["scale"] for g in opt.param_groups] == [math.sqrt(32 / 4), math.sqrt(8 / 4)]
+    assert [g["scale"] for g in lro.APOLLO(lro.param_groups(model, rank=4, match_adamw_rms=True)).param_groups] == [
+        32 / 4, 8 / 4]
+    assert len(lro.param_groups(model, rank=4)) == 1  # no match_adamw_rms: one group, GaLore's fixed scale
+    # each weight's first step then has AdamW's RMS 1 (sign(G) directions, see the test below)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lro.GaLoreAdamW(model, rank=4, match_adamw_rms=True, lr=1.0, weight_decay=0.0).step()
+    for n, p in model.named_parameters():
+        rms = (p.detach() - before[n]).pow(2).mean().sqrt().item()
+        assert math.isclose(rms, 1.0, rel_tol=1e-5), (n, rms)
+
+
 def test_matched_update_has_the_rms_of_adamw_s_first_step():
     """On the first step Adam's direction is sign(G) (RMS 1): the matched GaLore update of an orthonormal
     projection then has RMS 1 as well, where AdamW's has RMS 1 too. Tolerance: eps=1e-8 against |G|

@@ -86,7 +86,8 @@ def as_params(params: Any, where: str, given: dict[str, Any]) -> Any:
     if isinstance(params, nn.Module):
         from ..groups import param_groups
 
-        return param_groups(params)
+        # match_adamw_rms scales each short side on its own (lro.param_groups: one group per short side)
+        return param_groups(params, **({"match_adamw_rms": True} if given.get("match_adamw_rms") is True else {}))
     return params
 
 
