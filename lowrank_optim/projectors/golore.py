@@ -108,6 +108,8 @@ class GoLoreProjector(Projector):
         inner = self._after if phase else self._before
         if phase != self.phase:
             inner._state = {}
+            if phase:  # the before projector's basis goes with the switch: a seed replaces it
+                self._before._state = {}
         inner._refresh(grad, side)
         kept = {_PREFIX + k: v for k, v in inner._state.items() if k != "side"}
         self._state = {"side": side, "phase": phase, "refreshes": refreshes + 1, **kept}
