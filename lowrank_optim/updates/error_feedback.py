@@ -80,6 +80,12 @@ class ErrorFeedback(Update):
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= float(mu) < 1.0:
             fail("ef_momentum", "the share of the applied part kept in the buffer must be a number in [0, 1) "
                  "(0: E = A − Π(A); Trion and Dion use their momentum, 0.95)")
+        if group.get("residual") != self.name and group.get("rank") is not None:
+            for key, default in self.defaults.items():
+                if group.get(key, default) != default:
+                    fail(key, f"it sets residual='error_feedback''s buffer, and this group's residual is "
+                         f"{group.get('residual')!r}, which keeps none (nothing would change); drop it, or use "
+                         "residual='error_feedback' (DCTAdamW, Trion)")
         if group.get("residual") == self.name and group.get("scaling") is not None:
             fail("scaling", "scaling replaces project_back(N) by the scaled raw gradient, which error feedback "
                  "would not see; use scaling=None with residual='error_feedback'")
