@@ -48,6 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--ef-bits", type=int, choices=[32, 8, 4], default=None,
                      help="residual='error_feedback' (dct_adamw): its buffer in 32, 8 or 4 bits (default: the preset's, 32)")
     mem.add_argument("--layerwise", action="store_true", help="layer-wise updates: one gradient at a time")
+    mem.add_argument("--grad-accum", type=int, default=1,
+                     help="micro-batches per optimizer step (default 1); with --layerwise more than 1 holds every gradient")
     mem.add_argument("--sample-layers", type=int, default=None,
                      help="layer sampling (LISA/OwLore): only this many decoder layers hold gradients and optimizer state")
     mem.add_argument("--batch", type=int, default=None, help="batch size, for the activation estimate")
@@ -223,6 +225,8 @@ def _memory(args: argparse.Namespace) -> int:
     keys = {"projector": args.projector} if args.projector else {}
     if args.ef_bits is not None:
         keys["ef_bits"] = args.ef_bits
+    if args.measure and args.grad_accum != 1:
+        raise ValueError("--measure steps one micro-batch per step; drop --grad-accum for the measured run")
     if args.cap_gib is not None and not args.measure:
         raise ValueError("--cap-gib caps the measured run's CUDA memory: add --measure, or drop --cap-gib")
     if args.sltrain is not None:
@@ -236,7 +240,8 @@ def _memory(args: argparse.Namespace) -> int:
                          "low-rank preset (lowrank-optim list)")
     report = memory.estimate(
         args.config, args.optimizer, rank=args.rank, weights=args.weights, state_bits=args.state_bits, layerwise=args.layerwise,
-        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, sample_layers=args.sample_layers, **keys,
+        batch=args.batch, seq=args.seq, checkpointing=args.checkpointing, sample_layers=args.sample_layers,
+        accumulation_steps=args.grad_accum, **keys,
     )
     measured = None
     if args.measure:
@@ -263,12 +268,14 @@ def _memory_sltrain(args: argparse.Namespace) -> int:
     """``memory --sltrain``: SLTrain under AdamW beside dense AdamW (lro.memory.estimate_sltrain)."""
     from . import memory
 
-    if args.optimizer != "adamw" or args.projector or args.rank is not None or args.measure:
+    if (args.optimizer != "adamw" or args.projector or args.rank is not None or args.measure
+            or args.sample_layers is not None or args.ef_bits is not None):
         raise ValueError("--sltrain counts SLTrain trained by AdamW (the paper's recipe): use --optimizer adamw "
-                         "(--state-bits 8 for 8-bit AdamW), without --rank, --projector or --measure")
+                         "(--state-bits 8 for 8-bit AdamW), without --rank, --projector, --ef-bits, --sample-layers "
+                         "or --measure")
     report = memory.estimate_sltrain(args.config, args.sltrain, weights=args.weights, state_bits=args.state_bits,
                                      layerwise=args.layerwise, batch=args.batch, seq=args.seq,
-                                     checkpointing=args.checkpointing)
+                                     checkpointing=args.checkpointing, accumulation_steps=args.grad_accum)
     if args.json:
         import json
 

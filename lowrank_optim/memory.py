@@ -29,6 +29,7 @@ from torch import nn
 
 from .groups import param_groups, rank_fallbacks
 from .models import llama_skeleton, load_config
+from .quant.weights import Int8Weight
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHT_CHOICES = ("bf16", "fp32", "int8")
@@ -88,6 +89,9 @@ class MemoryReport:
                          "(and --checkpointing) to estimate them.")
         if self.settings.get("weights") == "int8":
             notes.append("The adamw column keeps bf16 weights: AdamW cannot update INT8 weights without a master copy.")
+        notes.append("Not counted: the CUDA context, and the step's own temporaries, freed as each weight is done "
+                     "(measured on CPU: 2.3x a bf16 weight for GaLore, 6x for a plain AdamW step, 12x for an INT8 "
+                     "weight), so keep 1-2 GiB of margin at 7B.")
         return "\n".join(lines + ([""] if notes else []) + notes)
 
 
@@ -126,6 +130,8 @@ def _meta_groups(groups: list[dict[str, Any]], dtype: torch.dtype | None) -> lis
             name, p = item if isinstance(item, tuple) else (None, item)
             meta = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype, device="meta"),
                                 requires_grad=p.requires_grad)
+            if isinstance(p, Int8Weight):  # already INT8 (quantize_model_int8): its codes, scales and zeros
+                meta._held_bytes = p.nbytes_stored()
             params.append((name, meta) if name is not None else meta)
         out.append({**g, "params": params})
     return out
@@ -184,6 +190,7 @@ def estimate(
     target_modules: list[str] | None = None,
     state_bits: int | None = None,
     sample_layers: int | None = None,
+    accumulation_steps: int = 1,
     **keys: Any,
 ) -> MemoryReport:
     """Bytes of weights, gradients, optimizer states, projections and activations, ours and AdamW's.
@@ -199,7 +206,8 @@ def estimate(
         rank: the low-rank groups' rank (default: the preset's for this width, a quarter of the hidden
             size; 1 for ``apollo_mini``).
         weights: ``bf16``, ``fp32`` or ``int8`` (default: bf16 for a config, the module's own
-            dtypes for a module). Gradients take the weights' dtype; ``int8`` stores the projected
+            dtypes for a module, whose INT8 weights, from ``lro.quantize_model_int8``, count as stored; its
+            buffers are counted with the weights). Gradients take the weights' dtype; ``int8`` stores the projected
             linear weights as ``lro.quantize_model_int8`` does (1 byte each plus 8 per group of 256,
             the rest bf16, gradients bf16) and leaves AdamW's column at bf16, which it needs.
         state_bits: 8 for INT8 moments (our preset's ``state_bits=8``, and bitsandbytes-style
@@ -207,6 +215,8 @@ def estimate(
             None leaves the preset's own default (``galore8bit``, ``qgalore``: 8).
         layerwise: updates from gradient hooks (``lro.layerwise``): one parameter's gradient at a
             time instead of all of them; applied to both columns.
+        accumulation_steps: micro-batches per step. With ``layerwise`` and more than 1 the first k − 1
+            backward passes accumulate every gradient (``lro.layerwise``), so all of them are counted.
         batch, seq, checkpointing: for the activation estimate (left at 0 without batch and seq).
         sample_layers: layer sampling (``lro.LayerSampler``): only this many decoder layers hold gradients
             and optimizer state, in both columns (embeddings, head and norms train as always).
@@ -214,6 +224,8 @@ def estimate(
     """
     name, cls = _resolve_optimizer(optimizer)
     _check_estimate_args(name, cls, weights, state_bits, batch, seq)
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
     int8 = weights == "int8"
     # INT8 holds only the projected weights: the others keep bf16 for a config, their own dtype for a module
     model, config, dtype = _estimated_model(model_or_config, None if int8 else weights)
@@ -222,21 +234,40 @@ def estimate(
         rank = _default_rank(cls, built)
     groups = _sampled(model, built, _meta_groups([{**g, "rank": rank} if g.get("rank") is not None else g
                                                   for g in built], dtype), sample_layers)
-    trainable, weight_bytes, adamw_weight_bytes, grad_bytes = _weight_and_gradient_bytes(groups, int8, layerwise)
+    one_gradient = layerwise and accumulation_steps == 1
+    trainable, weight_bytes, adamw_weight_bytes, grad_bytes = _weight_and_gradient_bytes(groups, int8, one_gradient)
+    buffers = sum(_nbytes(b) for b in model.buffers())  # held beside the weights (SLTrain's indices, RoPE's table)
+    weight_bytes, adamw_weight_bytes = weight_bytes + buffers, adamw_weight_bytes + buffers
     activations = _estimated_activations(config, batch, seq, checkpointing, dtype)
     adamw = Breakdown(adamw_weight_bytes, grad_bytes, _adamw_state_bytes(trainable, state_bits == 8), 0, activations)
     ours = adamw if name == "adamw" and cls is None else Breakdown(
         weight_bytes, grad_bytes, *_optimizer_state_bytes(name, cls, groups, trainable, state_bits), activations)
     settings = dict(rank=rank if cls is not None else None, sample_layers=sample_layers,
                     weights="int8" if int8 else (weights or ("bf16" if config else None)), state_bits=state_bits,
-                    layerwise=layerwise, batch=batch, seq=seq, checkpointing=checkpointing and batch is not None)
-    return MemoryReport(ours, adamw, name, settings, _unprojected_note(groups, rank) if cls is not None else [])
+                    layerwise=layerwise, accumulation_steps=accumulation_steps if accumulation_steps > 1 else None,
+                    batch=batch, seq=seq,
+                    checkpointing=checkpointing and batch is not None)
+    notes = (_unprojected_note(groups, rank) if cls is not None else []) + _layerwise_note(layerwise, accumulation_steps)
+    return MemoryReport(ours, adamw, name, settings, notes)
+
+
+def _layerwise_note(layerwise: bool, accumulation_steps: int) -> list[str]:
+    """Layer-wise gradients are one at a time only without accumulation: say which case the table counts."""
+    if not layerwise:
+        return []
+    if accumulation_steps == 1:
+        return ["layer-wise gradients counted one at a time: one micro-batch per step. With gradient accumulation "
+                "the first k - 1 backward passes hold every gradient (accumulation_steps=, --grad-accum)."]
+    return [f"layer-wise with {accumulation_steps} micro-batches per step: the first {accumulation_steps - 1} "
+            "backward passes hold every gradient, so all of them are counted."]
 
 
 def _sampled(model: nn.Module, built: list[dict[str, Any]], groups: list[dict[str, Any]],
              sample_layers: int | None) -> list[dict[str, Any]]:
     """``groups`` with the meta copies of all but ``sample_layers`` decoder layers' parameters frozen (all
-    layers of a LLaMA are alike, so which ones does not matter); ``model`` itself is not touched."""
+    layers of a LLaMA are alike, so which ones does not matter); ``model`` itself is not touched. A layer
+    frozen whole (a sampler's draw left it out: the model is mid-run) counts as trainable among the first
+    ``sample_layers``, so the estimate is a draw's whatever the flags are now."""
     from .sampling import decoder_layers
 
     if sample_layers is None:
@@ -245,18 +276,22 @@ def _sampled(model: nn.Module, built: list[dict[str, Any]], groups: list[dict[st
     if isinstance(sample_layers, bool) or not isinstance(sample_layers, int) or not 1 <= sample_layers <= len(layers):
         raise ValueError(f"sample_layers must be an integer in 1..{len(layers)} (the model's decoder layers), "
                          f"got {sample_layers!r}")
-    frozen = {id(p) for layer in layers[sample_layers:] for p in layer.parameters()}
+    trains: dict[int, bool] = {}
+    for i, layer in enumerate(layers):
+        params = list(layer.parameters())
+        left_out = not any(p.requires_grad for p in params)
+        trains.update((id(p), i < sample_layers and (p.requires_grad or left_out)) for p in params)
     for g, mg in zip(built, groups):
         for item, meta in zip(g["params"], mg["params"]):
             p = item[1] if isinstance(item, tuple) else item
-            if id(p) in frozen:
-                (meta[1] if isinstance(meta, tuple) else meta).requires_grad_(False)
+            if id(p) in trains:
+                (meta[1] if isinstance(meta, tuple) else meta).requires_grad_(trains[id(p)])
     return groups
 
 
 def estimate_sltrain(config: str | Path | dict[str, Any], sltrain: str | tuple, *, weights: str | None = None,
                      state_bits: int | None = None, layerwise: bool = False, batch: int | None = None,
-                     seq: int | None = None, checkpointing: bool = False) -> MemoryReport:
+                     seq: int | None = None, checkpointing: bool = False, accumulation_steps: int = 1) -> MemoryReport:
     """SLTrain's memory (``lro.nn.to_sltrain`` on the config's LLaMA) under AdamW, beside dense AdamW.
 
     ``sltrain``: ``"RANK:DENSITY[:ALPHA]"`` or a tuple (alpha only scales, it costs nothing).
@@ -272,11 +307,12 @@ def estimate_sltrain(config: str | Path | dict[str, Any], sltrain: str | tuple, 
     if isinstance(config, nn.Module):
         raise ValueError("sltrain estimates start from a LlamaConfig (a path or dict), not a module; pass the config")
     dense = estimate(config, "adamw", weights=weights, state_bits=state_bits, layerwise=layerwise, batch=batch,
-                     seq=seq, checkpointing=checkpointing)
+                     seq=seq, checkpointing=checkpointing, accumulation_steps=accumulation_steps)
     cfg, dtype = load_config(config), WEIGHT_DTYPES[weights or "bf16"]
-    ours = _sltrain_breakdown(cfg, dtype, spec, layerwise, state_bits == 8, dense.adamw.activations)
+    ours = _sltrain_breakdown(cfg, dtype, spec, layerwise and accumulation_steps == 1, state_bits == 8,
+                              dense.adamw.activations)
     settings = {**dense.settings, "sltrain": ":".join(f"{v:g}" for v in spec)}
-    return MemoryReport(ours, dense.adamw, "sltrain", settings, [])
+    return MemoryReport(ours, dense.adamw, "sltrain", settings, dense.notes)
 
 
 def _sltrain_breakdown(config: dict[str, Any], dtype: torch.dtype, sltrain: tuple[int, float, float],
@@ -348,13 +384,13 @@ def _weight_and_gradient_bytes(groups: list[dict[str, Any]], int8: bool,
     ``layerwise`` only the largest gradient exists at a time."""
     flat = [p for g in groups for p in (x[1] if isinstance(x, tuple) else x for x in g["params"])]
     trainable = [p for p in flat if p.requires_grad]
-    weight_bytes = adamw_weight_bytes = sum(_nbytes(p) for p in flat)
+    adamw_weight_bytes = sum(_nbytes(p) for p in flat)  # AdamW trains float weights: a quantized one's dtype
+    weight_bytes = sum(getattr(p, "_held_bytes", _nbytes(p)) for p in flat)
     if int8:
-        from .quant.weights import Int8Weight
-
-        # the layers quantize_model_int8 targets are param_groups' low-rank ones
+        # the layers quantize_model_int8 targets are param_groups' low-rank ones (those not INT8 already)
         quantized = [x[1] if isinstance(x, tuple) else x for g in groups if g.get("rank") is not None for x in g["params"]]
-        weight_bytes += sum(Int8Weight.stored_bytes(p.numel()) - _nbytes(p) for p in quantized)
+        weight_bytes += sum(Int8Weight.stored_bytes(p.numel()) - _nbytes(p) for p in quantized
+                            if not hasattr(p, "_held_bytes"))
     grad_bytes = max((_nbytes(p) for p in trainable), default=0) if layerwise else sum(_nbytes(p) for p in trainable)
     return trainable, weight_bytes, adamw_weight_bytes, grad_bytes
 

@@ -135,6 +135,61 @@ def test_estimate_with_int8_weights_and_8bit_states_equals_the_real_thing():
         lro.memory.estimate(CONFIG, "adamw", weights="int8")
 
 
+def test_a_model_quantized_already_counts_its_int8_weights_and_buffers_count_too():
+    """Quantize, then estimate (the README's order): the INT8 weights counted at float32 size, 2x the bytes
+    held; and buffers (SLTrain's support indices) were left out, 15% under estimate_sltrain's count (a QA
+    pass). Both are counted as held now; AdamW's column keeps the float weights it would need."""
+    model = make_model(dim=64, hidden=128)
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    lro.quantize_model_int8(model)
+    report = lro.memory.estimate(model, "qgalore", rank=8)
+    assert report.ours.weights == lro.quant.int8_weight_bytes(model) < 0.6 * floats
+    assert report.adamw.weights == floats
+    assert lro.memory.estimate(model, "qgalore", rank=8, weights="int8").ours.weights == report.ours.weights
+    sparse = lro.nn.to_sltrain(llama_skeleton(CONFIG, device="cpu"), 16, 0.05)
+    held = sum(t.numel() * t.element_size() for t in (*sparse.parameters(), *sparse.buffers()))
+    assert sum(b.numel() for b in sparse.buffers()) > 0
+    assert lro.memory.estimate(sparse, "adamw").ours.weights == held
+    assert lro.memory.estimate_sltrain(CONFIG, "16:0.05", weights="fp32").ours.weights == held
+
+
+def test_layerwise_with_accumulation_counts_every_gradient_and_the_table_says_which():
+    """The first k - 1 backward passes of lro.layerwise(accumulation_steps=k) hold every gradient: the 7B
+    rows at --layerwise were 12 GiB short of that for anyone accumulating (a QA pass)."""
+    one = lro.memory.estimate(CONFIG, "galore", layerwise=True)
+    four = lro.memory.estimate(CONFIG, "galore", layerwise=True, accumulation_steps=4)
+    assert one.ours.gradients == 32000 * 512 * 2 and four.ours.gradients == 58_073_600 * 2
+    assert "one micro-batch per step" in one.table() and "first 3 backward passes" in four.table()
+    assert lro.memory.estimate(CONFIG, "galore", accumulation_steps=4).ours.gradients == four.ours.gradients
+    sl = lro.memory.estimate_sltrain(CONFIG, "16:0.05", layerwise=True, accumulation_steps=4)
+    assert sl.ours.gradients > lro.memory.estimate_sltrain(CONFIG, "16:0.05", layerwise=True).ours.gradients
+    with pytest.raises(ValueError, match="accumulation_steps must be an integer >= 1"):
+        lro.memory.estimate(CONFIG, "galore", accumulation_steps=0)
+
+
+def test_sample_layers_counts_a_draw_on_a_model_mid_run():
+    """Mid-LISA (the sampler left layers out) the estimate counted no decoder layer at all, 30% under the
+    state a draw holds (a QA pass): a layer frozen whole counts as one a draw may pick."""
+    model = llama_skeleton(CONFIG, device="cpu")
+    fresh = lro.memory.estimate(model, "galore", rank=16, sample_layers=1)
+    for i, layer in enumerate(model.model.layers):  # what LayerSampler leaves after a draw of layer 2
+        layer.requires_grad_(i == 2)
+    live = lro.memory.estimate(model, "galore", rank=16, sample_layers=1)
+    assert live.ours.to_dict() == fresh.ours.to_dict()
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)  # frozen by the user, not by a draw
+    model.model.layers[0].mlp.requires_grad_(True)
+    partial = lro.memory.estimate(model, "galore", rank=16, sample_layers=1)
+    assert partial.ours.gradients < fresh.ours.gradients
+
+
+def test_cli_memory_refuses_flags_it_would_ignore(capsys):
+    for argv, match in ((["--optimizer", "adamw", "--sltrain", "16:0.05", "--sample-layers", "2"], "--sample-layers"),
+                        (["--optimizer", "galore", "--ef-bits", "8"], "invalid ef_bits=8: it sets residual="),
+                        (["--measure", "--grad-accum", "2"], "drop --grad-accum")):
+        assert main(["memory", "--config", CONFIG, *argv]) == 2
+        assert match in capsys.readouterr().err, argv
+
+
 def test_cli_memory_int8_and_8bit_json(capsys):
     argv = ["memory", "--config", str(ROOT / "configs" / "llama_7b.json"), "--optimizer", "apollo_mini",
             "--weights", "int8", "--state-bits", "8", "--layerwise", "--batch", "1", "--seq", "2048",

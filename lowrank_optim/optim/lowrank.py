@@ -413,7 +413,9 @@ class LowRankAdamW(Optimizer):
     # ------------------------------------------------------------------ introspection
     def state_nbytes(self) -> dict[str, int]:
         """Bytes of optimizer state kept between steps: moments, projectors (with what the update keeps
-        beside them, e.g. Fira's r×r Gram matrix of the basis), other."""
+        beside them, e.g. Fira's r×r Gram matrix of the basis), other. Per optimizer: the DCT basis that
+        ``projector="dct"`` shares between all weights (and optimizers) of one size is not in it;
+        ``lowrank_optim.projectors.dct.shared_basis_nbytes()`` gives it, and ``lro.memory`` counts it once."""
         out = {"moments": 0, "projectors": 0, "other": 0}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         moments = _state.moment_keys()
