@@ -41,7 +41,7 @@ except ImportError as err:  # pragma: no cover - the train extra brings it
 from .groups import all_unprojected_error, is_linear, param_groups, some_unprojected_note
 from .layerwise import LayerwiseUpdates
 from .layerwise import layerwise as _layerwise
-from .optim import LowRankAdamW, RankFallbackWarning
+from .optim import APOLLOMini, LowRankAdamW, RankFallbackWarning
 from .optim.groups import check_options
 from .optim.options import option_value
 
@@ -136,6 +136,10 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
                   weight_decay=args.weight_decay, **whole)
     check_options(opt, keys, "lro.hf.optimizers (TrainingArguments.optim_args and options)")
     _check_projected(opt, cls)
+    if issubclass(cls, APOLLOMini) and keys.get("match_adamw_rms") is True:
+        warnings.warn("lro.hf.optimizers: APOLLO-Mini at AdamW's learning_rate (match_adamw_rms=True) trails AdamW by "
+                      "6-20% on our models, as apollo-torch does (README, Coming from AdamW); its paper's setting is "
+                      "10x AdamW's learning_rate with optim_args='scale=auto'", stacklevel=2)
     if layerwise:
         opt = LayerwiseOptimizer(model, opt, args)
     return opt, _scheduler(opt, args, num_training_steps)

@@ -157,7 +157,8 @@ def test_non_finite_gradient_at_refresh_names_the_parameter_and_changes_nothing(
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda sd: sd["param_groups"].pop(), "2 parameter groups, this optimizer has 3"),
+        (lambda sd: sd["param_groups"].pop(), r"GaLoreAdamW.load_state_dict: the state dict has 2 parameter groups, "
+                                              r"this optimizer has 3; nothing was loaded. Build the optimizer"),
         (lambda sd: sd["param_groups"][0]["params"].pop(), "param group 0: loaded state dict has"),
         (lambda sd: sd["state"][0]["projector"].__setitem__("P", torch.zeros(3, 3)),
          r"parameter 'layers.0.q_proj.weight'.*rank-3 basis"),
@@ -178,6 +179,18 @@ def test_mismatched_checkpoint_is_refused_and_state_is_kept(mutate, match):
         opt.load_state_dict(bad)
     assert_unchanged(model, opt, snap)
     assert opt.param_groups[0]["rank"] == 8
+
+
+def test_a_torch_adamw_checkpoint_is_named_as_such_with_the_fix():
+    """Continuing a Trainer AdamW run with one of ours met a bare "loaded state dict has 2 parameter groups"
+    (a QA pass): the refusal names the optimizer, where the state dict came from and the two ways on."""
+    model = make_model()
+    adamw = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if p.dim() > 1]},
+                               {"params": [p for n, p in model.named_parameters() if p.dim() < 2]}])
+    opt = lro.GaLoreAdamW(groups(model), lr=1e-2)
+    with pytest.raises(ValueError, match=r"has 2 parameter groups \(its groups have no 'rank': it was saved by another "
+                                         r"optimizer, e.g. torch.optim.AdamW.*delete optimizer.pt and scheduler.pt"):
+        opt.load_state_dict(adamw.state_dict())
 
 
 def test_stochastic_rounding_on_a_float16_weight_is_refused_by_name():

@@ -96,8 +96,15 @@ def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:
 def loaded_groups(opt: "LowRankAdamW", saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = opt.param_groups
     if len(groups) != len(saved_groups):
+        ours = any(isinstance(sg, dict) and "rank" in sg for sg in saved_groups)
+        origin = ("" if ours else " (its groups have no 'rank': it was saved by another optimizer, e.g. "
+                  "torch.optim.AdamW, Trainer's default)")
         raise ValueError(
-            f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}")
+            f"{type(opt).__name__}.load_state_dict: the state dict has {len(saved_groups)} parameter groups{origin}, "
+            f"this optimizer has {len(groups)}; nothing was loaded. Build the optimizer with the groups it was "
+            "saved with (lro.param_groups with the same options: match_adamw_rms=True makes one low-rank group per "
+            "short side), or start its state fresh (under Trainer: delete optimizer.pt and scheduler.pt from the "
+            "checkpoint folder)")
     new_groups = []
     for k, (g, sg) in enumerate(zip(groups, saved_groups)):
         if len(g["params"]) != len(sg["params"]):
