@@ -148,16 +148,18 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
 def _check_projected(opt: LowRankAdamW, cls: type) -> None:
     """Refuse a rank that projects nothing (the run would be AdamW under ``cls``'s name); warn once, naming the
     shapes, when it leaves some weights plain."""
-    why = all_unprojected_error(opt.param_groups)
+    where = f"lro.hf.optimizers: {cls.__name__}"
     if not any(g["rank"] is not None for g in opt.param_groups):
-        why = ("the model has no linear layer to project (nn.Linear or Hugging Face Conv1D weights, the output head "
-               "and embeddings excepted), so the run would be plain AdamW; give its 2-D weights a group with a rank "
-               "by hand ({'params': [...], 'rank': r}) or train with Trainer's own AdamW")
+        raise ValueError(f"{where}: the model has no linear layer to project (nn.Linear or Hugging Face Conv1D "
+                         "weights, the output head and embeddings excepted), so the run would be plain AdamW; give "
+                         "its 2-D weights a group with a rank by hand ({'params': [...], 'rank': r}) or train with "
+                         "Trainer's own AdamW")
+    why = all_unprojected_error(opt.param_groups)
     if why:
-        raise ValueError(f"lro.hf.optimizers: {cls.__name__}: {why} (TrainingArguments.optim_args or rank=)")
+        raise ValueError(f"{where}: {why} (TrainingArguments.optim_args or rank=)")
     note = some_unprojected_note(opt.param_groups)
     if note:
-        warnings.warn(f"lro.hf.optimizers: {cls.__name__}: {note}", RankFallbackWarning, stacklevel=3)
+        warnings.warn(f"{where}: {note}", RankFallbackWarning, stacklevel=3)
 
 
 def _scheduler(opt: Optimizer, args: Any, num_training_steps: int | None) -> Any:
