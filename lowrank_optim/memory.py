@@ -498,15 +498,16 @@ def _muon_state_bytes(groups: list[dict[str, Any]]) -> int:
 
 
 def _shared_dct_bytes(opt: Any) -> int:
-    """The float32 DCT bases shared by layers of one size, counted once: d×d per distinct side."""
+    """The DCT bases shared by layers of one size, counted once: d×d per distinct side and compute dtype
+    (float64 for float64 weights, float32 otherwise, as ``projectors.dct`` keeps them)."""
     sizes = {
-        opt.state[p]["projector"]["dim"]
+        (opt.state[p]["projector"]["dim"], 8 if p.dtype == torch.float64 else 4)
         for g in opt.param_groups
         if g.get("projector") == "dct"
         for p in g["params"]
         if "projector" in opt.state.get(p, {})
     }
-    return sum(d * d * 4 for d in sizes)
+    return sum(d * d * itemsize for d, itemsize in sizes)
 
 
 def train_steps(

@@ -114,6 +114,16 @@ def test_estimate_equals_measured_state_of_a_real_model(optimizer, cls, keys):
     assert report.ours.total == weights * 2 + report.ours.optimizer_states + report.ours.projections
 
 
+def test_a_float64_model_s_shared_dct_basis_counts_8_bytes_an_element():
+    """projectors.dct keeps a float64 basis for float64 weights; the estimate counted 4 bytes an element
+    (a QA pass: 16,384 B counted for d=64 against 32,768 held)."""
+    model = make_model(dtype=torch.float64)
+    report = lro.memory.estimate(model, "galore", rank=8, projector="dct")
+    opt = lro.GaLoreAdamW(lro.param_groups(model, rank=8, projector="dct"), lr=1e-3)
+    train(model, opt, batches(1))
+    assert report.ours.projections == opt.state_nbytes()["projectors"] + 32 * 32 * 8
+
+
 def test_estimate_with_int8_weights_and_8bit_states_equals_the_real_thing():
     """--weights int8 counts what quantize_model_int8 stores; --state-bits 8 what the optimizer keeps,
     and 8-bit AdamW's baseline is our plain 8-bit AdamW's real state."""
