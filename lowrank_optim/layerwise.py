@@ -38,10 +38,11 @@ embedding). How each piece is done and what it costs:
   above (with activation checkpointing the measuring pass recomputes the checkpointed forward too).
   The activations are kept through the measuring pass and freed in the real one, so the peak is that
   of an ordinary backward's start. No gradient set is ever held. (``torch.amp.GradScaler``'s inf
-  check has the same need and no such pass: use bf16, which needs no scaler.) The pass keeps the graph,
-  which a ``torch.compile``'d backward built with donated buffers refuses, so a handle with clipping
-  turns ``torch._functorch.config.donated_buffer`` off when it is built (graphs read it at a compiled
-  model's first forward; one built before the handle gets an error naming the fix).
+  check has the same need and no such pass: use bf16, which needs no scaler.) The real backward runs the
+  kept graph a second time, which a ``torch.compile``'d (inductor) backward does not do faithfully in
+  torch 2.13: on a nanoGPT block its second run's gradients were 20% off the first's. So clipping refuses
+  a loss whose graph holds a compiled backward, before anything runs; compile without clipping, clip
+  without compile, or use the ordinary loop.
 * **Non-finite gradients** (``nonfinite=`` of a ``LowRankAdamW``): with clipping the measuring pass
   finds them before the first update, and the step is skipped (counted once) or refused whole, as
   ``opt.step()`` would. Without it each parameter steps as its gradient arrives: those before the first
@@ -350,8 +351,6 @@ class LayerwiseUpdates:
         self._measuring = False
         self._stash: dict[int, Tensor | None] = {}
         self._norms: dict[int, Tensor] = {}
-        if self._max_grad_norm is not None and ddp is None:
-            _keep_donated_buffers_off()
 
         self._register(hook_state)
 
@@ -391,6 +390,12 @@ class LayerwiseUpdates:
                 raise RuntimeError("layerwise: backward() called inside a backward of the same handle")
             self._close_pass()  # a plain loss.backward() that raised before its end
         steps = self.will_step if steps is None else bool(steps)
+        if steps and self._max_grad_norm is not None and self._ddp is None and _holds_compiled_backward(loss):
+            raise RuntimeError(
+                "layerwise: max_grad_norm measures the gradients in a first backward and steps in a second run of "
+                "the same graph, and a torch.compile'd backward's second run is not the first's (torch 2.13's "
+                "inductor: gradients 20% off on a nanoGPT block); nothing was run. Compile without max_grad_norm, "
+                "clip without torch.compile, or use the ordinary loop (loss.backward(), clip_grad_norm_, opt.step())")
         self._open_pass(bracketed=True, steps=steps)
         try:
             if steps and self._max_grad_norm is not None and self._ddp is None:
@@ -616,15 +621,6 @@ class LayerwiseUpdates:
         self._measuring = True
         try:
             loss.backward(**{**kwargs, "retain_graph": True})
-        except RuntimeError as e:
-            if "donated buffer" in str(e):
-                raise RuntimeError(
-                    "layerwise: max_grad_norm measures the gradients in a first backward that keeps the graph "
-                    "(retain_graph=True), which a torch.compile'd backward with donated buffers refuses. Build "
-                    "the lro.layerwise handle before the compiled model's first forward (it then sets "
-                    "torch._functorch.config.donated_buffer = False), or set that yourself before it"
-                ) from e
-            raise
         finally:
             self._measuring = False
             for p in self._params:
@@ -667,14 +663,16 @@ def _skip_count(optimizer: Optimizer) -> int:
     return sum(int(g.get(SKIPPED, 0)) for g in optimizer.param_groups)
 
 
-def _keep_donated_buffers_off() -> None:
-    """The measuring pass keeps the graph (``retain_graph=True``); a backward that ``torch.compile`` builds
-    with donated buffers frees saved tensors it would need again, and refuses. Compiled graphs read the
-    setting when they are built (at a compiled model's first forward), so the handle turns it off for this
-    process when it is built; it costs the compiled backward its buffer reuse, not numbers."""
-    try:
-        from torch._functorch import config
-    except ImportError:  # a torch without functorch's settings has no donated buffers either
-        return
-    if getattr(config, "donated_buffer", False):
-        config.donated_buffer = False
+def _holds_compiled_backward(loss: Tensor) -> bool:
+    """Whether the autograd graph of ``loss`` holds a backward that ``torch.compile`` (AOTAutograd) built."""
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CompiledFunctionBackward":
+            return True
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
