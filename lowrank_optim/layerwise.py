@@ -554,6 +554,9 @@ class LayerwiseUpdates:
         self._enter_from_hook()
         if not self._pass_steps or self._ddp is not None:
             return  # accumulating; or DDP, where the gradient here is not reduced yet
+        if id(p) in self._stepped:
+            raise RuntimeError(f"layerwise: {self._twice(p)}; it was stepped on the first part already. With "
+                               "max_grad_norm the measuring pass refuses this before any update")
         if self._max_grad_norm is not None and not self._skipping:
             torch.nn.utils.clip_grads_with_norm_([p], self._max_grad_norm, self._total_norm)
         self._step_and_free([p])
@@ -650,7 +653,16 @@ class LayerwiseUpdates:
             return
         self._skipping = decide([p for p, n in norms.items() if not bool(torch.isfinite(n))])
 
+    def _twice(self, p: Tensor) -> str:
+        """What happened when a parameter's gradient arrives twice in one backward."""
+        name = self._names.get(id(p), "a parameter")
+        return (f"{name} received its gradient in parts within one backward (a weight shared by segments of "
+                "reentrant activation checkpointing, use_reentrant=True, whose inner backwards each deliver "
+                "their share), and a layer-wise step needs it whole; use use_reentrant=False, or the ordinary loop")
+
     def _measure_one(self, p: Tensor) -> None:
+        if id(p) in self._norms:
+            raise RuntimeError(f"layerwise: {self._twice(p)}; nothing was stepped")
         g = p.grad
         before = self._stash.get(id(p))
         full = g if before is None else before + g  # what the real pass will accumulate

@@ -486,6 +486,40 @@ def test_clipping_refuses_a_compiled_backward_before_anything_runs():
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+class SharedBlock(torch.nn.Module):
+    """One block applied twice, each time in its own reentrant checkpoint segment (ALBERT-style sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.block, self.out = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for _ in range(2):
+            x = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.block(t)), x, use_reentrant=True)
+        return self.out(x).square().mean()
+
+
+@pytest.mark.parametrize("clip", [None, MAX_NORM])
+def test_a_weight_shared_by_reentrant_checkpoint_segments_is_refused_not_stepped_twice(clip):
+    """Each reentrant segment's inner backward delivers its share of a shared weight's gradient, so its hook
+    fired twice and it was stepped twice, on partial gradients, silently (a QA pass). The second arrival is
+    refused naming the weight; with clipping the measuring pass refuses it before any update."""
+    torch.manual_seed(0)
+    model = SharedBlock()
+    opt = lro.GaLoreAdamW([{"params": [("block.weight", model.block.weight)], "rank": 4},
+                           {"params": [(n, p) for n, p in model.named_parameters() if n != "block.weight"]}], lr=1e-2)
+    lw = lro.layerwise(model, opt, max_grad_norm=clip)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"block\.(weight|bias) received its gradient in parts within one "
+                                           r"backward.*use_reentrant=False"):
+        lw.backward(model(torch.randn(8, 16)))
+    if clip is not None:
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.state
+    else:
+        assert all(int(st["step"]) <= 1 for st in opt.state.values())  # the first part's step, not a second
+
+
 # ---------------------------------------------------------------------------------------------- DDP, 2 processes
 DDP_CONFIGS = [
     dict(view=True, k=1, clip=None, static=False, plain=False),
