@@ -148,6 +148,36 @@ def test_apollo_mini_scale_is_the_paper_s_from_width_512_and_keeps_its_relative_
         lro.GaLoreAdamW(model, scale="auto")
 
 
+def test_a_constructor_rank_reaching_hand_built_groups_warns_that_embeddings_are_projected():
+    """nanoGPT's configure_optimizers groups (and Trainer's optimizer_cls_and_kwargs, model.parameters()) carry no
+    rank, so rank= given to the constructor reached them and projected the tied embedding and the positions,
+    silently (a QA pass). One warning says so; groups with their own rank (galore-torch's pattern), the model
+    itself, lro.param_groups, and named groups without an embedding or head stay quiet."""
+    emb, pos, lin = nn.Embedding(64, 32), nn.Embedding(16, 32), nn.Linear(32, 128)
+    decay = [emb.weight, pos.weight, lin.weight]
+    nanogpt = [{"params": decay, "weight_decay": 0.1}, {"params": [lin.bias], "weight_decay": 0.0}]
+    with pytest.warns(lro.ConstructorRankWarning, match=r"rank=8 given to the constructor .* 3 unnamed 2-D parameters"):
+        lro.GaLoreAdamW(nanogpt, rank=8)
+    named = [("transformer.wte.weight", emb.weight), ("transformer.h.0.mlp.c_fc.weight", lin.weight)]
+    with pytest.warns(lro.ConstructorRankWarning, match=r"\['transformer.wte.weight'\] are projected"):
+        lro.GaLoreAdamW(iter(named), rank=8)  # an iterator, as named_parameters() is: read once, still stepped
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lro.ConstructorRankWarning)
+        lro.GaLoreAdamW([{"params": [lin.weight], "rank": 8}, {"params": [emb.weight, lin.bias]}])  # galore-torch's
+        lro.GaLoreAdamW(model, rank=8)
+        lro.GaLoreAdamW(lro.param_groups(model), rank=8)
+        lro.GaLoreAdamW([("h.0.mlp.c_fc.weight", lin.weight)], rank=8)
+        with pytest.warns(lro.RankFallbackWarning):  # no rank anywhere: nothing is projected, and it says so
+            lro.GaLoreAdamW(nanogpt)
+    # the same groups with rank=8 given to the constructor too: it reaches the embedding's group
+    with pytest.warns(lro.ConstructorRankWarning, match="1 unnamed 2-D parameters"):
+        lro.GaLoreAdamW([{"params": [lin.weight], "rank": 8}, {"params": [emb.weight, lin.bias]}], rank=8)
+    with pytest.warns(lro.ConstructorRankWarning):
+        opt = lro.GaLoreAdamW(named, rank=8)
+    assert len(opt.param_groups[0]["params"]) == 2
+
+
 def test_match_adamw_rms_sets_the_scale_from_width_and_rank():
     """scale = sqrt(d / r) for project_back(N), d / r for APOLLO's scaled gradient (which takes sqrt(scale))."""
     model = make_model(dim=32, hidden=48)

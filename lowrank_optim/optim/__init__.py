@@ -1,5 +1,6 @@
 """The core optimizer and its named presets."""
 
+from .groups import ConstructorRankWarning
 from .lowrank import PRESET_DEFAULT, LowRankAdamW, RankFallbackWarning
 from .presets import (
     APOLLO,
@@ -18,7 +19,7 @@ from .presets import (
     QGaLoreAdamW,
 )
 
-__all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "OnlineSubspaceDescent", "QGaLoreAdamW", "RankFallbackWarning", "SUMO"]
+__all__ = ["APOLLO", "COAP", "DCTAdamW", "FRUGAL", "GWT", "PRESET_DEFAULT", "APOLLOMini", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "Grass", "LowRankAdamW", "OnlineSubspaceDescent", "QGaLoreAdamW", "ConstructorRankWarning", "RankFallbackWarning", "SUMO"]
 
 # GoLore (projector="golore": the switch to random Stiefel projections); not in lro.PRESETS, it needs switch_step
 from .presets import GoLore  # noqa: E402

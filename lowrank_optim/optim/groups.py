@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+import sys
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +31,66 @@ if TYPE_CHECKING:
 
 class RankFallbackWarning(UserWarning):
     """A parameter in a rank group is too small to project and is updated as plain AdamW."""
+
+
+class ConstructorRankWarning(UserWarning):
+    """The constructor's ``rank`` reaches groups built without one, so every 2-D tensor in them is projected,
+    embeddings and output heads included."""
+
+
+#: Parameter names that mark an embedding or an output head, which no method here projects.
+_EMBEDDING_OR_HEAD = re.compile(r"(^|\.)(wte|wpe|tok_embeddings|embed_tokens|embed_out|embeddings?|\w*_embeddings?|lm_head)"
+                                r"(\.|$)|^(output|head)\.")
+
+
+def materialized(params: Any) -> Any:
+    """``params`` with every group's ``params`` a list (iterators read once here, as torch's constructor
+    would), so they can be looked at before the optimizer takes them."""
+    if isinstance(params, (Tensor, dict)):
+        params = [params]
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        return [{**g, "params": [g["params"]] if isinstance(g.get("params"), Tensor) else list(g.get("params", []))}
+                for g in items]
+    return items
+
+
+def _outside_the_package() -> int:
+    """The ``stacklevel`` of the first caller outside lowrank_optim (presets add constructor frames)."""
+    root = Path(__file__).resolve().parent.parent
+    frame, level = sys._getframe(1), 1
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(root):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_constructor_rank(params: list[Any], rank: Any, cls: str) -> None:
+    """Warn once when the constructor's integer ``rank`` reaches groups without their own ``rank`` that hold
+    2-D tensors which are (unnamed: may be) embeddings or heads: nanoGPT's ``configure_optimizers`` groups,
+    Trainer's ``optimizer_cls_and_kwargs``, ``model.parameters()``. GaLore's code sets the rank per group."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    named, unnamed = [], 0
+    for g in groups:
+        if "rank" in g:
+            continue
+        for item in g["params"]:
+            name, t = item if isinstance(item, tuple) else (None, item)
+            if isinstance(t, Tensor) and t.dim() == 2:
+                if name is None:
+                    unnamed += 1
+                elif _EMBEDDING_OR_HEAD.search(str(name)):
+                    named.append(str(name))
+    if not (named or unnamed):
+        return
+    what = (f"the 2-D parameters {named[:4]}" if named else
+            f"{unnamed} unnamed 2-D parameters (which may be embeddings or the output head)")
+    warnings.warn(f"{cls}: rank={rank} given to the constructor reaches groups without a 'rank' of their own, so "
+                  f"{what} are projected; no method here projects embeddings or heads (GaLore's code projects the "
+                  f"attention and MLP weights only). Pass the model ({cls}(model, rank={rank})) or "
+                  f"lro.param_groups(model, rank={rank}), or give each group its own 'rank' (None: plain AdamW)",
+                  ConstructorRankWarning, stacklevel=_outside_the_package())
 
 
 def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]:

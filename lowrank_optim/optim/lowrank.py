@@ -199,7 +199,8 @@ class LowRankAdamW(Optimizer):
         given.update(self._part_options(part_options))
         self._given = frozenset(given)  # what match_adamw_rms leaves alone (optim/groups.resolved)
         name = f"{type(self).__name__}()"
-        params = _groups.as_params(params, name, given)
+        params = _groups.materialized(_groups.as_params(params, name, given))
+        _groups.warn_constructor_rank(params, rank, type(self).__name__)
         options.check_flags(name, {"amsgrad": amsgrad, "capturable": capturable,
                                    "differentiable": differentiable, "fused": fused})
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
