@@ -297,3 +297,31 @@ def test_a_checkpoint_of_another_ef_bits_is_refused():
     with pytest.raises(ValueError, match=r"the state dict has ef_bits=32, this optimizer ef_bits=8"):
         other.load_state_dict(saved)
     assert not other.state and other.param_groups[0]["ef_bits"] == 8
+
+
+@pytest.mark.parametrize("group,key,value,match", [
+    (-1, "betas", 0.95, r"param_groups\[2\]: invalid betas=0.95: pass a pair"),
+    (-1, "betas", (0.9, 1.5), r"param_groups\[2\]: invalid betas=\(0.9, 1.5\): beta2 must be in \[0, 1\)"),
+    (0, "update_proj_gap", 0, r"param_groups\[0\]: invalid update_proj_gap=0"),
+    (0, "lr", float("nan"), r"param_groups\[0\]: invalid lr=nan"),
+    (1, "weight_decay", -0.1, r"param_groups\[1\]: invalid weight_decay=-0.1"),
+])
+def test_a_setting_edited_mid_run_is_validated_before_the_step(group, key, value, match):
+    """lr, betas, decay and the gap stay editable in param_groups, but an edit was never validated: betas=0.95
+    failed with "cannot unpack" after two weights had stepped, and update_proj_gap=0 with "min() arg is an
+    empty sequence" at the next refresh (a QA pass). The constructor's message now comes first, with nothing
+    changed, and the run goes on once the value is put back."""
+    model = make_model()
+    opt = lro.GaLoreAdamW(groups(model), lr=1e-2)
+    train(model, opt, batches(2))
+    old = opt.param_groups[group][key]
+    opt.param_groups[group][key] = value
+    opt.zero_grad()
+    lm_loss(model, batches(3)[2]).backward()
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert_unchanged(model, opt, snap)
+    opt.param_groups[group][key] = old
+    opt.step()
+    assert int(opt.state[model.layers[0].q_proj.weight]["step"]) == 3

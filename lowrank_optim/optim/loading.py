@@ -29,6 +29,7 @@ from .. import distributed
 from .. import rules as _rules
 from . import options
 from . import state as _state
+from .nonfinite import SKIPPED
 
 if TYPE_CHECKING:
     from .lowrank import LowRankAdamW
@@ -63,6 +64,24 @@ def check_unchanged(opt: "LowRankAdamW") -> None:
                 f"during a run: put {key}={before[key]!r} back, or build a new optimizer with {key}={now[key]!r} "
                 "(its state starts afresh)")
         seen[i] = now
+        _check_edited(opt, i, group)
+
+
+#: Group entries that change without an edit: the skip counter, and the parameters and their names.
+_NOT_SETTINGS = frozenset({"params", "param_names", SKIPPED})
+
+
+def _check_edited(opt: "LowRankAdamW", i: int, group: dict[str, Any]) -> None:
+    """Validate group ``i`` again when one of its settings changed since the last step (an lr, betas or gap
+    written into ``param_groups`` mid-run): a bad value is refused with the constructor's message, before
+    anything changes, instead of failing half-way through the step. A tensor lr counts by identity (a
+    scheduler writes into it in place, as torch's do)."""
+    values = opt._cache().setdefault("group_values", {})
+    now = tuple((k, ("tensor", id(v)) if isinstance(v, Tensor) else v) for k, v in group.items()
+                if k not in _NOT_SETTINGS)
+    if values.get(i) != now:
+        options.check_group(group, f"{type(opt).__name__} param_groups[{i}]")
+        values[i] = now
 
 
 def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:
