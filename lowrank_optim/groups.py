@@ -12,7 +12,22 @@ from torch import Tensor, nn
 
 # Output heads are projected by no method we implement: their rows are per-token and the papers keep
 # them full rank.
-_HEAD_NAMES = ("lm_head",)
+_HEAD_NAMES = ("lm_head", "embed_out")
+#: Names of an output head only at the top of the model (torchtitan's and Meta's LLaMA ``output``, a ``head``):
+#: inside a block the same names are ordinary layers (BERT's ``attention.output``).
+_TOP_HEAD_NAMES = ("output", "head")
+
+
+def _heads(model: nn.Module) -> set[int]:
+    """The ids of the output heads' modules: named as one (:data:`_HEAD_NAMES` anywhere, :data:`_TOP_HEAD_NAMES` at
+    the top), or the model's ``get_output_embeddings()`` (Hugging Face)."""
+    found = {id(m) for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] in _HEAD_NAMES or n in _TOP_HEAD_NAMES}
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Module):
+        found.add(id(head))
+    return found
 
 #: ``rank="auto"``: the optimizer picks the rank (its preset's own, see ``LowRankAdamW.auto_rank``).
 AUTO = "auto"
@@ -53,7 +68,7 @@ def param_groups(
 
     The low-rank group holds the weight of every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's linear
     layer: :func:`is_linear`) whose qualified module name contains
-    one of ``target_modules`` (default: every linear layer except ``lm_head`` and any layer whose
+    one of ``target_modules`` (default: every linear layer except the output head (:func:`_heads`) and any layer whose
     weight is tied to an embedding; or, with a predicate ``(module_name, module) -> bool``, every
     ``nn.Linear`` it accepts); it carries ``rank`` and whichever of ``update_proj_gap``,
     ``scale``, ``proj_type`` and further keys (``projector="svd"``, ``lr=...``) are given; keys left
@@ -120,10 +135,11 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
     embedding_weights = {
         id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None
     }
+    heads = _heads(model)
     if callable(target_modules):
         chosen = {id(m.weight) for n, m in model.named_modules()
                   if is_linear(m) and m.weight is not None and m.weight.dim() == 2
-                  and id(m.weight) not in embedding_weights and n.rsplit(".", 1)[-1] not in _HEAD_NAMES
+                  and id(m.weight) not in embedding_weights and id(m) not in heads
                   and target_modules(n, m)}
         if not chosen:
             _nothing_chosen("the target_modules predicate", model)
@@ -140,7 +156,7 @@ def _low_rank_weights(model: nn.Module, target_modules: Iterable[str] | Callable
             continue
         if id(module.weight) in embedding_weights:
             continue
-        if mod_name.rsplit(".", 1)[-1] in _HEAD_NAMES:  # the output head stays plain, whatever the targets
+        if id(module) in heads:  # the output head stays plain, whatever the targets
             continue
         if targets is not None and not any(t in mod_name for t in targets):
             continue
@@ -166,7 +182,7 @@ def _nothing_chosen(what: str, model: nn.Module) -> None:
     linear = [n for n, m in model.named_modules() if is_linear(m)]
     raise ValueError(
         f"{what} matches no nn.Linear in the model that is projected (the output head, "
-        f"{'/'.join(sorted(_HEAD_NAMES))}, never is); its linear layers are "
+        f"{'/'.join(_HEAD_NAMES + _TOP_HEAD_NAMES)}, never is); its linear layers are "
         f"named like {linear[:5]}"
     )
 

@@ -94,13 +94,41 @@ def test_the_output_head_stays_plain_whatever_the_targets_match():
         low, plain, _ = lro.param_groups(model, rank=4, target_modules=targets)
         assert "lm_head.weight" in names(plain) and "lm_head.weight" not in names(low), targets
     with pytest.raises(ValueError, match=r"matches no nn.Linear in the model that is projected \(the output head, "
-                                         r"lm_head, never is\)"):
+                                         r"lm_head/embed_out/output/head, never is\)"):
         lro.param_groups(model, target_modules=["lm_head"])
     # a predicate that accepts only the head, or nothing, would leave no low-rank group: AdamW at
     # AdamW's memory with nothing said, so it is the same error
     for predicate in (lambda name, module: name == "lm_head", lambda name, module: False):
         with pytest.raises(ValueError, match=r"the target_modules predicate matches no nn.Linear .*named like"):
             lro.param_groups(model, target_modules=predicate)
+
+
+class Untied(nn.Module):
+    """An untied output head under another name than lm_head, and a block with a layer named output."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(64, 32)
+        self.block = nn.ModuleDict({"fc": nn.Linear(32, 128), "output": nn.Linear(128, 32)})
+        setattr(self, head, nn.Linear(32, 64, bias=False))
+
+
+@pytest.mark.parametrize("head", ["output", "head", "embed_out"])
+def test_an_untied_head_named_as_torchtitan_mingpt_or_neox_name_it_stays_plain(head):
+    """Only a module named lm_head was known as the head: torchtitan's and Meta's LLaMA `output`, a `head`,
+    GPT-NeoX's `embed_out` were projected (a QA pass). At the top of the model those names are the head; a
+    block's own `output` layer (BERT's) is projected as before."""
+    low, plain, _ = lro.param_groups(Untied(head), rank=8)
+    assert f"{head}.weight" in names(plain) and names(low) == ["block.fc.weight", "block.output.weight"]
+
+
+def test_hugging_face_s_output_embeddings_are_the_head_whatever_their_name():
+    class Model(Untied):
+        def get_output_embeddings(self):
+            return self.proj
+
+    low, plain, _ = lro.param_groups(Model("proj"), rank=8)
+    assert "proj.weight" in names(plain) and "proj.weight" not in names(low)
 
 
 def test_model_without_linear_layers_gives_one_plain_group():

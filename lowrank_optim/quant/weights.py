@@ -234,7 +234,7 @@ def quantize_model_int8(
     """Store the weights of ``model``'s linear layers as INT8 in place, and return the model.
 
     Targets: every ``nn.Linear`` (or Hugging Face ``Conv1D``) whose qualified name contains one of
-    ``target_modules`` (default: every linear layer except ``lm_head`` and layers whose weight is tied to
+    ``target_modules`` (default: every linear layer except the output head and layers whose weight is tied to
     an embedding, the same layers ``lro.param_groups`` projects). Each weight keeps its shape, dtype, device and
     ``requires_grad``; its storage falls to 1 byte per element plus 8 per group of ``group``.
     Biases, embeddings and norms are untouched. Each weight becomes a new Parameter, so build the
