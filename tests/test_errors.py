@@ -325,3 +325,18 @@ def test_a_setting_edited_mid_run_is_validated_before_the_step(group, key, value
     opt.param_groups[group][key] = old
     opt.step()
     assert int(opt.state[model.layers[0].q_proj.weight]["step"]) == 3
+
+
+def test_the_fsdp2_refusal_reads_as_a_sentence_and_names_only_the_fixes_that_apply():
+    """"projector='golore' has no refresh on row shards is not built for FSDP2 shards yet ... and no stochastic
+    rounding" (a QA pass): each part is a noun phrase now, and stochastic rounding is named only when set."""
+    from lowrank_optim.optim.groups import shard_error
+
+    w = torch.nn.Parameter(torch.randn(16, 12))
+    golore = lro.GoLore([{"params": [w], "rank": 4, "projector_options": {"switch_step": 4}}]).param_groups[0]
+    msg = shard_error(golore, w, "'w'")
+    assert msg == ("parameter 'w' is an FSDP2 shard, and projector='golore' (it has no refresh on row shards) is not "
+                   "built for FSDP2 shards yet; on FSDP2 use another projector or option (or train without FSDP2)")
+    rounding = lro.GaLoreAdamW([{"params": [w], "rank": 4}], stochastic_rounding=True).param_groups[0]
+    assert shard_error(rounding, w, "'w'").endswith("stochastic_rounding=True is not built for FSDP2 shards yet; on "
+                                                    "FSDP2 use no stochastic rounding (or train without FSDP2)")

@@ -269,7 +269,8 @@ def check_parameters(group: dict[str, Any], params: list[Any], where: str) -> No
 def shard_error(group: dict[str, Any], p: Tensor, name: str) -> str | None:
     """Why ``group``'s options cannot step the row-sharded ``p`` (None: they can)."""
     parts = []
-    if group["stochastic_rounding"]:
+    rounding = bool(group["stochastic_rounding"])
+    if rounding:
         parts.append("stochastic_rounding=True")
     if is_low_rank(p, group):
         side = choose_side(tuple(p.shape), group["proj_type"])
@@ -281,9 +282,10 @@ def shard_error(group: dict[str, Any], p: Tensor, name: str) -> str | None:
             parts.append(why)
     if not parts:
         return None
-    return (f"parameter {name} is an FSDP2 shard, and {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} "
-            "not built for FSDP2 shards yet; on FSDP2 use another projector or option, and no stochastic "
-            "rounding (or train without FSDP2)")
+    fixes = [fix for fix, needed in (("another projector or option", len(parts) > rounding),
+                                     ("no stochastic rounding", rounding)) if needed]
+    return (f"parameter {name} is an FSDP2 shard, and {' and '.join(parts)} {'is' if len(parts) == 1 else 'are'} "
+            f"not built for FSDP2 shards yet; on FSDP2 use {' and '.join(fixes)} (or train without FSDP2)")
 
 
 def warn_fallbacks(opt: "LowRankAdamW", group: dict[str, Any]) -> None:

@@ -161,7 +161,7 @@ class Projector(abc.ABC):
         """Why this projector cannot serve an FSDP2 row shard on ``side`` with these constructor options
         (None: it can)."""
         if cls._refresh_sharded is Projector._refresh_sharded:
-            return f"projector={cls.name!r} has no refresh on row shards"
+            return f"projector={cls.name!r} (it has no refresh on row shards)"
         return None
 
     # ----------------------------------------------------------------- state

@@ -80,7 +80,7 @@ class GoLoreProjector(Projector):
 
     @classmethod
     def shard_error(cls, side: str, options: dict[str, Any]) -> str | None:
-        return "projector='golore' has no refresh on row shards"
+        return "projector='golore' (it has no refresh on row shards)"
 
     def bind(self, comm: Any) -> "GoLoreProjector":
         super().bind(comm)
