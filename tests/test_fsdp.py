@@ -367,3 +367,78 @@ def test_distributed_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
     got = full_params(model)
     for k, want in out["straight"].items():
         torch.testing.assert_close(got[k], want, rtol=1e-4, atol=5e-5, msg=k)
+
+
+class _Pieces(torch.nn.Module):
+    """A 64×13 weight at rank 5 on the right: 64×5 moments, 160 elements a rank, one block of 256 each, which
+    pad to 2 scales on 2 ranks: as many as one process's ceil(320 / 256)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj = torch.nn.Embedding(64, 13), torch.nn.Linear(13, 64, bias=False)
+
+    def forward(self, t):
+        return torch.nn.functional.cross_entropy(self.proj(self.emb(t[:, :-1])).flatten(0, 1), t[:, 1:].flatten())
+
+
+def _pieces_opt(model):
+    return lro.GaLoreAdamW8bit(lro.param_groups(model, rank=5, update_proj_gap=2, min_8bit_size=256,
+                                                proj_type="right"), lr=3e-3)
+
+
+def _pieces_batches():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 64, (4, 17), generator=g) for _ in range(3)]
+
+
+def _int8_dcp_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = _Pieces()
+        fully_shard(model)
+        opt = _pieces_opt(model)
+        for t in _pieces_batches():
+            opt.zero_grad()
+            model(t[2 * rank: 2 * rank + 2]).backward()
+            opt.step()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(out, "ckpt")))
+        again = _Pieces()  # the same number of ranks loads it
+        fully_shard(again)
+        opt2 = _pieces_opt(again)
+        opt2.init_state()
+        msd, osd = get_state_dict(again, opt2)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(Path(out, "ckpt")))
+        set_state_dict(again, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if rank == 0:
+            torch.save({"loaded": True}, Path(out, "int8.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_int8_moments_saved_on_two_ranks_are_refused_in_one_process_even_when_the_scales_count_the_same(tmp_path):
+    """The scales of 8-bit moments are cut inside each rank's piece; where the padded count equals one process's,
+    a 2-rank DCP checkpoint loaded into one process with every block's scale shifted: 13% off, silently (a QA
+    pass). The state dict says how many ranks quantized it, and another number is refused by name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    spawn_two(_int8_dcp_worker, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), [tmp_path / "int8.pt"])
+    assert torch.load(tmp_path / "int8.pt", weights_only=True)["loaded"]
+    model = _Pieces()
+    opt = _pieces_opt(model)
+    opt.init_state()
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))  # the scales' lengths agree: DCP takes it
+    with pytest.raises(ValueError, match="holds INT8 moments saved on 2 ranks, and this optimizer's parameters are "
+                                         "on 1"):
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -23,6 +23,7 @@ from copy import deepcopy
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .. import distributed
@@ -112,6 +113,26 @@ def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:
     return {"state": new_state, "param_groups": new_groups}
 
 
+#: The group entry ``state_dict()`` writes where the group holds INT8 moments: the number of ranks whose
+#: pieces they were quantized in. Their blocks of 256 are cut inside each rank's piece, so they load only on
+#: that number: on another, the scales may even count the same and load into the wrong blocks, silently.
+INT8_RANKS = "int8_ranks"
+
+
+def ranks_of(group: dict[str, Any]) -> int:
+    """How many ranks the group's parameters are sharded over (1: none is)."""
+    return max((p.device_mesh.size() for p in group["params"] if distributed.is_sharded(p)), default=1)
+
+
+def with_int8_ranks(opt: "LowRankAdamW", saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a ``state_dict()``) with :data:`INT8_RANKS` in every group that holds INT8 moments."""
+    for group, entry in zip(opt.param_groups, saved["param_groups"]):
+        if any(isinstance(v, Tensor) and v.dtype == torch.uint8 for p in group["params"]
+               for v in opt.state.get(p, {}).values()):
+            entry[INT8_RANKS] = ranks_of(group)
+    return saved
+
+
 def loaded_groups(opt: "LowRankAdamW", saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = opt.param_groups
     if len(groups) != len(saved_groups):
@@ -130,6 +151,12 @@ def loaded_groups(opt: "LowRankAdamW", saved_groups: list[dict[str, Any]]) -> li
             raise ValueError(f"param group {k}: loaded state dict has {len(sg['params'])} parameters, "
                              f"this optimizer has {len(g['params'])}")
         ng = {**options.part_defaults(), **opt.defaults, **sg, "params": g["params"]}
+        saved_ranks = ng.pop(INT8_RANKS, None)
+        if saved_ranks is not None and int(saved_ranks) != ranks_of(g):
+            raise ValueError(f"{type(opt).__name__}.load_state_dict: param group {k} holds INT8 moments saved on "
+                             f"{int(saved_ranks)} ranks, and this optimizer's parameters are on {ranks_of(g)}: INT8 "
+                             "moments resume on the number of ranks that saved them (their blocks are cut inside "
+                             "each rank's piece); float moments reshard freely")
         if "param_names" in g and "param_names" not in sg:
             ng["param_names"] = g["param_names"]
         options.check_group(ng, f"{type(opt).__name__} loaded param group {k}")

@@ -389,7 +389,7 @@ class LowRankAdamW(Optimizer):
         """``torch.optim.Optimizer.state_dict``, with the few entries that are not numbers (a projector's
         side, the DCT's variant, an INT4 basis' dtype and shape) written as codes (:mod:`.codes`), so that
         ``torch.distributed.checkpoint``'s flattened optimizer state dicts take it."""
-        return codes.encoded(super().state_dict())
+        return codes.encoded(loading.with_int8_ranks(self, super().state_dict()))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; the whole checkpoint is validated before anything changes
