@@ -340,3 +340,27 @@ def test_the_fsdp2_refusal_reads_as_a_sentence_and_names_only_the_fixes_that_app
     rounding = lro.GaLoreAdamW([{"params": [w], "rank": 4}], stochastic_rounding=True).param_groups[0]
     assert shard_error(rounding, w, "'w'").endswith("stochastic_rounding=True is not built for FSDP2 shards yet; on "
                                                     "FSDP2 use no stochastic rounding (or train without FSDP2)")
+
+
+def test_numpy_scalars_are_taken_as_torch_takes_them_and_stored_as_python_numbers():
+    """lr=np.float32(1e-3) was refused as "not a finite number", rank=np.int64(8) as "not an integer", although
+    torch.optim.AdamW takes them (a QA pass). They are read as the numbers they hold, and stored as Python
+    numbers, so the checkpoint still loads with torch.load(weights_only=True); mid-run too."""
+    import io
+
+    import numpy as np
+
+    model = make_model()
+    opt = lro.GaLoreAdamW(lro.param_groups(model, rank=np.int64(4), update_proj_gap=np.int64(3)),
+                          lr=np.float32(1e-2), betas=(np.float32(0.9), 0.999))
+    low = opt.param_groups[0]
+    assert (type(low["rank"]), type(low["update_proj_gap"]), type(low["lr"]), type(low["betas"][0])) == (
+        int, int, float, float)
+    train(model, opt, batches(2))
+    opt.param_groups[1]["lr"] = np.float32(5e-3)
+    train(model, opt, batches(1))
+    assert type(opt.param_groups[1]["lr"]) is float
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 import sys
 import warnings
@@ -93,6 +94,17 @@ def warn_constructor_rank(params: list[Any], rank: Any, cls: str) -> None:
                   ConstructorRankWarning, stacklevel=_outside_the_package())
 
 
+def plain_numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with NumPy scalars (``np.float32(1e-3)``, ``np.int64(8)``, in ``betas`` too) as Python numbers,
+    which torch.optim.AdamW takes and a ``torch.load(weights_only=True)`` of the checkpoint reads back."""
+    def plain(v: Any) -> Any:
+        if type(v).__module__ == "numpy" and isinstance(v, numbers.Number) and hasattr(v, "item"):
+            return v.item()
+        return tuple(plain(x) for x in v) if isinstance(v, tuple) else v
+
+    return {k: plain(v) for k, v in values.items()}
+
+
 def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]:
     """A copy with ``params`` as a list and ``betas`` a tuple; a near-miss of one of our keys is an error."""
     param_group = dict(param_group)
@@ -106,6 +118,7 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
     param_group["params"] = list(params)
     if "betas" in param_group and isinstance(param_group["betas"], list):
         param_group["betas"] = tuple(param_group["betas"])
+    param_group.update(plain_numbers({k: v for k, v in param_group.items() if k in known_options(opt)}))
     param_group.setdefault(SKIPPED, 0)  # steps skipped for a non-finite gradient (nonfinite="skip")
     known = known_options(opt)
     for key in param_group:

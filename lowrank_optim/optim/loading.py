@@ -30,6 +30,7 @@ from .. import distributed
 from .. import rules as _rules
 from . import options
 from . import state as _state
+from .groups import plain_numbers
 from .nonfinite import SKIPPED
 
 if TYPE_CHECKING:
@@ -81,8 +82,10 @@ def _check_edited(opt: "LowRankAdamW", i: int, group: dict[str, Any]) -> None:
     now = tuple((k, ("tensor", id(v)) if isinstance(v, Tensor) else v) for k, v in group.items()
                 if k not in _NOT_SETTINGS)
     if values.get(i) != now:
+        group.update(plain_numbers({k: group[k] for k, _ in now}))  # an np.float32 lr, as torch takes it
         options.check_group(group, f"{type(opt).__name__} param_groups[{i}]")
-        values[i] = now
+        values[i] = tuple((k, ("tensor", id(v)) if isinstance(v, Tensor) else v) for k, v in group.items()
+                          if k not in _NOT_SETTINGS)
 
 
 def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:

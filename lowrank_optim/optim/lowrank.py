@@ -207,6 +207,7 @@ class LowRankAdamW(Optimizer):
                         weight_decay=weight_decay, rank=rank, foreach=foreach, maximize=maximize,
                         amsgrad=False, capturable=False, differentiable=False, fused=None,
                         **{**self.method_defaults(), **given})
+        defaults = _groups.plain_numbers(defaults)
         check_group(defaults, name)
         super().__init__(params, defaults)
         if not any(g["rank"] is not None for g in self.param_groups):
