@@ -364,3 +364,14 @@ def test_numpy_scalars_are_taken_as_torch_takes_them_and_stored_as_python_number
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     opt.load_state_dict(torch.load(buf, weights_only=True))
+
+
+def test_a_meta_device_parameter_is_refused_by_name_at_step():
+    """torch's internal "Cannot copy out of meta tensor; no data!" came from the non-finite screen, naming
+    nothing (a QA pass). The refusal names the parameter and what does work on meta (init_state)."""
+    p = torch.nn.Parameter(torch.empty(64, 32, device="meta"))
+    p.grad = torch.empty(64, 32, device="meta")
+    opt = lro.GaLoreAdamW([{"params": [("w", p)], "rank": 8}])
+    opt.init_state()
+    with pytest.raises(ValueError, match=r"parameter 'w' and its gradient are on the meta device.*init_state"):
+        opt.step()

@@ -50,6 +50,12 @@ def skip_step(opt: "LowRankAdamW", only: set[int] | None) -> bool:
     items = list(_checked(opt, only))
     if not items:
         return False
+    meta = next(((group, i) for group, i, _, grad in items if grad.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(f"{type(opt).__name__}: parameter {opt._label(*meta)} and its gradient are on the meta device, "
+                         "which holds no values to step; materialize the model first (model.to_empty(device=...) "
+                         "and its initialization). To size the state without values, opt.init_state() works on "
+                         "meta, as lro.memory does")
     bad = _flags(opt, [p for _, _, p, _ in items], [grad for *_, grad in items])
     return decide(opt, [p for (_, _, p, _), b in zip(items, bad) if b])
 
