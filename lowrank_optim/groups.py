@@ -204,7 +204,6 @@ def rank_fallbacks(groups: list[dict[str, Any]]) -> tuple[list[tuple[int, ...]],
     return shapes, plain
 
 
-
 def all_unprojected_error(groups: list[dict[str, Any]]) -> str | None:
     """Why ``groups`` project nothing although they ask to (every 2-D weight with a rank has a short side at
     most that rank, so the run would be plain AdamW under a low-rank name), with the fix; None otherwise."""
@@ -224,6 +223,7 @@ def some_unprojected_note(groups: list[dict[str, Any]]) -> str | None:
     shapes = ", ".join(f"{s[0]}x{s[1]}" for s in dict.fromkeys(plain))
     return (f"{len(plain)} of {len(candidates)} linear weights ({shapes}) have a short side at most their rank and "
             f"are updated as plain AdamW; use a rank below {min(min(s) for s in plain)} to project them")
+
 
 def is_low_rank_group(group: dict[str, Any]) -> bool:
     """Whether a group from :func:`param_groups` is the low-rank one."""

@@ -45,14 +45,15 @@ _EMBEDDING_OR_HEAD = re.compile(r"(^|\.)(wte|wpe|tok_embeddings|embed_tokens|emb
 
 
 def materialized(params: Any) -> Any:
-    """``params`` with every group's ``params`` a list (iterators read once here, as torch's constructor
-    would), so they can be looked at before the optimizer takes them."""
-    if isinstance(params, (Tensor, dict)):
-        params = [params]
-    items = list(params)
-    if items and isinstance(items[0], dict):
-        return [{**g, "params": [g["params"]] if isinstance(g.get("params"), Tensor) else list(g.get("params", []))}
-                for g in items]
+    """``params`` with iterators (``model.parameters()``, a group's generator) read into lists once here, as
+    torch's constructor would read them, so they can be looked at before the optimizer takes them; what
+    torch or :func:`normalized` refuse (a tensor, a set, a group without ``params``) is left as it is."""
+    def listed(x: Any) -> Any:
+        return x if isinstance(x, (list, tuple, set, dict, Tensor)) or not hasattr(x, "__iter__") else list(x)
+
+    items = listed(params)
+    if isinstance(items, list) and items and isinstance(items[0], dict):
+        return [{**g, "params": listed(g["params"])} if isinstance(g, dict) and "params" in g else g for g in items]
     return items
 
 
@@ -71,10 +72,12 @@ def warn_constructor_rank(params: list[Any], rank: Any, cls: str) -> None:
     Trainer's ``optimizer_cls_and_kwargs``, ``model.parameters()``. GaLore's code sets the rank per group."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         return
+    if not isinstance(params, (list, tuple)):
+        return  # torch refuses it (a tensor, a set)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     named, unnamed = [], 0
     for g in groups:
-        if "rank" in g:
+        if not isinstance(g, dict) or "rank" in g or not isinstance(g.get("params"), (list, tuple)):
             continue
         for item in g["params"]:
             name, t = item if isinstance(item, tuple) else (None, item)
