@@ -196,6 +196,7 @@ def test_a_constructor_rank_reaching_hand_built_groups_warns_that_embeddings_are
         lro.GaLoreAdamW(model, rank=8)
         lro.GaLoreAdamW(lro.param_groups(model), rank=8)
         lro.GaLoreAdamW([("h.0.mlp.c_fc.weight", lin.weight)], rank=8)
+        lro.GaLoreAdamW([lin.weight, emb.weight], rank=8)  # chosen weights alone, no norm or bias: as chosen
         with pytest.warns(lro.RankFallbackWarning):  # no rank anywhere: nothing is projected, and it says so
             lro.GaLoreAdamW(nanogpt)
     # the same groups with rank=8 given to the constructor too: it reaches the embedding's group

@@ -68,13 +68,19 @@ def _outside_the_package() -> int:
 
 def warn_constructor_rank(params: list[Any], rank: Any, cls: str) -> None:
     """Warn once when the constructor's integer ``rank`` reaches groups without their own ``rank`` that hold
-    2-D tensors which are (unnamed: may be) embeddings or heads: nanoGPT's ``configure_optimizers`` groups,
-    Trainer's ``optimizer_cls_and_kwargs``, ``model.parameters()``. GaLore's code sets the rank per group."""
+    2-D tensors which are embeddings or heads by their names, or unnamed ones given with a model's norms or
+    biases (so likely its embeddings too): nanoGPT's ``configure_optimizers`` groups, Trainer's
+    ``optimizer_cls_and_kwargs``, ``model.parameters()``. GaLore's code sets the rank per group."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         return
     if not isinstance(params, (list, tuple)):
         return  # torch refuses it (a tensor, a set)
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    # unnamed tensors are a whole model's (embeddings likely among them) when norms or biases come with them;
+    # a list of chosen weights alone is taken as chosen
+    whole_model = any(isinstance(t, Tensor) and t.dim() < 2 for g in groups if isinstance(g, dict)
+                      for t in (x[1] if isinstance(x, tuple) else x for x in g.get("params", ())
+                                if isinstance(g.get("params"), (list, tuple))))
     named, unnamed = [], 0
     for g in groups:
         if not isinstance(g, dict) or "rank" in g or not isinstance(g.get("params"), (list, tuple)):
@@ -83,7 +89,7 @@ def warn_constructor_rank(params: list[Any], rank: Any, cls: str) -> None:
             name, t = item if isinstance(item, tuple) else (None, item)
             if isinstance(t, Tensor) and t.dim() == 2:
                 if name is None:
-                    unnamed += 1
+                    unnamed += whole_model
                 elif _EMBEDDING_OR_HEAD.search(str(name)):
                     named.append(str(name))
     if not (named or unnamed):
