@@ -86,6 +86,7 @@ the parameters it already stepped stepped: call ``opt.zero_grad()`` before going
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import warnings
 import weakref
@@ -99,6 +100,7 @@ from torch.autograd import Variable
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from .distributed import is_sharded
 from .optim.nonfinite import SKIPPED
 
 __all__ = ["LayerwiseUpdates", "layerwise"]
@@ -315,7 +317,13 @@ class LayerwiseUpdates:
         hook_state = None
         if ddp is not None:
             hook_state = _reusable_hook_state(ddp)
-        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        elif (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+              and not any(is_sharded(p) for p in params)):  # FSDP2 shards: its own hooks reduce them
+            if _ddp_wrapping(model_or_params) is not None:
+                raise ValueError(
+                    "layerwise: model_or_params is the .module of a DistributedDataParallel wrapper, whose hooks "
+                    "would step each rank on its own un-reduced gradient (the replicas drift apart); pass the "
+                    "wrapper: lro.layerwise(ddp_model, opt)")
             warnings.warn(
                 "layerwise: torch.distributed is initialized, but model_or_params is not a "
                 "DistributedDataParallel module, so each rank steps on its own local gradients. If the "
@@ -673,6 +681,14 @@ class LayerwiseUpdates:
 def _skip_count(optimizer: Optimizer) -> int:
     """The steps ``nonfinite="skip"`` has skipped so far (summed over the groups; 0 for other optimizers)."""
     return sum(int(g.get(SKIPPED, 0)) for g in optimizer.param_groups)
+
+
+def _ddp_wrapping(module: Any) -> DistributedDataParallel | None:
+    """The DistributedDataParallel whose ``.module`` is ``module``, if one is alive. A scan of the objects the
+    collector tracks, once, when a handle is built on a module outside DDP while several ranks run."""
+    if not isinstance(module, nn.Module):
+        return None
+    return next((o for o in gc.get_objects() if isinstance(o, DistributedDataParallel) and o.module is module), None)
 
 
 def _holds_compiled_backward(loss: Tensor) -> bool:

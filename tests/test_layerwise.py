@@ -570,6 +570,13 @@ def _ddp_worker(rank, world, port, out):
         lm_loss(local, shard).backward()
         results["hook_sees_local"] = torch.equal(seen["g"], local.lm_head.weight.grad)
         results["grad_is_reduced"] = not torch.equal(model.lm_head.weight.grad, local.lm_head.weight.grad)
+        # the wrapped module instead of the wrapper: its hooks would step on local gradients (a QA pass saw the
+        # ranks drift apart by 1.45 in one step); refused before any hook is registered
+        try:
+            lro.layerwise(model, galore(model))
+            results["inner_module_refused"] = False
+        except ValueError as err:
+            results["inner_module_refused"] = "pass the wrapper: lro.layerwise(ddp_model, opt)" in str(err)
 
         for i, cfg in enumerate(DDP_CONFIGS):
             data = _ddp_data(cfg)
@@ -691,7 +698,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch():
             results = torch.load(out, weights_only=True)
     finally:
         sys.path.remove(here)
-    assert results["hook_sees_local"] and results["grad_is_reduced"]
+    assert results["hook_sees_local"] and results["grad_is_reduced"] and results["inner_module_refused"]
     assert results["unused_view_True"] and results["unused_view_False"]
     for i, cfg in enumerate(DDP_CONFIGS):
         got = results[i]
