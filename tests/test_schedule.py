@@ -332,3 +332,56 @@ def test_an_all_zero_gradient_at_a_later_refresh_keeps_the_subspace_and_renews_a
     want = u if opt.state[w]["projector"]["side"] == "left" else v.t()
     assert torch.equal(opt.state[w]["projector"]["P"], want.contiguous())
     assert int(opt.state[w]["next_refresh"]) == 2 * GAP
+
+
+def test_a_weight_removed_from_its_group_mid_run_still_resumes_bit_identically():
+    """Pruning a weight out of its group: the staggered phases stayed those of the group it had left, while an
+    optimizer resumed from a checkpoint took the group as it is, so every later refresh fell on other steps
+    (a QA pass: next refreshes [16, 14, 17] against [16, 15, 14]). The phases follow the group's size now."""
+    def build(seed=0):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)])
+
+    def step(model, opt, i):
+        torch.manual_seed(100 + i)
+        model(torch.randn(8, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    def prune(model, opt):
+        p, g = model[1].weight, opt.param_groups[0]
+        i = next(i for i, q in enumerate(g["params"]) if q is p)
+        g["params"].pop(i)
+        g["param_names"].pop(i)
+        opt.state.pop(p)
+        p.requires_grad_(False)
+
+    def groups(model, pruned=False):
+        out = lro.param_groups(model, rank=4, update_proj_gap=4)
+        for g in out:
+            g["params"] = [(n, p) for n, p in g["params"] if not (pruned and n == "1.weight")]
+        return out
+
+    straight = build()
+    opt = lro.GaLoreAdamW(groups(straight), lr=1e-3)
+    first = build()
+    opt1 = lro.GaLoreAdamW(groups(first), lr=1e-3)
+    for model, o in ((straight, opt), (first, opt1)):
+        for i in range(2):
+            step(model, o, i)
+        prune(model, o)
+    for i in range(2, 14):
+        step(straight, opt, i)
+    for i in range(2, 5):
+        step(first, opt1, i)
+    checkpoint = {"model": first.state_dict(), "opt": opt1.state_dict()}
+    resumed = build(seed=7)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed[1].weight.requires_grad_(False)
+    opt2 = lro.GaLoreAdamW(groups(resumed, pruned=True), lr=1e-3)
+    opt2.load_state_dict(checkpoint["opt"])
+    for i in range(5, 14):
+        step(resumed, opt2, i)
+    assert [int(opt.state[p]["next_refresh"]) for p in opt.param_groups[0]["params"]] == [
+        int(opt2.state[p]["next_refresh"]) for p in opt2.param_groups[0]["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))

@@ -293,8 +293,11 @@ def _begin(opt: "LowRankAdamW", group: dict[str, Any], rule: _rules.Rule, update
 
 def _refresh_phase(opt: "LowRankAdamW", p: Tensor, group: dict[str, Any]) -> int:
     """``p``'s phase in its group's refresh gap (``policies.phases``), from every projected weight's cost."""
-    # by gap: a gap edited in param_groups takes effect from each weight's next refresh, on new phases
-    phases = opt._cache().setdefault("phases", {}).setdefault(group["update_proj_gap"], {})
+    # by gap: a gap edited in param_groups takes effect from each weight's next refresh, on new phases; by the
+    # group's size too: with a weight removed from (or added to) the group the phases are the group's as it is
+    # now, as an optimizer resumed from a checkpoint of it computes them (a new weight's id is not cached)
+    key = (group["update_proj_gap"], len(group["params"]))
+    phases = opt._cache().setdefault("phases", {}).setdefault(key, {})
     if id(p) not in phases:
         low = [q for q in group["params"] if opt.is_low_rank(q, group)]
         costs = [q.shape[0] * q.shape[1] * min(q.shape) for q in low]
