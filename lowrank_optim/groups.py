@@ -71,7 +71,8 @@ def param_groups(
     one of ``target_modules`` (default: every linear layer except the output head (:func:`_heads`) and any layer whose
     weight is tied to an embedding; or, with a predicate ``(module_name, module) -> bool``, every
     ``nn.Linear`` it accepts); it carries ``rank`` and whichever of ``update_proj_gap``,
-    ``scale``, ``proj_type`` and further keys (``projector="svd"``, ``lr=...``) are given; keys left
+    ``scale``, ``proj_type`` and further keys (``projector="svd"``, ``lr=...``) are given (``weight_decay``
+    reaches the plain group with decay too: it is the model's decay); keys left
     out take the optimizer's defaults (each preset's own: GaLore's scale 0.25, APOLLO-Mini's 128).
     ``rank="auto"`` (the default) leaves the number to the optimizer: a rank given to its
     constructor, else its preset's (a quarter of the weights' short side; APOLLO-Mini: 1).
@@ -107,7 +108,10 @@ def param_groups(
         parts = by_short_side(low) if low_rank_keys.get("match_adamw_rms") is True else [low]
         groups.extend({"params": part, "rank": rank, **keys, **low_rank_keys} for part in parts)
     if plain:
-        groups.append({"params": plain, "rank": None})
+        # a weight_decay given here is the model's decay (nanoGPT's decay group: every 2-D weight), not the
+        # projected weights' alone; the no-decay group keeps 0
+        decay = {"weight_decay": low_rank_keys["weight_decay"]} if "weight_decay" in low_rank_keys else {}
+        groups.append({"params": plain, "rank": None, **decay})
     if free:
         groups.append({"params": free, "rank": None, "weight_decay": 0.0})
     # projector="shared_head" (GaLore+): attention weights by head axis, the rest svd

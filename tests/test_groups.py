@@ -318,3 +318,12 @@ def test_match_adamw_rms_gives_adafactor_adamw_s_first_moment():
     opt.step()
     low = next(p for p in opt.param_groups[0]["params"] if p.dim() == 2)
     assert "exp_avg" in opt.state[low]  # the first moment is kept (and saved), r·n floats
+
+
+def test_a_weight_decay_given_to_param_groups_is_the_model_s_decay():
+    """nanoGPT users give the decay once: it reached the projected weights only, and the embedding and head took
+    the constructor's default 0.01 (a QA pass). It reaches every decayed group; the no-decay group keeps 0."""
+    low, plain, free = lro.param_groups(make_model(), rank=4, weight_decay=0.1)
+    assert (low["weight_decay"], plain["weight_decay"], free["weight_decay"]) == (0.1, 0.1, 0.0)
+    low, plain, free = lro.GaLoreAdamW(lro.param_groups(make_model(), rank=4), weight_decay=0.05).param_groups
+    assert (low["weight_decay"], plain["weight_decay"], free["weight_decay"]) == (0.05, 0.05, 0.0)
