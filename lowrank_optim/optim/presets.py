@@ -199,8 +199,9 @@ class COAP(LowRankAdamW):
     subspace iteration warm-started from P (``lro.projectors.coap``). The moments are kept across
     refreshes (the official ``restore_state=False``, its setting for LLaMA), the residual dropped.
 
-    Settings: T_u 32 and λ 5 (the official optimizer's defaults), scale 0.25 and lr 0.01 (its LLaMA-1B
-    recipe, rank 512; the 7B one uses rank 1024, lr 0.005, T_u 100). ``projector_options`` take
+    Settings: T_u 32 and λ 5 (the official optimizer's defaults) and scale 0.25; its LLaMA-1B recipe
+    trains at rank 512, lr 0.01, T_u 40, the 7B one at rank 1024, lr 0.005, T_u 100 (the constructor keeps
+    torch AdamW's lr 1e-3 and weight decay 0.01 unless given; the recipes use weight decay 0). ``projector_options`` take
     ``reproject_factor``, ``lr`` and ``max_norm`` of the P step. Departures from the official code (P in
     float32, canonical singular-vector signs, per-weight seeds, the re-SVD counted per weight) are listed
     in ``lro.projectors.coap``; as for every preset, ε sits on √V̂ and weight decay is taken from the
@@ -224,7 +225,8 @@ class GWT(LowRankAdamW):
     moment memory than AdamW on those weights). Widths that 2^l does not divide are zero-padded, as the
     official code's default boundary.
 
-    Settings of the official LLaMA scripts (60M–1B): level 2, scale 0.25, lr 0.01, weight decay 0, and
+    Settings of the official LLaMA scripts (60M–1B): level 2, scale 0.25, lr 0.01, weight decay 0 (lr and
+    weight decay are not the constructor's defaults, which are torch AdamW's 1e-3 and 0.01: give them), and
     the official ε, 1e-6 (the only preset whose default ε is not torch's 1e-8): the details are divided by
     √V̂ + ε, and where an approximation coefficient is near 0 (a block whose entries cancel) ε is what
     bounds their step; with 1e-8 a float16 model overflows in a few steps at lr 0.01 without warmup. The
@@ -300,7 +302,8 @@ class OnlineSubspaceDescent(LowRankAdamW):
     (``lro.projectors.online_pca``). ``projector_options={"pca_optimizer": "adam8bit"}`` is the official
     7B recipe's P optimizer (also ``lion``, ``adafactor``, ``sgd``).
 
-    Settings of the official LLaMA scripts (GaLore's): lr 0.01, scale 0.25, gap 200 (so P's lr is 0.005),
+    Settings of the official LLaMA scripts (GaLore's; their lr and weight decay 0 are given, the constructor's
+    defaults being torch AdamW's): lr 0.01, scale 0.25, gap 200 (so P's lr is 0.005),
     rank 128 for 60M; 7B: rank 1024, gap 500, lr 0.005, 8-bit Adam for the weights and ``adam8bit`` for P.
     Departures from the official code (P and its optimizer state in float32, canonical singular-vector
     signs) are listed in ``lro.projectors.online_pca``; as for every preset, ε sits on √V̂ and weight decay
