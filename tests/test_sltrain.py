@@ -195,9 +195,9 @@ def test_cli_memory_and_pretrain_flags(capsys):
     assert "--optimizer adamw" in capsys.readouterr().err
     from lowrank_optim.train import TrainArgs
     from lowrank_optim.train.errors import TrainError
-    from lowrank_optim.train.loop import _check_args
+    from lowrank_optim.train.loop import check_args
 
     with pytest.raises(TrainError, match="--sltrain"):
-        _check_args(TrainArgs(config="configs/llama_tiny.json", optimizer="adamw", sltrain="8:2"))
+        check_args(TrainArgs(config="configs/llama_tiny.json", optimizer="adamw", sltrain="8:2"))
     with pytest.raises(TrainError, match="--fsdp"):
-        _check_args(TrainArgs(config="configs/llama_tiny.json", optimizer="adamw", sltrain="8:0.05", fsdp=True))
+        check_args(TrainArgs(config="configs/llama_tiny.json", optimizer="adamw", sltrain="8:0.05", fsdp=True))

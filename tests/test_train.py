@@ -288,6 +288,8 @@ def _bad(tmp_path, finished_run):
         (["--out", str(corrupt), *resume], "is corrupt (truncated, or not a torch.save file)"),
         (["--out", str(finished_run), *resume, "--lr", "0.5"], "is from a different run (options.lr: checkpoint 0.03, now 0.5)"),
         (["--out", str(finished_run), *resume[:-1], "--optimizer", "adamw", "--resume"], "optimizer: checkpoint 'galore', now 'adamw'"),
+        # another held-out set: one metrics.jsonl would mix two sets' losses (a QA pass)
+        (["--out", str(finished_run), *resume, "--eval-tokens", "512"], "eval_tokens: checkpoint 256, now 512"),
         (["--out", str(finished_run), "--optimizer", "galore", "--max-steps", "2"], "already holds a checkpoint: pass --resume"),
         (["--out", str(tmp_path / "empty"), "--resume"], "no checkpoint at"),
         (["--seq-len", "300"], "--seq-len 300 exceeds the config's max_position_embeddings 256"),
@@ -302,6 +304,8 @@ def _bad(tmp_path, finished_run):
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, finished_run):
+    """Each refusal is one line with status 2, and leaves no --out folder it created behind (an empty one was
+    left by every typo, found by a QA pass)."""
     before = (finished_run / "checkpoint.pt").read_bytes()
     for flags, message in _bad(tmp_path, finished_run):
         argv = ["pretrain", *SMALL, "--out", str(tmp_path / "out"), *flags]
@@ -309,6 +313,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, finished_run):
         assert rc == 2, flags
         assert err.count("\n") == 1 and err.startswith("lowrank-optim pretrain: error: "), (flags, err)
         assert message in err, (flags, err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "empty").exists(), flags
     assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 
@@ -321,6 +326,17 @@ def test_compare_rejects_unknown_names_before_training(tmp_path, capsys):
     rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "galore:rank=4:rank=8", "--max-steps", "2",
                      "--out", str(tmp_path))
     assert rc == 2 and "'galore:rank=4:rank=8' sets rank twice; give it once" in err and err.count("\n") == 1
+
+
+def test_compare_refuses_an_entry_s_flags_before_any_entry_trains(tmp_path, capsys):
+    """compare --layerwise with a ref: entry trained the entries before it in full, then failed saying to use
+    compare (a QA pass): the refusal now comes before any training, names the entry and the flag to drop."""
+    rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "galore,ref:galore", "--max-steps", "2", "--layerwise",
+                     "--out", str(tmp_path / "c"))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ("entry 'ref:galore': ref:galore (the reference package) does not run with --layerwise; drop --layerwise"
+            in err), err
+    assert not (tmp_path / "c").exists()
 
 
 def test_compare_checks_every_entry_s_options_before_training_any(tmp_path, capsys):

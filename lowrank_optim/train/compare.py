@@ -26,7 +26,7 @@ from .._console import stderr_line
 from ..optim.options import option_value
 from .errors import TrainError
 from .checkpoint import umask
-from .loop import RunResult, TrainArgs, distributed, pretrain, process_group
+from .loop import RunResult, TrainArgs, check_args, distributed, pretrain, process_group
 from .preempt import StopSignals
 from .optimizers import available, build_optimizer, optimizer_settings
 from .references import PREFIX
@@ -170,6 +170,13 @@ def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, An
     specs = parse_optimizers(optimizers) if isinstance(optimizers, str) else optimizers
     check_entries(base.config, specs, base.options)
     out = Path(out)
+    runs = [(label, replace(base, optimizer=name, options={**base.options, **options}, out=str(out / _dirname(label)),
+                            save=False, resume=False, overwrite=True, label=label)) for label, name, options in specs]
+    for label, args in runs:  # the flags each entry runs with (a ref: entry and --layerwise), before any trains
+        try:
+            check_args(args)
+        except TrainError as err:
+            raise TrainError(f"--optimizers: entry {label!r}: {err}") from None
     say = log if log is not None else stderr_line
     rank = distributed()[0]
     corpus: Corpus | None = None
@@ -180,9 +187,7 @@ def compare(base: TrainArgs, optimizers: str | list[tuple[str, str, dict[str, An
                 corpus = stdlib_corpus()
             else:
                 corpus = local_corpus(base.data, base.tokenizer)
-        for label, name, options in specs:
-            args = replace(base, optimizer=name, options={**base.options, **options}, out=str(out / _dirname(label)),
-                           save=False, resume=False, overwrite=True, label=label)
+        for _, args in runs:
             results.append(pretrain(args, corpus=corpus, log=say))
     if rank != 0:
         return results

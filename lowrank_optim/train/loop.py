@@ -129,7 +129,8 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_args(a: TrainArgs) -> None:
+def check_args(a: TrainArgs) -> None:
+    """Refuse flags this run cannot take (TrainError naming them), before anything is read or built."""
     def positive(name: str, v: Any, zero_ok: bool = False) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
             raise TrainError(f"--{name.replace('_', '-')} must be an integer >= {0 if zero_ok else 1}, got {v!r}")
@@ -164,11 +165,12 @@ def _check_args(a: TrainArgs) -> None:
 def _check_reference(a: TrainArgs) -> None:
     """A ``ref:PRESET`` run (the paper's package) is for ``compare``: its state holds the package's Python
     objects (no weights-only checkpoint), and it has no layer-wise, FSDP2 or SLTrain path."""
-    for flag, on in (("checkpoints (pretrain saves them)", a.save), ("--resume", a.resume), ("--layerwise", a.layerwise),
-                     ("--fsdp", a.fsdp), ("--sltrain", a.sltrain is not None)):
+    compare = "use it in `lowrank-optim compare`, which trains without checkpoints"
+    for flag, on, fix in (("checkpoints (pretrain saves them)", a.save, compare), ("--resume", a.resume, compare),
+                          ("--layerwise", a.layerwise, "drop --layerwise"), ("--fsdp", a.fsdp, "drop --fsdp"),
+                          ("--sltrain", a.sltrain is not None, "drop --sltrain")):
         if on:
-            raise TrainError(f"{a.optimizer} (the reference package) does not run with {flag}; use it in "
-                             "`lowrank-optim compare`, which trains without checkpoints")
+            raise TrainError(f"{a.optimizer} (the reference package) does not run with {flag}; {fix}")
 
 
 def _check_sltrain(a: TrainArgs) -> None:
@@ -299,6 +301,7 @@ def _holding_out(a: TrainArgs, log: Callable[[str], None] | None) -> Iterator[No
     """Rank 0 holds ``--out``'s lock for the run (:class:`.outdir.OutLock`: a second run there is refused
     naming this one) and removes what killed saves left there; every rank fails alike if it cannot."""
     lock = outdir.OutLock(Path(a.out)) if a.out is not None and distributed()[0] == 0 else None
+    created = lock is not None and not lock.path.parent.exists()  # removed again if the run writes nothing
     error = None
     if lock is not None:
         try:
@@ -316,6 +319,9 @@ def _holding_out(a: TrainArgs, log: Callable[[str], None] | None) -> Iterator[No
     finally:
         if lock is not None:
             lock.release()
+            if created:  # a run refused before it wrote anything (a typo in a flag) leaves no empty --out
+                with contextlib.suppress(OSError):
+                    lock.path.parent.rmdir()
 
 
 def _rewrite_metrics(path: Path, upto: int) -> None:
@@ -409,7 +415,7 @@ def pretrain(a: TrainArgs, *, corpus: Corpus | None = None, log: Callable[[str],
     """
     from ..models import load_config
 
-    _check_args(a)
+    check_args(a)
     with process_group(single=a.fsdp), _holding_out(a, log):
         return _pretrain(a, load_config(a.config), corpus, log)
 
@@ -625,6 +631,8 @@ def _run_spec(a: TrainArgs, config: dict[str, Any], settings: dict[str, Any], da
         "max_grad_norm": a.max_grad_norm,
         "dtype": dtype_name,
     }
+    if a.eval_tokens != TrainArgs.eval_tokens:  # so, only then, checkpoints that predate it still resume
+        run_spec["eval_tokens"] = a.eval_tokens  # the held-out set: a resumed run's losses are the same set's
     if a.fsdp:  # only then, so that checkpoints of earlier DDP runs still resume
         run_spec["fsdp"] = True
     run_spec.update(layer_sampling.run_spec(a))
