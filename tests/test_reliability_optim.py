@@ -52,7 +52,7 @@ def test_non_finite_gradient_raise_skip_ignore(name, cls, kw):
     before = frozen(model, opt)
     backward(model, data[1], NAN)
     with pytest.raises(lro.NonFiniteGradientError, match=r"parameter 'layers.0.up_proj.weight' has a non-finite "
-                       r"gradient \(inf or NaN\) at step 1; weights and optimizer state are unchanged"):
+                       r"gradient \(inf or NaN\) at step 2; weights and optimizer state are unchanged"):  # counted from 1
         opt.step()
     assert same(frozen(model, opt), before)
 

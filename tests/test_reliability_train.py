@@ -376,7 +376,7 @@ def test_divergence_at_a_refresh_is_one_line_and_metrics_links_are_not_followed(
     assert rc == 2
     line = one_line_error(err)
     assert "a gradient holds inf or NaN at step 1 (GaLoreAdamW: parameter 'model.embed_tokens.weight' " \
-           "has a non-finite gradient (inf or NaN) at step 0)" in line and line.endswith("lower --lr (now 0.03)")
+           "has a non-finite gradient (inf or NaN) at step 1)" in line and line.endswith("lower --lr (now 0.03)")
 
 
 def test_a_resumed_run_does_not_follow_a_metrics_link(saved_run, tmp_path, corpus, capsys):

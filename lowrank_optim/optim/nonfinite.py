@@ -76,12 +76,13 @@ def decide(opt: "LowRankAdamW", bad: list[Tensor]) -> bool:
         return True
     group, i, p = found[0]
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    # counted from 1, as opt.step() calls, Trainer's global_step and the training command count them
     step = int(opt.state[p]["step"]) if "step" in opt.state.get(p, {}) else 0
     why = (" (nonfinite='ignore' does not apply to INT8 moments or weights, which cannot store inf or NaN)"
            if group["nonfinite"] == "ignore" else "")
     raise NonFiniteGradientError(
         f"{type(opt).__name__}: parameter {opt._label(group, i)}{more} has a non-finite gradient (inf or NaN) "
-        f"at step {step}{why}; weights and optimizer state are unchanged. Skip this step (nonfinite='skip' "
+        f"at step {step + 1}{why}; weights and optimizer state are unchanged. Skip this step (nonfinite='skip' "
         "skips and counts such steps, as torch.amp.GradScaler does) or lower the learning rate.")
 
 
