@@ -281,6 +281,8 @@ def _bad(tmp_path, finished_run):
     resume = ["--optimizer", "galore", "--max-steps", "2", "--resume"]
     return [
         (["--optimizer", "sgd"], f"unknown optimizer 'sgd'; choose one of: {', '.join(available())}\n"),
+        (["--optimizer", "galore:rank=16"], "(name:key=value entries are for `compare --optimizers`; pretrain takes "
+                                            "the keys as flags: --optimizer galore --rank ..."),
         (["--config", str(tmp_path / "nope.json")], "no config file at"),
         (["--config", str(small_vocab)], "the config's vocab_size 256 does not fit the tokenizer (bytes: ids up to 258)"),
         (["--out", str(blocker / "sub")], "cannot write to --out"),

@@ -165,7 +165,9 @@ def optimizer_settings(name: str, model: nn.Module | None = None, **options: Any
 
     name = preset_of(name) or name  # ref:PRESET has its preset's settings
     if name not in BASELINES and name not in PRESETS and name not in _run_length_presets():
-        raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}")
+        keys = (f" (name:key=value entries are for `compare --optimizers`; pretrain takes the keys as flags: "
+                f"--optimizer {name.split(':')[0]} --rank ... --update-proj-gap ...)") if ":" in name and "=" in name else ""
+        raise TrainError(f"unknown optimizer {name!r}; choose one of: {', '.join(available())}{keys}")
     settings = dict(DEFAULTS.get(name, DEFAULTS["*"]))
     if options.get("match_adamw_rms") is True and options.get("scale") is None:
         # match_adamw_rms sets the scale itself: the table's (the paper's, for the paper's lr) gives way
