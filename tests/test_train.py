@@ -294,9 +294,12 @@ def _bad(tmp_path, finished_run):
         (["--out", str(finished_run), *resume, "--eval-tokens", "512"], "eval_tokens: checkpoint 256, now 512"),
         (["--out", str(finished_run), "--optimizer", "galore", "--max-steps", "2"], "already holds a checkpoint: pass --resume"),
         (["--out", str(tmp_path / "empty"), "--resume"], "no checkpoint at"),
-        (["--seq-len", "300"], "--seq-len 300 exceeds the config's max_position_embeddings 256"),
+        (["--seq-len", "300", "--eval-tokens", "600"], "--seq-len 300 exceeds the config's max_position_embeddings 256"),
         (["--optimizer", "adamw", "--rank", "4"], "adamw takes no low-rank options"),
         (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
+        # accepted before, meaning nothing (a QA pass)
+        (["--max-steps", "4", "--stop-at", "10"], "--stop-at 10 is past --max-steps 4"),
+        (["--eval-tokens", "5"], "--eval-tokens 5 is less than one sequence of --seq-len 32"),
         (["--data", str(tmp_path / "missing")], "no such file or folder"),
         (["--device", "nope"], "--device must be cpu or cuda[:i], got 'nope'"),
         (["--device", "meta"], "--device must be cpu or cuda[:i], got 'meta'"),
@@ -323,6 +326,8 @@ def test_compare_rejects_unknown_names_before_training(tmp_path, capsys):
     rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "adamw,nope", "--max-steps", "2", "--out", str(tmp_path))
     assert rc == 2 and err.strip() == ("lowrank-optim compare: error: unknown optimizer 'nope'; choose one of: "
                                        + ", ".join(available()))
+    rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "adamw,,galore", "--max-steps", "2", "--out", str(tmp_path))
+    assert rc == 2 and "has an empty entry (two commas, or one at an end)" in err  # it was dropped without a word
     rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "galore:lr", "--max-steps", "2", "--out", str(tmp_path))
     assert rc == 2 and "written name:key=value" in err
     rc, _, err = cli(capsys, "compare", *SMALL, "--optimizers", "galore:rank=4:rank=8", "--max-steps", "2",

@@ -36,9 +36,11 @@ MIB = 2**20
 
 def parse_optimizers(text: str) -> list[tuple[str, str, dict[str, Any]]]:
     """``"adamw,galore:lr=0.02"`` -> ``[("adamw", "adamw", {}), ("galore:lr=0.02", "galore", {"lr": 0.02})]``."""
-    entries = [e.strip() for e in text.split(",") if e.strip()]
-    if not entries:
+    entries = [e.strip() for e in text.split(",")]
+    if not any(entries):
         raise TrainError(f"--optimizers is empty; give a comma-separated list of: {', '.join(available())}")
+    if not all(entries):
+        raise TrainError(f"--optimizers {text!r} has an empty entry (two commas, or one at an end); name every entry")
     out, seen = [], set()
     for entry in entries:
         name, *pairs = entry.split(":")

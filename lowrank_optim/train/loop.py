@@ -140,6 +140,12 @@ def check_args(a: TrainArgs) -> None:
     for name in ("eval_every", "save_every", "warmup", "stop_at"):
         if getattr(a, name) is not None:
             positive(name, getattr(a, name), zero_ok=name in ("save_every", "warmup"))
+    if a.stop_at is not None and a.stop_at > a.max_steps:
+        raise TrainError(f"--stop-at {a.stop_at} is past --max-steps {a.max_steps}: the run would end first; give a "
+                         "step within the run, or drop --stop-at")
+    if a.eval_tokens < a.seq_len:
+        raise TrainError(f"--eval-tokens {a.eval_tokens} is less than one sequence of --seq-len {a.seq_len}: the "
+                         "held-out loss would come from one window, whatever was asked; give at least the sequence length")
     if not 0.0 <= a.min_lr_ratio <= 1.0:
         raise TrainError(f"--min-lr-ratio must be in [0, 1], got {a.min_lr_ratio}")
     if not (a.max_grad_norm >= 0 and math.isfinite(a.max_grad_norm)):
