@@ -79,13 +79,16 @@ def _check_edited(opt: "LowRankAdamW", i: int, group: dict[str, Any]) -> None:
     anything changes, instead of failing half-way through the step. A tensor lr counts by identity (a
     scheduler writes into it in place, as torch's do)."""
     values = opt._cache().setdefault("group_values", {})
-    now = tuple((k, ("tensor", id(v)) if isinstance(v, Tensor) else v) for k, v in group.items()
-                if k not in _NOT_SETTINGS)
-    if values.get(i) != now:
-        group.update(plain_numbers({k: group[k] for k, _ in now}))  # an np.float32 lr, as torch takes it
+    if values.get(i) != _settings(group):
+        group.update(plain_numbers({k: v for k, v in group.items() if k not in _NOT_SETTINGS}))  # np.float32 lr
         options.check_group(group, f"{type(opt).__name__} param_groups[{i}]")
-        values[i] = tuple((k, ("tensor", id(v)) if isinstance(v, Tensor) else v) for k, v in group.items()
-                          if k not in _NOT_SETTINGS)
+        values[i] = _settings(group)
+
+
+def _settings(group: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The group's settings as compared between steps (a tensor by identity)."""
+    return tuple((k, ("tensor", id(v)) if isinstance(v, Tensor) else v) for k, v in group.items()
+                 if k not in _NOT_SETTINGS)
 
 
 def loaded(opt: "LowRankAdamW", state_dict: Any) -> dict[str, Any]:

@@ -232,11 +232,11 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
         check_options(opt, keys, "")
     except (TypeError, ValueError) as err:
         raise TrainError(f"{name}: {err}") from None
-    _check_something_projected(name, opt, rank)
+    _check_something_projected(name, opt)
     return opt
 
 
-def _check_something_projected(name: str, opt: torch.optim.Optimizer, rank: Any) -> None:
+def _check_something_projected(name: str, opt: torch.optim.Optimizer) -> None:
     """Refuse a rank that leaves every weight the preset would project as plain AdamW (its short side is at or
     below the rank): the run would be AdamW at the preset's lr, reported under the preset's name."""
     from ..groups import all_unprojected_error
