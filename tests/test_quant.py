@@ -399,3 +399,38 @@ def test_8bit_adam_rows_with_a_zero_gradient_stay_bounded():
         W.grad = g
         opt.step()
         assert (W.detach() - before).abs().max() < 3.5
+
+
+def _int8_linear(group, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
+    return quantize_model_int8(model, target_modules=["0"], group=group)
+
+
+def test_int8_checkpoint_refuses_a_model_quantized_with_another_group():
+    """A 16x32 weight has 2 groups at group=300 and at group=256: the shapes of codes, scales and zero points
+    agree, so the load used to decode the codes with the destination's group (a silently different weight).
+    The checkpoint now records its group and the load names both, before copying anything."""
+    src, dst = _int8_linear(300), _int8_linear(256, seed=1)
+    assert src[0].weight.scale.shape == dst[0].weight.scale.shape
+    sd = roundtrip(src.state_dict())
+    assert int(sd["0.weight_group"]) == 300
+    before = dst[0].weight.codes.clone()
+    with pytest.raises(RuntimeError, match=r"0.weight: the checkpoint's INT8 weight was quantized with group=300, "
+                                           r"but this model's uses group=256.*group=300"):
+        dst.load_state_dict(sd)
+    assert torch.equal(dst[0].weight.codes, before)
+    same = _int8_linear(300, seed=1)
+    same.load_state_dict(sd)
+    assert torch.equal(same[0].weight.dequantize(), src[0].weight.dequantize())
+
+
+def test_int8_checkpoint_without_a_group_record_is_taken_as_the_default_group():
+    """Checkpoints written before the group was recorded load as group 256 (the only default there was), and
+    a model quantized with another group is told how to state the checkpoint's group."""
+    sd = _int8_linear(256).state_dict()
+    del sd["0.weight_group"]
+    _int8_linear(256, seed=1).load_state_dict(sd)
+    with pytest.raises(RuntimeError, match=r"does not record its group .* taken as the default 256.*"
+                                           r"state_dict\['0.weight_group'\] = torch.tensor\(N\)"):
+        _int8_linear(300, seed=1).load_state_dict(sd)

@@ -19,10 +19,11 @@ An ``Int8Weight`` is read-only to everything else: an in-place op on it (``torch
 would try ``param.mul_``) raises an error instead of silently updating a temporary. Other ops see
 the dequantized tensor.
 
-``model.state_dict()`` stores each such weight as three plain tensors, ``weight_codes`` (uint8),
-``weight_scale`` and ``weight_zero`` (float32), so checkpoints load with ``weights_only=True``, and
-loading one into an unquantized model fails on the missing ``weight`` instead of reading codes as
-numbers.
+``model.state_dict()`` stores each such weight as plain tensors, ``weight_codes`` (uint8),
+``weight_scale`` and ``weight_zero`` (float32) and ``weight_group`` (a 0-d int64, the group size), so
+checkpoints load with ``weights_only=True``; loading one into an unquantized model fails on the missing
+``weight`` instead of reading codes as numbers, and loading one into a model quantized with another group
+size fails instead of decoding the codes with the wrong scales.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ def _save_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local
         state_dict[prefix + "weight_codes"] = w.codes
         state_dict[prefix + "weight_scale"] = w.scale
         state_dict[prefix + "weight_zero"] = w.zero
+        state_dict[prefix + "weight_group"] = torch.tensor(w.group, dtype=torch.int64)
     elif w is not None:
         state_dict[key] = w
 
@@ -210,6 +212,19 @@ def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, l
         return
     codes, scale, zero = (state_dict.pop(k) for k in keys)
     w = module.weight
+    saved = state_dict.pop(prefix + "weight_group", None)
+    group = GROUP if saved is None else int(saved)
+    if group != w.group:
+        recorded = f"was quantized with group={group}" if saved is not None else (
+            f"does not record its group (written before lowrank-optim recorded it), so it is taken as the "
+            f"default {GROUP}; if it was written with another group N, set "
+            f"state_dict['{prefix}weight_group'] = torch.tensor(N) before loading")
+        error_msgs.append(
+            f"{prefix}weight: the checkpoint's INT8 weight {recorded}, but this model's uses group={w.group}: "
+            f"the codes would decode with the wrong scales. Quantize the model with "
+            f"lro.quantize_model_int8(model, group={group}) before loading"
+        )
+        return
     if tuple(codes.shape) != tuple(w.shape) or codes.dtype != torch.uint8 or scale.shape != w.scale.shape \
             or zero.shape != w.zero.shape:
         error_msgs.append(
