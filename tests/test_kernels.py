@@ -274,6 +274,31 @@ def test_quantizers_refuse_non_finite_values(impl, bad):
             call()
 
 
+OVERFLOWING = {
+    "range": (torch.tensor([3e38, -3e38, 1.0, 2.0]), ("grouped",)),  # finite, but max − min is inf in float32
+    "float64-magnitude": (torch.tensor([1e39, 1.0], dtype=torch.float64), ("grouped", "blockwise")),
+    "float64-constant": (torch.full((5,), 1e39, dtype=torch.float64), ("grouped", "blockwise")),
+}
+
+
+@pytest.mark.parametrize("impl", [ref, tk], ids=["reference", "triton"])
+@pytest.mark.parametrize("case", sorted(OVERFLOWING))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+def test_quantizers_refuse_finite_values_beyond_float32s_range(impl, case):
+    """Finite values passed the inf/NaN check, but a group spanning ±3e38 (or a float64 value past float32's
+    largest) gave an inf scale or zero point and the whole group decoded to NaN; now a ValueError, like
+    the non-finite case (one check per group, on the scales, not on the values)."""
+    x, kinds = OVERFLOWING[case]
+    calls = {"grouped": [lambda: impl.quantize_grouped(*on(x)), lambda: impl.quantize_grouped(*on(x), bits=4),
+                         lambda: impl.quantize_grouped(*on(x), stochastic=True)],
+             "blockwise": [lambda: impl.quantize_blockwise(*on(x))]}
+    for call in (c for k in kinds for c in calls[k]):
+        with pytest.raises(ValueError, match="span more than float32 holds"):
+            call()
+    codes, scale, zero = impl.quantize_grouped(*on(torch.tensor([1.5e38, -1.5e38, 1.0])))  # range 3e38: fits
+    assert bool(torch.isfinite(kernels.dequantize_grouped(codes.cpu(), scale.cpu(), zero.cpu())).all())
+
+
 @pytest.mark.parametrize("impl", [ref, tk], ids=["reference", "triton"])
 def test_bad_bits_are_refused(impl):
     with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
@@ -585,6 +610,11 @@ class TestCUDAExtension:
         for seed in (0, 2**63 + 5):
             assert_same(cuda_ext.stochastic_round_bf16(x, seed=seed), tk.stochastic_round_bf16(x, seed=seed))
         assert_same(cuda_ext.stochastic_round_bf16(x[1:], seed=1), tk.stochastic_round_bf16(x[1:], seed=1))
+
+    def test_quantize_grouped_refuses_a_range_beyond_float32(self):
+        for x, _ in OVERFLOWING.values():
+            with pytest.raises(ValueError, match="span more than float32 holds"):
+                cuda_ext.quantize_grouped(x.cuda())
 
     def test_stochastic_ops_are_unbiased(self):
         test_stochastic_round_bf16_is_unbiased(cuda_ext)

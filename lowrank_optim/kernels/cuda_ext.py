@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import GROUP, _check_finite
+from .reference import GROUP, _check_finite, _check_stats
 
 NAME = "lowrank_optim_cuda"
 SOURCES = ("lro_bindings.cpp", "lro_kernels.cu")
@@ -128,6 +128,7 @@ def quantize_grouped(
     _check_group(group)
     codes, scale, zero = _ext().quantize_grouped(x.float().reshape(-1).contiguous(), 2**bits - 1, group,
                                                  bool(stochastic), _seed(seed))
+    _check_stats(scale, zero)
     return codes, scale, zero
 
 

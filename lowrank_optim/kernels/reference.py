@@ -141,6 +141,16 @@ def _check_finite(x: Tensor, what: str) -> None:
                          "would turn the whole block into NaN); check the values before storing them")
 
 
+def _check_stats(*stats: Tensor) -> None:
+    """Refuse a quantization whose per-block statistics overflowed float32: finite values whose range
+    (max − min) or magnitude is beyond float32's (±3.4e38; a float64 tensor can hold such values) give an
+    inf scale or zero point, and every code of that block would decode to NaN. One check per block."""
+    if any(t.numel() and not bool(torch.isfinite(t).all()) for t in stats):
+        raise ValueError("cannot quantize the tensor: its values span more than float32 holds (a block's range "
+                         "or magnitude beyond 3.4e38 gives an inf scale, and the block would decode to NaN); "
+                         "scale the values down before storing them")
+
+
 def _check_moments(n: int, block: int, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor) -> None:
     """The 8-bit Adam kernels' size check: a code per gradient element and an absmax per block of ``block``."""
     for name, codes in (("m_codes", m_codes), ("v_codes", v_codes)):
@@ -184,6 +194,7 @@ def quantize_blockwise(
     x = x.float()
     rows = _blocks(x, block)
     absmax = _absmax(rows)
+    _check_stats(absmax)
     return _encode(rows, absmax, code, signed)[: x.numel()], absmax
 
 
@@ -322,6 +333,7 @@ def quantize_grouped(
         return torch.zeros(0, dtype=torch.uint8, device=x.device), empty, empty.clone()
     rows = _grouped_rows(x, group)
     scale, zero = _group_ranges(rows, levels)
+    _check_stats(scale, zero)
     v = (rows - zero[:, None]) / scale[:, None]
     if stochastic:
         gen = torch.Generator(device=x.device).manual_seed(seed)

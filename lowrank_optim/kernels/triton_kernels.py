@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .reference import BLOCK, GROUP, _check_finite, _check_moments
+from .reference import BLOCK, GROUP, _check_finite, _check_moments, _check_stats
 
 MAX_TILE = 4096  # longest block or group held in registers by one program
 ELEMENTWISE_TILE = 1024  # elements per program of the elementwise kernels
@@ -451,6 +451,7 @@ def quantize_blockwise(
         tile, warps = _tile(block)
         _quantize_blockwise_kernel[_grid(n, block)](src, codes, absmax, mid, n, SIZE=block, TILE=tile, X_BF16=bf16,
                                                     num_warps=warps, **_NO_FUSION)
+    _check_stats(absmax)
     return codes, absmax
 
 
@@ -534,6 +535,7 @@ def quantize_grouped(
         _quantize_grouped_kernel[(groups,)](src, codes, scale, zero, n, float(2**bits - 1), _seed(seed), SIZE=group,
                                             TILE=tile, STOCHASTIC=bool(stochastic), X_BF16=bf16, num_warps=warps,
                                             **_NO_FUSION)
+    _check_stats(scale, zero)
     return codes, scale, zero
 
 
