@@ -64,6 +64,8 @@ def assert_same(got, want):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, g.shape, w.dtype, w.shape)
         assert torch.equal(g.cpu(), w.cpu()), f"{(g.cpu() != w.cpu()).sum().item()} of {w.numel()} values differ"
+        if w.is_floating_point():  # torch.equal calls -0 and +0 equal: compare the signs too
+            assert torch.equal(g.cpu().signbit(), w.cpu().signbit()), "the sign of a zero differs"
 
 
 # ---------------------------------------------------------------- dispatch
@@ -218,6 +220,16 @@ def test_grouped_roundtrip_is_bit_exact(n, bits):
                         ref.dequantize_int4(packed, want[1], want[2], n, dtype=dtype))
     if n >= 1000:
         assert want[1][2] == 1 and torch.equal(ref.dequantize_grouped(*want)[512:768], x[512:768])
+
+
+@pytest.mark.parametrize("impl", [ref, tk], ids=["reference", "triton"])
+def test_grouped_zero_point_of_signed_zeros_is_positive_zero(impl):
+    """amin over a group of ±0 returns whichever zero its reduction order meets (torch and the Triton kernel
+    differed on [-0, 0, 0]); the stored zero point is +0 in every order, so the kernels agree bit for bit."""
+    for values in ([-0.0, 0.0, 0.0], [0.0, -0.0, 0.0], [0.0, 0.0, -0.0], [-0.0, -0.0]):
+        codes, scale, zero = impl.quantize_grouped(*on(torch.tensor(values)))
+        assert not bool(zero.signbit().any()), values
+        assert_same((codes, scale, zero), ref.quantize_grouped(torch.tensor(values)))
 
 
 @pytest.mark.parametrize("impl", [ref, tk], ids=["reference", "triton"])

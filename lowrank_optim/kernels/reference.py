@@ -304,7 +304,9 @@ def _group_ranges(rows: Tensor, levels: int) -> tuple[Tensor, Tensor]:
     hi = rows.amax(dim=1)
     scale = (hi - lo) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, lo
+    # -0 + 0 = +0: which zero amin returns for a group of ±0 depends on their order (and differs between
+    # torch and the kernels); the stored zero point is always +0 there
+    return scale, lo.add_(0.0)
 
 
 def _grouped_rows(x: Tensor, group: int) -> Tensor:

@@ -294,7 +294,7 @@ def _quantize_grouped_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, n, levels, s
             q = _round_code(x, lo, scale, levels, seed, start + t, offs, TILE, STOCHASTIC, ALIGNED)
             tl.store(codes_ptr + offs, q, mask=mask)
     tl.store(scale_ptr + pid, scale)
-    tl.store(zero_ptr + pid, lo)
+    tl.store(zero_ptr + pid, lo + 0.0)  # -0 + 0 = +0: the zero point does not depend on where a -0 sits
 
 
 @triton.jit

@@ -130,7 +130,7 @@ __global__ void quantize_grouped_kernel(const float* __restrict__ x, uint8_t* __
   }
   if (threadIdx.x == 0) {
     scales[g] = scale;
-    zeros[g] = lo;
+    zeros[g] = lo + 0.0f;  // -0 + 0 = +0: the stored zero point does not depend on where a -0 sits
   }
 }
 
