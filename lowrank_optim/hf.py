@@ -42,7 +42,7 @@ from .groups import all_unprojected_error, is_linear, param_groups, some_unproje
 from .layerwise import LayerwiseUpdates
 from .layerwise import layerwise as _layerwise
 from .optim import APOLLOMini, LowRankAdamW, RankFallbackWarning
-from .optim.groups import check_options
+from .optim.groups import check_options, reference_keys
 from .optim.options import option_value
 
 __all__ = ["LayerwiseOptimizer", "LayerwiseTrainer", "optimizers", "parse_optim_args"]
@@ -54,14 +54,11 @@ WHOLE_OPTIMIZER = frozenset({"nonfinite", "maximize", "foreach", "state_bits", "
                              "rule", "beta2_decay", "clip_threshold", "momentum", "nesterov", "orthogonalize",
                              "ns_steps"})
 
-#: ``optim_args`` keys of Trainer's APOLLO path, and ours that they mean.
-_ALIASES = {"proj": "projector", "scale_type": "scaling"}
-
-
 def parse_optim_args(text: str | None) -> dict[str, Any]:
     """``"rank=64, scale=0.25, proj_type=std"`` -> ``{"rank": 64, "scale": 0.25, "proj_type": "std"}``,
-    split as Trainer splits ``optim_args``; numbers become numbers, APOLLO's ``proj`` / ``scale_type``
-    our ``projector`` / ``scaling``."""
+    split as Trainer splits ``optim_args``; numbers become numbers, and the reference packages' keys ours
+    (``lro.optim.groups.REFERENCE_KEYS``: Trainer's APOLLO ``proj`` / ``scale_type`` are our ``projector`` /
+    ``scaling``, fira's ``alpha`` our ``scale``)."""
     out: dict[str, Any] = {}
     for item in (text or "").replace(" ", "").split(","):
         if not item:
@@ -69,8 +66,8 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"TrainingArguments.optim_args: {item!r} is not key=value (write e.g. 'rank=64,scale=0.25')")
-        out[_ALIASES.get(key, key)] = option_value(value)
-    return out
+        out[key] = option_value(value)
+    return reference_keys(out, "TrainingArguments.optim_args")
 
 
 def _target_modules(model: nn.Module, targets: str | list[str] | None) -> Any:
@@ -117,7 +114,7 @@ def optimizers(model: nn.Module, args: Any, optimizer: str | type = "galore", *,
     cls = PRESETS.get(optimizer) if isinstance(optimizer, str) else optimizer
     if not (isinstance(cls, type) and issubclass(cls, LowRankAdamW)):
         raise ValueError(f"lro.hf.optimizers: unknown optimizer {optimizer!r}; choose one of {', '.join(PRESETS)}")
-    keys = {**parse_optim_args(getattr(args, "optim_args", None)), **options}
+    keys = reference_keys({**parse_optim_args(getattr(args, "optim_args", None)), **options}, "lro.hf.optimizers")
     if "scale" not in keys:
         keys.setdefault("match_adamw_rms", True)
     rank = keys.pop("rank", "auto")

@@ -114,6 +114,65 @@ def plain_numbers(values: dict[str, Any]) -> dict[str, Any]:
     return {k: plain(v) for k, v in values.items()}
 
 
+#: Group keys of the reference packages and ours that they mean: (our key, {their value: ours} or None for the
+#: value as it is, the package). A group dict written for galore-torch, apollo-torch, fira or q-galore-torch
+#: works here unchanged; galore-torch's own keys (rank, update_proj_gap, scale, proj_type) are ours already.
+REFERENCE_KEYS: dict[str, tuple[str, dict[Any, Any] | None, str]] = {
+    "proj": ("projector", {"random": "random", "svd": "svd"}, "apollo-torch"),
+    "scale_type": ("scaling", {"channel": "channel", "tensor": "tensor"}, "apollo-torch"),
+    "alpha": ("scale", None, "fira"),
+    "cos_threshold": ("lazy_threshold", None, "q-galore-torch"),
+    "gamma_proj": ("lazy_growth", None, "q-galore-torch"),
+    "quant": ("proj_bits", {True: 4, False: 32}, "q-galore-torch"),
+}
+#: Reference keys taken only at the one value that is ours: (that value, why, the package).
+REFERENCE_FIXED: dict[str, tuple[Any, str, str]] = {
+    "correct_bias": (True, "Adam's bias is always corrected here, as torch.optim.AdamW does", "apollo-torch, fira"),
+    "queue_size": (5, "the lazy refresh averages the last 5 similarities (lazy_threshold and lazy_growth are "
+                      "options)", "q-galore-torch"),
+    "quant_n_bit": (4, "the projection is stored in 4 bits (proj_bits=4) or in float32 (proj_bits=32)",
+                    "q-galore-torch"),
+    "quant_group_size": (256, "the INT4 basis has a scale and zero point per 256 elements", "q-galore-torch"),
+}
+
+
+def reference_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (a group, or options) with the reference packages' keys (:data:`REFERENCE_KEYS`) as ours; a
+    reference key at a value we cannot honour (:data:`REFERENCE_FIXED`), or beside our own key at another value,
+    is refused by name. Without this they passed through as metadata: ``scale_type="tensor"`` trained with
+    channel-wise scaling, ``alpha=0.5`` at scale 1, ``correct_bias=False`` with the bias corrected."""
+    out = dict(values)
+    for key, (value, why, package) in REFERENCE_FIXED.items():
+        if key not in out:
+            continue
+        given = out.pop(key)
+        if key == "quant_n_bit" and values.get("quant") is False:
+            continue  # no quantized projection: its bit width means nothing
+        if not _same_value(given, value):
+            raise ValueError(f"{where}: {package}'s {key}={given!r} cannot be honoured: {why}; remove the key "
+                             f"(or set it to {value!r})")
+    for key, (ours, mapping, package) in REFERENCE_KEYS.items():
+        if key not in out:
+            continue
+        given = out.pop(key)
+        if mapping is not None and not any(_same_value(given, k) for k in mapping):
+            raise ValueError(f"{where}: {package}'s {key}={given!r}: choose one of "
+                             f"{', '.join(repr(k) for k in mapping)} (it sets our {ours!r})")
+        value = given if mapping is None else next(v for k, v in mapping.items() if _same_value(given, k))
+        if ours in out and out[ours] != value:
+            raise ValueError(f"{where}: {package}'s {key}={given!r} means {ours}={value!r}, but {ours}="
+                             f"{out[ours]!r} is given too; give one of them")
+        out[ours] = value
+    return out
+
+
+def _same_value(given: Any, value: Any) -> bool:
+    """``given == value`` of the same kind: ``True`` is not ``1``, and an unhashable or array-like value is no match."""
+    if isinstance(value, bool) or isinstance(given, bool):
+        return given is value
+    return type(given) in (int, float, str) and given == value
+
+
 def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, Any]:
     """A copy with ``params`` as a list and ``betas`` a tuple; a near-miss of one of our keys is an error."""
     param_group = dict(param_group)
@@ -125,6 +184,7 @@ def normalized(opt: "LowRankAdamW", param_group: dict[str, Any]) -> dict[str, An
     elif params is None:
         raise ValueError("a parameter group needs a 'params' entry")
     param_group["params"] = list(params)
+    param_group = reference_keys(param_group, f"{type(opt).__name__} param group {len(opt.param_groups)}")
     if "betas" in param_group and isinstance(param_group["betas"], list):
         param_group["betas"] = tuple(param_group["betas"])
     param_group.update(plain_numbers({k: v for k, v in param_group.items() if k in known_options(opt)}))

@@ -40,6 +40,8 @@ CORE_DEFAULTS: dict[str, Any] = dict(
     limiter=None,
     on_refresh="keep",
     refresh="fixed",
+    lazy_threshold=0.4,
+    lazy_growth=2,
     stagger=True,
     state_bits=32,
     min_8bit_size=4096,
@@ -141,6 +143,12 @@ def _check_projection(group: dict[str, Any], fail: Callable[[str, str], None]) -
         fail("on_refresh", f"choose one of {', '.join(policies.ON_REFRESH)}")
     if group["refresh"] not in policies.REFRESH:
         fail("refresh", f"choose one of {', '.join(policies.REFRESH)}")
+    threshold, growth = group["lazy_threshold"], group["lazy_growth"]
+    if not is_number(threshold) or not math.isfinite(float(threshold)):
+        fail("lazy_threshold", "the lazy refresh's threshold is a finite number: a layer's gap grows once the mean "
+             "|cos| of its top singular vector over 5 refreshes reaches it (Q-GaLore: 0.4; above 1: never)")
+    if isinstance(growth, bool) or not isinstance(growth, int) or growth < 1:
+        fail("lazy_growth", "the lazy refresh multiplies a still layer's gap by this integer >= 1 (Q-GaLore: 2)")
     if group["stagger"] not in (True, False):
         fail("stagger", "choose True (each weight renews its subspace on its own phase of the gap) or False "
              "(all together at multiples of the gap, as galore-torch)")

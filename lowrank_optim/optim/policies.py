@@ -35,10 +35,9 @@ from ..projectors import Projector
 ON_REFRESH = ("keep", "reset", "rotate", "transfer")
 REFRESH = ("fixed", "lazy")
 
-# Q-GaLore's lazy refresh: a queue of 5 similarities, doubling the gap when their mean reaches 0.4.
+# Q-GaLore's lazy refresh: a queue of 5 similarities; the gap grows by the group's ``lazy_growth`` (2) when
+# their mean reaches its ``lazy_threshold`` (0.4).
 LAZY_QUEUE = 5
-LAZY_THRESHOLD = 0.4
-LAZY_GROWTH = 2
 #: An unfilled place in the queue (a |cos| is never negative); not NaN, so that equal states compare equal.
 LAZY_EMPTY = -1.0
 
@@ -181,7 +180,7 @@ def after_refresh(group: dict[str, Any], rule: _rules.Rule, state: dict[str, Any
         if group["on_refresh"] == "reset":
             state["reset_step"] = state["step"].clone()  # the rule's state starts again: steps() restarts
     if group["refresh"] == "lazy":
-        lazy_refresh_record(state, old, new, group["update_proj_gap"], device)
+        lazy_refresh_record(state, old, new, group, device)
 
 
 def rotate_moments(state: dict[str, Any], old: Projector, new: Projector, eps: float = 1e-8) -> None:
@@ -210,12 +209,14 @@ def top_cosine(old: Projector, new: Projector, device: torch.device) -> Tensor:
     return (sums[0] / torch.clamp(sums[1].sqrt() * sums[2].sqrt(), min=1e-8)).abs()
 
 
-def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, gap: int, device: torch.device) -> None:
+def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, group: dict[str, Any],
+                        device: torch.device) -> None:
     """Q-GaLore's layer-adaptive schedule, after a refresh from ``old`` to ``new``.
 
     Push |cos(old top vector, new top vector)| into a queue of 5 (the absolute value: a singular
     vector's sign is arbitrary, which the reference code ignores); once the queue is full and its
-    mean is at least 0.4, double this layer's gap. The queue is not cleared, so a layer whose
+    mean is at least ``group["lazy_threshold"]`` (0.4), multiply this layer's gap by
+    ``group["lazy_growth"]`` (2; q-galore-torch's ``cos_threshold`` and ``gamma_proj``). The queue is not cleared, so a layer whose
     subspace keeps still keeps doubling at each refresh, as in the reference. The queue is always 5
     entries, :data:`LAZY_EMPTY` where none has been pushed yet (a checkpoint of before kept only the
     pushed ones).
@@ -224,8 +225,8 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     queue = state.get("lazy_queue", torch.zeros(0, dtype=torch.float32))
     pushed = torch.cat([queue[queue != LAZY_EMPTY], cos.reshape(1).to("cpu", torch.float32)])[-LAZY_QUEUE:]
     state["lazy_queue"] = torch.cat([torch.full((LAZY_QUEUE - pushed.numel(),), LAZY_EMPTY, dtype=torch.float32), pushed])
-    if pushed.numel() == LAZY_QUEUE and float(pushed.mean()) >= LAZY_THRESHOLD:
-        state["proj_gap"] = torch.tensor(int(state.get("proj_gap", gap)) * LAZY_GROWTH)
+    if pushed.numel() == LAZY_QUEUE and float(pushed.mean()) >= float(group["lazy_threshold"]):
+        state["proj_gap"] = torch.tensor(int(state.get("proj_gap", group["update_proj_gap"])) * group["lazy_growth"])
 
 
 def current_gap(state: dict[str, Any], group: dict[str, Any]) -> int:

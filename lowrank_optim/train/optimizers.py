@@ -196,7 +196,7 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
     """
     from .. import PRESETS, param_groups
     from ..optim import RankFallbackWarning
-    from ..optim.groups import check_options
+    from ..optim.groups import check_options, reference_keys
 
     reference = preset_of(name)
     if reference is not None:  # the paper's package at the settings our preset resolves to
@@ -217,7 +217,10 @@ def build_optimizer(name: str, model: nn.Module, *, max_steps: int | None = None
     ctor = {k: settings[k] for k in _CONSTRUCTOR if k in settings}
     if "betas" in ctor:
         ctor["betas"] = tuple(ctor["betas"])
-    keys = {k: v for k, v in settings.items() if k not in _CONSTRUCTOR}
+    try:
+        keys = reference_keys({k: v for k, v in settings.items() if k not in _CONSTRUCTOR}, name)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
     rank = keys.pop("rank")
     cls = PRESETS.get(name) or _run_length_presets()[name]
     if "rand_ratio" in keys:
