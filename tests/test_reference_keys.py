@@ -74,6 +74,9 @@ def test_q_galore_torch_keys_set_the_int4_basis_and_the_lazy_schedule():
     assert grow == 9 and group["lazy_threshold"] == -1.0 and group["lazy_growth"] == 3 and group["proj_bits"] == 4
     assert _lazy_gap(cos_threshold=1.5)[0] == 1
     assert _lazy_gap(quant=False, quant_n_bit=8)[1]["proj_bits"] == 32  # unquantized: the bit width means nothing
+    W = weight()
+    ctor = lro.QGaLoreAdamW([{"params": [W], "rank": 4}], cos_threshold=0.9, gamma_proj=4)  # as constructor options
+    assert (ctor.param_groups[0]["lazy_threshold"], ctor.param_groups[0]["lazy_growth"]) == (0.9, 4)
 
 
 @pytest.mark.parametrize("keys,match", [

@@ -196,7 +196,8 @@ class LowRankAdamW(Optimizer):
         **part_options: Any,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in self.method_defaults() and v is not PRESET_DEFAULT}
-        given.update(self._part_options(part_options))
+        # a reference package's key (cos_threshold=, scale_type=) is read as ours, as in a group
+        given.update(self._part_options(_groups.reference_keys(part_options, f"{type(self).__name__}()")))
         self._given = frozenset(given)  # what match_adamw_rms leaves alone (optim/groups.resolved)
         name = f"{type(self).__name__}()"
         params = _groups.materialized(_groups.as_params(params, name, given))

@@ -61,9 +61,12 @@ class QGaLoreAdamW(GaLoreAdamW):
     stochastic rounding (no full-precision master copy). Paper settings are GaLore's (scale 0.25,
     gap 200 before the lazy schedule stretches it).
 
-    Departure from q-galore-torch: its integer zero point is clamped into [0, 15], which collapses
-    a group whose values share one sign; our zero point is a float (the group's minimum), so every
-    group keeps its range.
+    Departures from q-galore-torch (README, "q-galore-torch 1.0"; its projector and lazy schedule are held to
+    ours in ``tests/test_parity_q_galore.py``): its INT4 zero point is an integer code clamped into [0, 15]
+    (0 on the grid, a group's extremes may fall off it, one-sign groups are clipped); ours is the group's
+    float minimum (both extremes on the grid), so the INT4 bases differ. Its lazy refresh averages the signed
+    cosine of the top vectors, ours |cos| (a singular vector's sign is arbitrary). Its keys ``quant``,
+    ``cos_threshold``, ``gamma_proj`` are read as ``proj_bits``, ``lazy_threshold``, ``lazy_growth``.
     """
 
     preset = {**GaLoreAdamW.preset, "proj_bits": 4, "refresh": "lazy", "state_bits": 8}
