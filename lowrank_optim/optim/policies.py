@@ -216,8 +216,9 @@ def lazy_refresh_record(state: dict[str, Any], old: Projector, new: Projector, g
     Push |cos(old top vector, new top vector)| into a queue of 5 (the absolute value: a singular
     vector's sign is arbitrary, which the reference code ignores); once the queue is full and its
     mean is at least ``group["lazy_threshold"]`` (0.4), multiply this layer's gap by
-    ``group["lazy_growth"]`` (2; q-galore-torch's ``cos_threshold`` and ``gamma_proj``). The queue is not cleared, so a layer whose
-    subspace keeps still keeps doubling at each refresh, as in the reference. The queue is always 5
+    ``group["lazy_growth"]`` (2; q-galore-torch's ``cos_threshold`` and ``gamma_proj``). The queue is
+    not cleared, so a layer whose subspace keeps still keeps growing its gap at each refresh, as in the
+    reference. The queue is always 5
     entries, :data:`LAZY_EMPTY` where none has been pushed yet (a checkpoint of before kept only the
     pushed ones).
     """
