@@ -1,7 +1,7 @@
 """Error feedback: what the subspace drops this step is added to the next step's gradient.
 
 DCT-AdamW (Modoranu et al. 2025, arXiv:2505.17967, ``ista_daslab_optimizers.DCTAdamW(use_ef=True)``)
-and LDAdam (Robert et al., ICLR 2025) keep a buffer E shaped like the weight, zero at the start::
+keeps a buffer E shaped like the weight, zero at the start (LDAdam's differs, see below)::
 
     A = G + E                          prepare(): the projector refreshes from A and projects A
     R = project(A);  N = rule(R)
@@ -23,7 +23,15 @@ units, as in the official code.
 as well. This is Dion's and Trion's error feedback on the momentum (Ahn et al. 2025, arXiv:2504.05295;
 ``ista_daslab_optimizers`` ``Trion``: M ← M + G, M ← M − (1 − μ)·m·Qᵀ with m the coordinates of M): E is
 then their momentum M, A = M + G, and R = project(A) is the low-rank momentum the rule orthogonalizes. μ = 0
-is DCT-AdamW's and LDAdam's E.
+is DCT-AdamW's E.
+
+**Not LDAdam's E.** LDAdam (Robert et al., ICLR 2025; IST-DASLab/LDAdam ``ldadamw.py``) also adds to E the
+part of the first moment its change of subspace loses, β₁/(1 − β₁)·(PB_old(M) − PB_new(T·M)); this buffer
+has no such term, so ``residual="error_feedback"`` with ``on_refresh="transfer"`` (LDAdam's moment transfer,
+which equals the official code to 6e-16) parts from the official LDAdamW from the second refresh on (1e-2
+to 3e-2 of the weight over 8 steps, a QA pass's float64 run; without that block of the official code the two
+agree to 3e-16). LDAdam's subspace choice (power iteration on a blend of momentum and gradient) is not
+offered either.
 
 The buffer is kept, per ``ef_bits``, in float32 (float64 for float64 weights), or through the package's
 storages (:mod:`lowrank_optim.quant.storage`): 8, blockwise INT8 (uint8 codes and a float32 absmax per
