@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import GROUP, _check_finite, _check_stats
+from .reference import GROUP, _check_quantized
 
 NAME = "lowrank_optim_cuda"
 SOURCES = ("lro_bindings.cpp", "lro_kernels.cu")
@@ -124,11 +124,10 @@ def quantize_grouped(
     stochastic draw of element e is word e % 4 of Philox(seed, e // 4), as the Triton kernel's."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    _check_finite(x, "the tensor")
     _check_group(group)
     codes, scale, zero = _ext().quantize_grouped(x.float().reshape(-1).contiguous(), 2**bits - 1, group,
                                                  bool(stochastic), _seed(seed))
-    _check_stats(scale, zero)
+    _check_quantized(x, scale, zero)
     return codes, scale, zero
 
 

@@ -135,17 +135,20 @@ def _absmax(rows: Tensor) -> Tensor:
     return torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_()).abs_()  # abs_: +0 for a row of −0
 
 
-def _check_finite(x: Tensor, what: str) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"cannot quantize {what}: it holds inf or NaN values (a scale computed from them "
+def _check_quantized(x: Tensor, *stats: Tensor) -> None:
+    """Refuse a quantization of ``x`` that holds inf or NaN (a scale computed from them would turn the whole
+    block into NaN), or whose per-block statistics ``stats`` overflowed float32: finite values whose range
+    (max − min) or magnitude is beyond float32's (±3.4e38; a float64 tensor can hold such values) give an inf
+    scale or zero point, and the block would decode to NaN. Called after the statistics are computed and
+    before anything is returned or stored, with one device sync for both checks (the kernels' min and max
+    need not propagate NaN, so the input is checked itself)."""
+    if not x.numel():
+        return
+    ok = torch.stack([torch.isfinite(x).all(), *(torch.isfinite(t).all() for t in stats)]).tolist()
+    if not ok[0]:
+        raise ValueError("cannot quantize the tensor: it holds inf or NaN values (a scale computed from them "
                          "would turn the whole block into NaN); check the values before storing them")
-
-
-def _check_stats(*stats: Tensor) -> None:
-    """Refuse a quantization whose per-block statistics overflowed float32: finite values whose range
-    (max − min) or magnitude is beyond float32's (±3.4e38; a float64 tensor can hold such values) give an
-    inf scale or zero point, and every code of that block would decode to NaN. One check per block."""
-    if any(t.numel() and not bool(torch.isfinite(t).all()) for t in stats):
+    if not all(ok[1:]):
         raise ValueError("cannot quantize the tensor: its values span more than float32 holds (a block's range "
                          "or magnitude beyond 3.4e38 gives an inf scale, and the block would decode to NaN); "
                          "scale the values down before storing them")
@@ -190,11 +193,9 @@ def quantize_blockwise(
     x: Tensor, *, code: str = "dynamic", signed: bool = True, block: int = BLOCK
 ) -> tuple[Tensor, Tensor]:
     """(codes uint8 like x, absmax float32 of ceil(numel/block)) for a flat tensor x."""
-    _check_finite(x, "the tensor")
-    x = x.float()
-    rows = _blocks(x, block)
+    rows = _blocks(x.float(), block)
     absmax = _absmax(rows)
-    _check_stats(absmax)
+    _check_quantized(x, absmax)  # x as given: a float64 value past float32's range is named as such
     return _encode(rows, absmax, code, signed)[: x.numel()], absmax
 
 
@@ -326,16 +327,15 @@ def quantize_grouped(
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    _check_finite(x, "the tensor")
     levels = 2**bits - 1
-    x = x.float()
+    given, x = x, x.float()
     n = x.numel()
     if n == 0:
         empty = x.new_zeros(0)
         return torch.zeros(0, dtype=torch.uint8, device=x.device), empty, empty.clone()
     rows = _grouped_rows(x, group)
     scale, zero = _group_ranges(rows, levels)
-    _check_stats(scale, zero)
+    _check_quantized(given, scale, zero)
     v = (rows - zero[:, None]) / scale[:, None]
     if stochastic:
         gen = torch.Generator(device=x.device).manual_seed(seed)

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .reference import BLOCK, GROUP, _check_finite, _check_moments, _check_stats
+from .reference import BLOCK, GROUP, _check_moments, _check_quantized
 
 MAX_TILE = 4096  # longest block or group held in registers by one program
 ELEMENTWISE_TILE = 1024  # elements per program of the elementwise kernels
@@ -440,7 +440,6 @@ def quantize_blockwise(
     x: Tensor, *, code: str = "dynamic", signed: bool = True, block: int = BLOCK
 ) -> tuple[Tensor, Tensor]:
     """(codes uint8 like x, absmax float32 of ceil(numel/block)) for a flat tensor x."""
-    _check_finite(x, "the tensor")
     _check_size("block", block)
     _, mid = _tables(code, signed, x.device)
     src, bf16 = _as_input(x)
@@ -451,7 +450,7 @@ def quantize_blockwise(
         tile, warps = _tile(block)
         _quantize_blockwise_kernel[_grid(n, block)](src, codes, absmax, mid, n, SIZE=block, TILE=tile, X_BF16=bf16,
                                                     num_warps=warps, **_NO_FUSION)
-    _check_stats(absmax)
+    _check_quantized(x, absmax)
     return codes, absmax
 
 
@@ -522,7 +521,6 @@ def quantize_grouped(
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    _check_finite(x, "the tensor")
     _check_size("group", group)
     src, bf16 = _as_input(x)
     n = src.numel()
@@ -535,7 +533,7 @@ def quantize_grouped(
         _quantize_grouped_kernel[(groups,)](src, codes, scale, zero, n, float(2**bits - 1), _seed(seed), SIZE=group,
                                             TILE=tile, STOCHASTIC=bool(stochastic), X_BF16=bf16, num_warps=warps,
                                             **_NO_FUSION)
-    _check_stats(scale, zero)
+    _check_quantized(x, scale, zero)
     return codes, scale, zero
 
 
